@@ -1,0 +1,102 @@
+"""A timm backbone returning multi-level NCHW feature maps.
+
+Uses timm's ``forward_intermediates`` (ViT: Dosovitskiy et al., ICLR 2021; Swin: Liu et al.,
+ICCV 2021), so any timm model that implements it works: plain ViTs give one feature map
+per tapped block (all at stride 16), hierarchical models one per stage.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+
+def _check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.5)
+    hint = f" Close matches: {close}." if close else ""
+    raise ValueError(
+        f"backbone '{name}' is not a timm model.{hint} "
+        "All valid names: python -c 'import timm; print(timm.list_models())'"
+    )
+
+
+class TimmBackbone(nn.Module):
+    """Wraps a timm model as a multi-level feature extractor.
+
+    Args:
+        name: timm model name, e.g. ``vit_base_patch16_384`` or ``swin_tiny_patch4_window7_224``.
+        out_indices: blocks (ViT) or stages (Swin, CNNs) to tap; ``None`` taps the last 4.
+            Negative values count from the end.
+        img_size: input resolution ``(H, W)`` for models with fixed-size position
+            embeddings or windows; pretrained position embeddings are resampled by timm.
+        pretrained: load timm's pretrained weights (from the local hub cache or the hub).
+        checkpoint_path: a local weight file loaded instead of the hub's (implies pretrained).
+        grad_checkpointing: trade compute for memory in the backbone's blocks.
+        norm: apply the model's final norm to the intermediates.
+        **kwargs: passed to ``timm.create_model`` (e.g. ``embed_dim``, ``depths``,
+            ``window_size``, ``drop_path_rate``).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        out_indices: Sequence[int] | None = None,
+        img_size: Sequence[int] | None = None,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        grad_checkpointing: bool = False,
+        norm: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        _check_model_name(name)
+        if img_size is not None:
+            kwargs["img_size"] = tuple(int(s) for s in img_size)
+        if checkpoint_path is not None:
+            path = Path(checkpoint_path).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"backbone checkpoint_path '{path}' does not exist")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+            pretrained = True
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"timm model '{name}' has no forward_intermediates(); pick a ViT, Swin or CNN")
+        n_levels = len(model.feature_info)
+        idx = list(range(n_levels))[-4:] if out_indices is None else list(out_indices)
+        idx = [i % n_levels if -n_levels <= i < n_levels else i for i in idx]
+        bad = [i for i in idx if not 0 <= i < n_levels]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range for '{name}' ({n_levels} levels)")
+        self.out_indices = idx
+        model.prune_intermediate_layers(indices=max(idx) + 1, prune_norm=not norm, prune_head=True)
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.model = model
+        self.name = name
+        self.norm = norm
+        self.feature_info = [
+            {
+                "channels": int(model.feature_info[i]["num_chs"]),
+                "stride": int(model.feature_info[i]["reduction"]),
+            }
+            for i in idx
+        ]
+
+    @property
+    def channels(self) -> list[int]:
+        """Channels of each returned level."""
+        return [f["channels"] for f in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Returns the tapped feature maps, each ``B × C_l × H/s_l × W/s_l``."""
+        return self.model.forward_intermediates(
+            x, indices=self.out_indices, norm=self.norm, intermediates_only=True, output_fmt="NCHW"
+        )

@@ -1,0 +1,113 @@
+"""``MTLDataModule``: builds the train / val datasets of any dataset class and their loaders.
+
+Datasets are given as partial constructors (Hydra ``_partial_: true``) that accept
+``split``, ``tasks`` and ``transform``; their class attributes ``TASKS`` (tasks it can
+provide) and ``NUM_CLASSES`` (classes of its classification tasks) are read without
+touching the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from mtl.data.transforms import build_transform
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stacks tensors; keeps ``meta`` as a list of per-sample dicts."""
+    metas = [s.get("meta", {}) for s in samples]
+    batch = default_collate([{k: v for k, v in s.items() if k != "meta"} for s in samples])
+    batch["meta"] = metas
+    return batch
+
+
+def _dataset_class(factory: Callable) -> type:
+    return getattr(factory, "func", factory)
+
+
+class MTLDataModule(L.LightningDataModule):
+    """Train and validation loaders over one dataset.
+
+    Args:
+        dataset: partial dataset constructor accepting ``split``, ``tasks``, ``transform``.
+        tasks: the experiment's task list (checked against what the dataset provides).
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        num_workers: loader worker processes.
+        train_split: split name used for training.
+        val_split: split name used for validation and testing.
+        hflip: horizontal-flip probability of the training transform.
+        pin_memory: pin host memory (useful on GPUs).
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: Callable[..., Dataset],
+        tasks: Sequence[str],
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_split: str = "train",
+        val_split: str = "val",
+        hflip: float = 0.5,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dataset_fn = dataset
+        self.tasks = list(tasks)
+        cls = _dataset_class(dataset)
+        provided = tuple(getattr(cls, "TASKS", ()))
+        missing = [t for t in self.tasks if t not in provided]
+        if missing:
+            raise ValueError(
+                f"dataset {cls.__name__} does not provide task(s) {missing}; it provides {list(provided)}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_classes = {t: n for t, n in getattr(cls, "NUM_CLASSES", {}).items() if t in self.tasks}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_split, self.val_split = train_split, val_split
+        self.hflip = hflip
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self.dataset_fn(
+                split=self.train_split,
+                tasks=self.tasks,
+                transform=build_transform(train=True, hflip=self.hflip),
+            )
+        if self.val_set is None:
+            self.val_set = self.dataset_fn(
+                split=self.val_split, tasks=self.tasks, transform=build_transform(train=False)
+            )
+
+    def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(ds) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)

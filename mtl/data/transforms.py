@@ -1,0 +1,129 @@
+"""Joint transforms over an image and all of its task maps.
+
+A raw sample is the dict every dataset of :mod:`mtl.data` returns, in the decoded
+encodings of the real datasets (see ``../shared/REFERENCE.md``)::
+
+    image        uint8   (H, W, 3) RGB
+    semseg       uint8   (H, W)    class ids, 255 = ignore
+    human_parts  uint8   (H, W)    0 = background, 1..K parts, 255 = ignore
+    saliency     uint8   (H, W)    {0, 1}, 255 = ignore
+    edge         uint8   (H, W)    {0, 1}, 255 = ignore
+    normals      float32 (H, W, 3) unit vectors (x right, y up, z towards the viewer), 0 = invalid
+    depth        float32 (H, W)    metres, 0 = missing
+    meta         dict              at least ``id`` and ``size``
+
+:class:`ToTensor` turns it into the training sample (``image`` ImageNet-normalised
+``3×H×W`` float, label maps ``int64 H×W``, dense targets ``C×H×W`` float).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+LABEL_TASKS = ("semseg", "human_parts")
+"""Tasks stored as integer class maps (``int64 H×W``, 255 = ignore)."""
+BINARY_TASKS = ("saliency", "edge")
+"""Tasks stored as binary maps (``float32 1×H×W`` in {0, 1}, 255 = ignore)."""
+
+
+class Compose:
+    """Applies transforms in order.
+
+    Args:
+        transforms: callables ``dict -> dict``.
+    """
+
+    def __init__(self, transforms: Sequence[Callable[[dict], dict]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: dict) -> dict:
+        for t in self.transforms:
+            sample = t(sample)
+        return sample
+
+
+class RandomHorizontalFlip:
+    """Flips the image and every task map; negates the x component of normals.
+
+    Args:
+        p: flip probability.
+        seed: optional seed for a private generator (``None`` uses numpy's global state,
+            which Lightning seeds per worker).
+    """
+
+    def __init__(self, p: float = 0.5, seed: int | None = None) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p}")
+        self.p = p
+        self.rng = np.random.default_rng(seed) if seed is not None else np.random
+
+    def __call__(self, sample: dict) -> dict:
+        if self.rng.random() >= self.p:
+            return sample
+        out = {}
+        for key, value in sample.items():
+            if isinstance(value, np.ndarray) and value.ndim >= 2:
+                value = np.ascontiguousarray(value[:, ::-1])
+                if key == "normals":
+                    value = value * np.array([-1.0, 1.0, 1.0], dtype=value.dtype)
+            out[key] = value
+        return out
+
+
+class ToTensor:
+    """Converts a raw numpy sample into tensors and normalises the image.
+
+    Args:
+        mean: per-channel mean of the image in [0, 1] units.
+        std: per-channel standard deviation.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, sample: dict) -> dict:
+        out: dict = {}
+        for key, value in sample.items():
+            if key == "image":
+                img = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
+                out[key] = (img.float() / 255.0 - self.mean) / self.std
+            elif key in LABEL_TASKS:
+                out[key] = torch.from_numpy(np.asarray(value, dtype=np.int64))
+            elif key in BINARY_TASKS:
+                out[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))[None]
+            elif key == "depth":
+                out[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))[None]
+            elif key == "normals":
+                arr = np.ascontiguousarray(value, dtype=np.float32)
+                out[key] = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            else:
+                out[key] = value
+        return out
+
+
+def build_transform(*, train: bool, hflip: float = 0.5) -> Compose:
+    """The default transform pipeline.
+
+    Args:
+        train: whether to add training-time augmentation.
+        hflip: horizontal flip probability at training time.
+
+    Returns:
+        A :class:`Compose` ending in :class:`ToTensor`.
+    """
+    steps: list[Callable[[dict], dict]] = []
+    if train and hflip > 0:
+        steps.append(RandomHorizontalFlip(hflip))
+    steps.append(ToTensor())
+    return Compose(steps)

@@ -1,0 +1,28 @@
+"""Logger factories that need a decision at run time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_logger(*, offline: bool | None = None, **kwargs) -> WandbLogger:
+    """A ``WandbLogger`` that runs offline when no API key is configured.
+
+    Args:
+        offline: force online (``False``) or offline (``True``); ``None`` decides from
+            ``WANDB_API_KEY`` / ``~/.netrc`` and ``WANDB_MODE``.
+        **kwargs: passed to ``WandbLogger`` (``project``, ``name``, ``save_dir``, …).
+    """
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not _has_wandb_key()
+    return WandbLogger(offline=offline, **kwargs)

@@ -1,0 +1,165 @@
+"""``MTLModule``: the only LightningModule. Steps, strategy-driven updates, metrics, logging.
+
+Optimisation is manual so that every strategy (one weighted backward, per-task gradients,
+SAM-style double passes) owns its backward pass while Lightning still handles devices,
+precision scaling and DDP gradient synchronisation (via ``manual_backward``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import lightning as L
+import torch
+from torch import nn
+
+from mtl.model import MultiTaskNet
+from mtl.optim import build_scheduler, param_groups
+from mtl.strategies import FixedWeights, Strategy
+from mtl.tasks import Task
+from mtl.visualise import log_images
+
+STAGES = ("val", "test")
+
+
+class MTLModule(L.LightningModule):
+    """Trains and evaluates a :class:`MultiTaskNet` on a set of tasks.
+
+    Args:
+        model: the network.
+        tasks: task name → :class:`Task` (same order as the model's tasks).
+        optimizer: partial optimiser constructor taking parameter groups.
+        strategy: the optimisation strategy (default: the field's fixed loss weights).
+        scheduler: keyword arguments of :func:`mtl.optim.build_scheduler` (``name``,
+            ``warmup_steps``, ``power``, …) or ``None`` for a constant learning rate.
+        grad_clip: max global gradient norm (``None`` or 0 disables clipping).
+        no_decay_1d: exclude biases and norm parameters from weight decay.
+        log_images: log ground-truth/prediction pictures of the first validation batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: MultiTaskNet,
+        tasks: Mapping[str, Task],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        strategy: Strategy | None = None,
+        scheduler: Mapping | None = None,
+        grad_clip: float | None = None,
+        no_decay_1d: bool = True,
+        log_images: bool = True,
+    ) -> None:
+        super().__init__()
+        if list(tasks) != list(model.tasks):
+            raise ValueError(f"tasks {list(tasks)} differ from the model's tasks {model.tasks}")
+        self.automatic_optimization = False
+        self.model = model
+        self.tasks = dict(tasks)
+        self.strategy = strategy if strategy is not None else FixedWeights()
+        self.strategy.setup(tasks=self.tasks, module=self)
+        self.optimizer_fn = optimizer
+        self.scheduler_cfg = dict(scheduler) if scheduler else None
+        self.grad_clip = grad_clip
+        self.no_decay_1d = no_decay_1d
+        self.log_images_enabled = log_images
+        self.metrics = nn.ModuleDict(
+            {s: nn.ModuleDict({t: task.metric() for t, task in self.tasks.items()}) for s in STAGES}
+        )
+
+    def forward(self, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        return self.model(x, **kwargs)
+
+    def task_losses(self, preds: Mapping[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        """Unweighted loss of every task."""
+        return {t: task.loss(preds[t], batch) for t, task in self.tasks.items()}
+
+    def weighted_total(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Σ default_weight · loss: the strategy-independent total used for logging and selection."""
+        return sum(self.tasks[t].default_weight * loss.detach() for t, loss in losses.items())
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        preds = self(batch["image"])
+        losses = self.task_losses(preds, batch)
+        aux = self.model.aux_loss()
+        opt.zero_grad(set_to_none=True)
+        logs = self.strategy.backward(losses, module=self, extra=aux)
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        bs = batch["image"].shape[0]
+        for t, loss in losses.items():
+            self.log(f"train/{t}/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        if aux is not None:
+            self.log("train/aux_loss", aux.detach(), batch_size=bs)
+        total = self.weighted_total(losses)
+        self.log("train/loss", total, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/strategy/{k}", v, batch_size=bs)
+        return total
+
+    # -------------------------------------------------------------- evaluation
+    def _eval_step(self, stage: str, batch: dict, batch_idx: int) -> None:
+        preds = self(batch["image"])
+        losses = self.task_losses(preds, batch)
+        bs = batch["image"].shape[0]
+        for t, loss in losses.items():
+            self.log(f"{stage}/{t}/loss", loss, batch_size=bs, sync_dist=True)
+            self.metrics[stage][t].update(preds[t], batch[t])
+        self.log(
+            f"{stage}/loss",
+            self.weighted_total(losses),
+            batch_size=bs,
+            sync_dist=True,
+            prog_bar=True,
+        )
+        if batch_idx == 0 and self.log_images_enabled and not self.trainer.sanity_checking:
+            pictures = {t: task.visualise(preds[t], batch) for t, task in self.tasks.items()}
+            log_images(self.loggers, stage, pictures, step=self.global_step)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for t, metric in self.metrics[stage].items():
+            if not metric.update_called:
+                continue
+            for k, v in metric.compute().items():
+                if k.startswith("iou_"):  # per-class IoU: eval.py reports them
+                    continue
+                self.log(
+                    f"{stage}/{t}/{k}",
+                    v,
+                    sync_dist=False,
+                    prog_bar=(k == self.tasks[t].main_metric),
+                )
+            metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters")
+        wd = getattr(self.optimizer_fn, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_fn(param_groups(self, wd, self.no_decay_1d))
+        if self.scheduler_cfg is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, total_steps=total, **self.scheduler_cfg)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

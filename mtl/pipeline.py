@@ -1,0 +1,179 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: everything the entry points do, testable in-process.
+
+Nothing above this file imports Hydra except ``hydra.utils.instantiate`` here; the
+``@hydra.main`` wrappers are ``train.py`` and ``eval.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.data.datamodule import MTLDataModule
+from mtl.module import MTLModule
+from mtl.tasks import Task, build_tasks
+from mtl.visualise import save_pictures
+
+log = logging.getLogger(__name__)
+
+
+def _container(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def build_datamodule(cfg: DictConfig) -> MTLDataModule:
+    """The data module of ``cfg.data`` (checks that the dataset provides every task)."""
+    return instantiate(cfg.data, _convert_="all")
+
+
+def build_module(cfg: DictConfig, datamodule: MTLDataModule) -> MTLModule:
+    """Tasks, model, strategy and optimiser of ``cfg``, assembled into an :class:`MTLModule`."""
+    tasks = build_tasks(
+        list(cfg.data.tasks),
+        num_classes=datamodule.num_classes,
+        options=_container(cfg.get("task_options")),
+    )
+    model = instantiate(cfg.model, tasks={t: task.out_channels for t, task in tasks.items()}, _convert_="all")
+    module_cfg = cfg.get("module") or {}
+    return MTLModule(
+        model=model,
+        tasks=tasks,
+        optimizer=instantiate(cfg.optimizer),
+        strategy=instantiate(cfg.strategy, _convert_="all"),
+        scheduler=_container(cfg.get("scheduler")) or None,
+        grad_clip=module_cfg.get("grad_clip"),
+        no_decay_1d=module_cfg.get("no_decay_1d", True),
+        log_images=module_cfg.get("log_images", True),
+    )
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list:
+    return [
+        instantiate(c, _convert_="all") for c in (cfg or {}).values() if c is not None and "_target_" in c
+    ]
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    """The Lightning trainer with the configured callbacks and loggers."""
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **overrides
+    )
+
+
+def _to_float(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(metrics.items()) if torch.as_tensor(v).numel() == 1}
+
+
+def format_table(metrics: dict[str, float], tasks: dict[str, Task], stage: str) -> str:
+    """A Markdown table: one row per task, its metrics as ``name=value``; main metric first."""
+    rows = ["| task | main metric | all metrics |", "|---|---|---|"]
+    for t, task in tasks.items():
+        prefix = f"{stage}/{t}/"
+        vals = {
+            k[len(prefix) :]: v
+            for k, v in metrics.items()
+            if k.startswith(prefix) and not k.endswith("/loss")
+        }
+        main = vals.get(task.main_metric)
+        arrow = "↑" if task.higher_is_better else "↓"
+        main_s = f"{task.main_metric}{arrow} {main:.4f}" if main is not None else "—"
+        others = ", ".join(f"{k}={v:.4f}" for k, v in vals.items() if not k.startswith("iou_"))
+        rows.append(f"| {t} | {main_s} | {others} |")
+    return "\n".join(rows)
+
+
+def _resolve_ckpt(cfg: DictConfig, output_dir: Path) -> str | None:
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    if ckpt == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+    else:
+        path = Path(str(ckpt)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path '{path}' does not exist")
+    return str(path)
+
+
+def _write_results(output_dir: Path, metrics: dict[str, float], table: str, stem: str) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{stem}.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / f"{stem}.md").write_text(table + "\n")
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Trains the configured experiment.
+
+    Returns:
+        The final validation metrics (``{stage}/{task}/{metric}``) and the objects built
+        (``datamodule``, ``module``, ``trainer``).
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    ckpt_path = _resolve_ckpt(cfg, output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = _to_float(trainer.callback_metrics)
+    if cfg.get("test") and not trainer.fast_dev_run:
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        metrics.update(_to_float(trainer.callback_metrics))
+    table = format_table(metrics, module.tasks, "val")
+    log.info("validation metrics after training:\n%s", table)
+    if not trainer.fast_dev_run:
+        _write_results(output_dir, metrics, table, "metrics")
+    return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluates ``cfg.ckpt_path`` on the validation split and writes ``results.{json,md}``.
+
+    Returns:
+        The test metrics (``test/{task}/{metric}``) and the objects built.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = _resolve_ckpt(cfg, output_dir)
+    if ckpt_path is None:
+        raise ValueError("evaluate needs ckpt_path=<checkpoint file>")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    missing, unexpected = module.load_state_dict(state["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint '{ckpt_path}' does not match the configured model: missing keys {missing[:5]}…, "
+            f"unexpected keys {unexpected[:5]}… (same experiment/model overrides as in training?)"
+        )
+    trainer = build_trainer(cfg)
+    trainer.test(module, datamodule=datamodule)
+    metrics = _to_float(trainer.callback_metrics)
+    table = format_table(metrics, module.tasks, "test")
+    print(table)
+    _write_results(output_dir, metrics, table, "results")
+    n_pics = int(cfg.get("eval", {}).get("pictures", 0))
+    if n_pics:
+        module.eval()
+        batch = next(iter(datamodule.test_dataloader()))
+        with torch.no_grad():
+            for i in range(min(n_pics, batch["image"].shape[0])):
+                one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
+                preds = module(one["image"])
+                pictures = {t: task.visualise(preds[t], one) for t, task in module.tasks.items()}
+                save_pictures(pictures, output_dir / "pictures", prefix=f"{i:03d}_")
+    return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}

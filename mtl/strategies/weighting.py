@@ -1,0 +1,49 @@
+"""Static loss weighting: equal weights (EW) or fixed per-task weights.
+
+EW is the "equal weighting" baseline of LibMTL (Lin & Zhang, 2023); the fixed weights
+default to the per-task weights used by ATRC / InvPT / TaskExpert (REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from mtl.strategies.base import Strategy
+
+
+class FixedWeights(Strategy):
+    """``L = Σ_t w_t L_t`` with constant weights.
+
+    Args:
+        weights: task → weight; tasks not listed use their default weight.
+        uniform: ignore the task defaults and use weight 1 for every task (EW).
+    """
+
+    def __init__(self, *, weights: Mapping[str, float] | None = None, uniform: bool = False) -> None:
+        super().__init__()
+        self.overrides = dict(weights or {})
+        self.uniform = uniform
+        self.weights: dict[str, float] = {}
+
+    def setup(self, *, tasks: Mapping, module) -> None:
+        super().setup(tasks=tasks, module=module)
+        stray = sorted(set(self.overrides) - set(tasks))
+        if stray:
+            raise ValueError(f"strategy weights given for {stray}, not in the task list {list(tasks)}")
+        self.weights = {
+            t: float(self.overrides.get(t, 1.0 if self.uniform else task.default_weight))
+            for t, task in tasks.items()
+        }
+
+    def combine(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted total loss."""
+        return sum(self.weights[t] * loss for t, loss in losses.items())
+
+    def backward(
+        self, losses: Mapping[str, torch.Tensor], *, module, extra: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        total = self.combine(losses)
+        module.manual_backward(total if extra is None else total + extra)
+        return {}

@@ -1,0 +1,49 @@
+"""Monocular depth estimation: L1 on valid pixels (depth > 0), RMSE.
+
+Loss and weight 1 as in ATRC / InvPT / TaskExpert on NYUD-v2. The head predicts metres
+directly (no activation), as those methods do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+from mtl.metrics import DepthMetric
+from mtl.tasks.base import Task
+from mtl.tasks.losses import masked_l1
+
+
+class Depth(Task):
+    """Depth in metres.
+
+    Args:
+        weight: loss weight override.
+        max_display: depth mapped to white in pictures.
+    """
+
+    name = "depth"
+    default_weight = 1.0
+    main_metric = "rmse"
+    higher_is_better = False
+    out_channels = 1
+
+    def __init__(self, *, weight: float | None = None, max_display: float = 10.0) -> None:
+        if weight is not None:
+            self.default_weight = float(weight)
+        self.max_display = max_display
+
+    def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        target = batch[self.name]
+        return masked_l1(pred, target, target > 0)
+
+    def metric(self) -> Metric:
+        return DepthMetric()
+
+    def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
+        return pred
+
+    def _to_rgb(self, value: torch.Tensor) -> np.ndarray:
+        v = (value[0].numpy() / self.max_display).clip(0, 1)
+        return np.repeat((v * 255).astype(np.uint8)[..., None], 3, axis=-1)

@@ -1,0 +1,49 @@
+"""Surface normal estimation: L1 between the L2-normalised prediction and the unit target.
+
+Loss and weight 10 as in ATRC / InvPT / TaskExpert; pixels whose ground-truth normal has
+zero length are ignored. Metric: mean angular error in degrees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from mtl.metrics import NormalsMetric
+from mtl.tasks.base import Task
+from mtl.tasks.losses import masked_l1
+
+
+class Normals(Task):
+    """Surface normals (camera frame, unit vectors).
+
+    Args:
+        weight: loss weight override.
+    """
+
+    name = "normals"
+    default_weight = 10.0
+    main_metric = "mean"
+    higher_is_better = False
+    out_channels = 3
+
+    def __init__(self, *, weight: float | None = None) -> None:
+        if weight is not None:
+            self.default_weight = float(weight)
+
+    def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        target = batch[self.name]
+        valid = target.norm(dim=1, keepdim=True) > 1e-3
+        return masked_l1(F.normalize(pred.float(), dim=1), target, valid)
+
+    def metric(self) -> Metric:
+        return NormalsMetric()
+
+    def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
+        return F.normalize(pred, dim=1)
+
+    def _to_rgb(self, value: torch.Tensor) -> np.ndarray:
+        v = value.permute(1, 2, 0).numpy()
+        return ((v + 1) * 127.5).clip(0, 255).astype(np.uint8)
