@@ -524,6 +524,58 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[np.ndarray, ...]:
     return t, face, pid
 
 
+def _texture(mats: list[_Mat], mat: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Albedo (3, N) of pixels with material ids ``mat`` at texture coordinates ``q``.
+
+    Each texture kind is evaluated once on all of its pixels.
+    """
+    c1, c2 = (np.array([getattr(m, c) for m in mats], np.float32).T for c in ("c1", "c2"))
+    sp = np.array([(m.scale, m.phase) for m in mats], np.float32).T
+    mat_kind = np.array([_KINDS.index(m.kind) for m in mats], np.int8)
+    kind = mat_kind.take(mat)
+    order = np.argsort(kind, kind="stable")
+    bounds = np.cumsum(np.bincount(kind, minlength=len(_KINDS)))
+    alb = np.empty_like(q)
+    for kd, a, b in zip(range(len(_KINDS)), np.r_[0, bounds[:-1]], bounds, strict=True):
+        if b == a:
+            continue
+        idx, users = order[a:b], np.flatnonzero(mat_kind == kd)
+        if len(users) == 1:  # a single material (e.g. a room plane): scalar parameters
+            mm = slice(users[0], users[0] + 1)
+            s_ph, col1, col2 = sp[:, mm], c1[:, mm], c2[:, mm]
+        else:
+            mm = mat.take(idx)
+            s_ph, col1, col2 = sp.take(mm, 1), c1.take(mm, 1), c2.take(mm, 1)
+        if kd == 0:  # plain
+            col = np.broadcast_to(col1, (3, b - a))
+        else:
+            wt, f = _pattern(_KINDS[kd], q.take(idx, 1), *s_ph)
+            col = (col1 + (col2 - col1) * wt) * f
+        for c in range(3):
+            alb[c][idx] = col[c]
+    return alb
+
+
+def _shade(sc: _Scene, pts: np.ndarray, nrm: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Point light with soft falloff, hemispheric ambient and soft floor contact shadows."""
+    ldir = np.array(sc.light, np.float32)[:, None] - pts
+    l2 = (ldir * ldir).sum(0)
+    ndl = np.maximum((nrm * ldir).sum(0), 0) / np.sqrt(l2)
+    shade = _F(0.32) + _F(0.08) * nrm[1] + ndl * (_F(1.1) / (1 + _F(0.03) * l2))
+    if sc.shadows:  # compact support of radius 1.5 r around each footprint
+        h, w = sc.cam.h, sc.cam.w
+        x, z, r = np.array(sc.shadows).T * [[1], [1], [1.5]]
+        lo, hi = np.stack([x - r, 0 * x, z - r], 1), np.stack([x + r, 0 * x, z + r], 1)
+        cls2, shade2, pts2 = cls.reshape(h, w), shade.reshape(h, w), pts.reshape(3, h, w)
+        rects = _screen_rects(sc.cam, lo, hi).tolist()
+        for (v0, v1, u0, u1), sx, sz, sr in zip(rects, x.tolist(), z.tolist(), r.tolist(), strict=True):
+            win = (slice(v0, v1), slice(u0, u1))
+            r2 = (pts2[0][win] - sx) ** 2 + (pts2[2][win] - sz) ** 2
+            fac = np.maximum(1 - r2 * (1 / sr**2), 0) ** 2
+            shade2[win] *= 1 - (cls2[win] == FLOOR) * _F(0.5) * fac
+    return shade
+
+
 def render_scene(seed: int, index: int, *, height: int, width: int, **scene_params: Any) -> dict:
     """Renders sample ``index`` of the stream ``seed`` (deterministic in seed, index, params).
 
@@ -552,7 +604,11 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
     sc = _sample_scene(draw, prm, h, w)
     d_cam, inv_norm, fx = _camera_grid(h, w, prm.fov_deg)
     rot = sc.cam.rot.astype(np.float32)
-    d = rot @ d_cam  # world ray directions (3, N)
+    d = np.empty_like(d_cam)  # world ray directions (3, N); explicit sums, not BLAS (threads)
+    for i in range(3):
+        np.multiply(d_cam[0], rot[i, 0], out=d[i])
+        d[i] += rot[i, 1] * d_cam[1]
+        d[i] += rot[i, 2] * d_cam[2]
     with np.errstate(all="ignore"):
         t, face, pid = _cast(sc, d)
         pts = sc.cam.pos.astype(np.float32)[:, None] + d * t
@@ -561,8 +617,8 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
         nrm = _ROOM_NRM.take(face, 1)
         mats = [sc.room_mats[c] for c in ROOM_CLASSES]
         mat = cls.astype(np.int16)  # room material index = class id (FLOOR, WALL, CEILING)
-        q = pts.copy()  # texture coordinates: world for the room, local for objects
         oi = np.flatnonzero(pid >= 0)
+        local = []  # (pixel ids, local texture coordinates) of the object pixels
         if oi.size:
             gp = pid[oi]
             order = np.argsort(gp, kind="stable")
@@ -575,48 +631,14 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
             for g, start, ps in sc.groups:
                 a, b = np.searchsorted(gp, [start, start + len(ps)])
                 n, ql = g.surface(gp[a:b] - start, pts.take(oi[a:b], 1))
+                local.append((oi[a:b], ql))
                 for c in range(3):
-                    nrm[c][oi[a:b]], q[c][oi[a:b]] = n[c], ql[c]
-        # Procedural textures, evaluated once per texture kind on all its pixels.
-        c1, c2 = (np.array([getattr(m, c) for m in mats], np.float32).T for c in ("c1", "c2"))
-        sp = np.array([(m.scale, m.phase) for m in mats], np.float32).T
-        mat_kind = np.array([_KINDS.index(m.kind) for m in mats], np.int8)
-        kind = mat_kind.take(mat)
-        order = np.argsort(kind, kind="stable")
-        bounds = np.cumsum(np.bincount(kind, minlength=len(_KINDS)))
-        alb = np.empty_like(pts)
-        for kd, a, b in zip(range(len(_KINDS)), np.r_[0, bounds[:-1]], bounds, strict=True):
-            if b == a:
-                continue
-            idx, users = order[a:b], np.flatnonzero(mat_kind == kd)
-            if len(users) == 1:  # a single material (e.g. the room planes): scalar parameters
-                mm = slice(users[0], users[0] + 1)
-                s_ph, col1, col2 = sp[:, mm], c1[:, mm], c2[:, mm]
-            else:
-                mm = mat.take(idx)
-                s_ph, col1, col2 = sp.take(mm, 1), c1.take(mm, 1), c2.take(mm, 1)
-            if kd == 0:  # plain
-                col = np.broadcast_to(col1, (3, b - a))
-            else:
-                wt, f = _pattern(_KINDS[kd], q.take(idx, 1), *s_ph)
-                col = (col1 + (col2 - col1) * wt) * f
+                    nrm[c][oi[a:b]] = n[c]
+        shade = _shade(sc, pts, nrm, cls)
+        for idx, ql in local:  # pts becomes the texture coordinates (world for the room)
             for c in range(3):
-                alb[c][idx] = col[c]
-        # Shading: point light with soft falloff, hemispheric ambient and floor contact shadows.
-        ldir = np.array(sc.light, np.float32)[:, None] - pts
-        l2 = (ldir * ldir).sum(0)
-        ndl = np.maximum((nrm * ldir).sum(0), 0) / np.sqrt(l2)
-        shade = _F(0.32) + _F(0.08) * nrm[1] + ndl * (_F(1.1) / (1 + _F(0.03) * l2))
-        if sc.shadows:  # soft contact shadows (compact support, radius 1.5 r) on the floor
-            x, z, r = np.array(sc.shadows).T * [[1], [1], [1.5]]
-            lo, hi = np.stack([x - r, 0 * x, z - r], 1), np.stack([x + r, 0 * x, z + r], 1)
-            cls2, shade2, pts2 = cls.reshape(h, w), shade.reshape(h, w), pts.reshape(3, h, w)
-            rects = _screen_rects(sc.cam, lo, hi).tolist()
-            for (v0, v1, u0, u1), sx, sz, sr in zip(rects, x.tolist(), z.tolist(), r.tolist(), strict=True):
-                win = (slice(v0, v1), slice(u0, u1))
-                r2 = (pts2[0][win] - sx) ** 2 + (pts2[2][win] - sz) ** 2
-                fac = np.maximum(1 - r2 * (1 / sr**2), 0) ** 2
-                shade2[win] *= 1 - (cls2[win] == FLOOR) * _F(0.5) * fac
+                pts[c][idx] = ql[c]
+        alb = _texture(mats, mat, pts)
         alb *= shade * 255
         alb += 0.5
         image = np.empty((t.size, 3), np.uint8)
@@ -628,7 +650,9 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
         holes |= _hole_mask(draw, prm, h, w).ravel()
     keep = (~holes).astype(np.float32)
     nrm *= keep
-    normals = nrm.T @ rot  # world -> camera frame: n_cam[c] = sum_j R[j, c] n_world[j]
+    normals = np.empty((t.size, 3), np.float32)
+    for c in range(3):  # world -> camera frame: n_cam[c] = sum_j R[j, c] n_world[j]
+        normals[:, c] = rot[0, c] * nrm[0] + rot[1, c] * nrm[1] + rot[2, c] * nrm[2]
     inst = inst.reshape(h, w)
     edge = np.zeros((h, w), np.uint8)
     edge[:, :-1] |= inst[:, :-1] != inst[:, 1:]
