@@ -1,0 +1,164 @@
+"""Camera, ray and primitive geometry of the synthetic-scene ray caster.
+
+Pinhole camera rays, screen-space bounding rectangles of world AABBs, (primitive, ray) candidate
+pairs, and the vectorised ray / sphere, box and vertical-cylinder intersections with analytic
+surface normals (:class:`_Group`). World frame: y up, floor at ``y = 0``; the camera frame is
+the OpenGL one (x right, y up, z backwards). Used by :mod:`mtl.data.synthetic_scene` and
+:mod:`mtl.data.synthetic_render`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from einops import rearrange
+
+if TYPE_CHECKING:
+    from mtl.data.synthetic_scene import _Prim
+
+
+@dataclass
+class _Cam:
+    """Pinhole camera: world pose, focal length / principal point (pixels) and image size."""
+
+    pos: np.ndarray  # (3,) world position
+    rot: np.ndarray  # (3, 3) columns = camera x (right), y (up), z (backwards) in world
+    fx: float
+    cx: float
+    cy: float
+    h: int
+    w: int
+
+
+def _rot(axis: int, a: float) -> np.ndarray:
+    """Rotation matrix by angle ``a`` about world axis ``axis`` (0 = x, 1 = y, 2 = z)."""
+    c, s = math.cos(a), math.sin(a)
+    if axis == 0:
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == 1:
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+@functools.lru_cache(maxsize=16)
+def _camera_grid(h: int, w: int, fov_deg: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Flat camera-frame ray directions (3, h*w) with forward component 1, 1/|d|, and fx."""
+    fx = (w / 2) / math.tan(math.radians(fov_deg) / 2)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    d = np.empty((3, h, w), np.float32)
+    d[0] = ((np.arange(w) - cx) / fx)[None, :]
+    d[1] = (-(np.arange(h) - cy) / fx)[:, None]
+    d[2] = -1.0
+    d = rearrange(d, "c h w -> c (h w)")
+    inv_norm = 1 / np.sqrt((d * d).sum(0))
+    d.flags.writeable = inv_norm.flags.writeable = False
+    return d, inv_norm, fx
+
+
+_CORNERS = np.array(list(itertools.product((0, 1), repeat=3)), bool)
+
+
+def _screen_rects(cam: _Cam, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Pixel rectangles (P, 4) = (v0, v1, u0, u1) covering the projections of P AABBs."""
+    pc = (np.where(_CORNERS, hi[:, None], lo[:, None]) - cam.pos) @ cam.rot  # (P, 8, 3)
+    z = -pc[..., 2]
+    behind = z <= 1e-3
+    z = np.where(behind, 1.0, z)
+    u, v = cam.fx * pc[..., 0] / z + cam.cx, -cam.fx * pc[..., 1] / z + cam.cy
+    r = np.stack([v.min(1) - 1, v.max(1) + 2, u.min(1) - 1, u.max(1) + 2], 1)
+    r = np.clip(r, -1, [[cam.h, cam.h, cam.w, cam.w]]).astype(int)
+    r[behind.any(1)] = [0, cam.h, 0, cam.w]
+    r[behind.all(1)] = 0
+    r = np.maximum(r, 0)
+    r[:, 1] = np.maximum(r[:, 0], r[:, 1])
+    r[:, 3] = np.maximum(r[:, 2], r[:, 3])
+    return r
+
+
+def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened (primitive, ray) candidate pairs of all pixels inside each rectangle."""
+    v0, v1, u0, u1 = rects.T
+    ww = np.where(v1 > v0, u1 - u0, 0)
+    n = (v1 - v0) * ww
+    k = np.repeat(np.arange(len(n)), n)
+    j = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # index within the rectangle
+    wk = ww[k]
+    row = j // wk
+    return k, (v0[k] + row) * w + u0[k] + (j - row * wk)
+
+
+class _Group:
+    """Structure-of-arrays table of all primitives of one kind, relative to the camera."""
+
+    def __init__(self, prims: list[_Prim], o: np.ndarray) -> None:
+        self.kind = prims[0].kind
+        c = np.array([p.center for p in prims]).T  # (3, P)
+        size = np.array([p.size for p in prims]).T
+        self.c = c.astype(np.float32)
+        self.oc = (o[:, None] - c).astype(np.float32)
+        if self.kind == "sphere":
+            self.r = size[0].astype(np.float32)
+            self.cc = (((o[:, None] - c) ** 2).sum(0) - size[0] ** 2).astype(np.float32)
+            ext = size[[0, 0, 0]]
+        elif self.kind == "box":
+            rot = np.stack([p.rot for p in prims], 2)  # (3, 3, P) [j, i, p] = R_p[j, i]
+            self.rot = rot.astype(np.float32)
+            ol = (rot * (o[:, None] - c)[:, None]).sum(0)
+            self.half = size.astype(np.float32)
+            self.lo, self.hi = (-size - ol).astype(np.float32), (size - ol).astype(np.float32)
+            ext = (np.abs(rot) * size).sum(1)
+        else:
+            r, hgt = size
+            self.r2, self.hgt, self.r = (
+                (r * r).astype(np.float32),
+                hgt.astype(np.float32),
+                r.astype(np.float32),
+            )
+            self.cc = self.oc[0] ** 2 + self.oc[2] ** 2 - self.r2
+            oy = self.oc[1]
+            self.capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan)).astype(np.float32)
+            ext, c = np.stack([r, hgt / 2, r]), c + [[0], [1], [0]] * hgt / 2
+        self.aabb = (c - ext).T, (c + ext).T  # (P, 3) each
+
+    def intersect(self, k: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """Nearest hit distances (inf / nan = miss) of pairs: primitive k, ray direction d."""
+        oc = self.oc.take(k, 1)
+        if self.kind == "sphere":
+            b, dd = (d * oc).sum(0), (d * d).sum(0)
+            return (-b - np.sqrt(b * b - dd * self.cc.take(k))) / dd
+        if self.kind == "box":
+            dl = (self.rot.reshape(9, -1).take(k, 1).reshape(3, 3, -1) * d[:, None]).sum(0)
+            inv = 1 / dl
+            t1, t2 = self.lo.take(k, 1) * inv, self.hi.take(k, 1) * inv
+            tn, tf = np.minimum(t1, t2).max(0), np.maximum(t1, t2).min(0)
+            return np.where(tn <= tf, tn, np.inf)
+        dx, dy, dz = d
+        a, b = dx * dx + dz * dz, dx * oc[0] + dz * oc[2]
+        t = (-b - np.sqrt(b * b - a * self.cc.take(k))) / a
+        y = oc[1] + t * dy
+        t = np.where((y >= 0) & (y <= self.hgt.take(k)), t, np.inf)
+        tc = (self.capy.take(k) - oc[1]) / dy
+        xc, zc = oc[0] + tc * dx, oc[2] + tc * dz
+        return np.minimum(t, np.where(xc * xc + zc * zc <= self.r2.take(k), tc, np.inf))
+
+    def surface(self, k: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World normals and local texture coordinates at hit points p (3, n) of primitives k."""
+        q = p - self.c.take(k, 1)
+        if self.kind == "sphere":
+            return q / np.sqrt((q * q).sum(0)), q
+        if self.kind == "box":
+            rk = self.rot.reshape(9, -1).take(k, 1).reshape(3, 3, -1)
+            ql = (rk * q[:, None]).sum(0)
+            ax, ar = np.argmax(np.abs(ql) / self.half.take(k, 1), 0), np.arange(q.shape[1])
+            return rk[:, ax, ar] * np.sign(ql[ax, ar]), ql
+        rad = np.sqrt(q[0] ** 2 + q[2] ** 2)
+        hgt = self.hgt.take(k)
+        cap = np.minimum(np.abs(q[1]), np.abs(q[1] - hgt)) < np.abs(rad - self.r.take(k))
+        side = ~cap / np.maximum(rad, 1e-9)
+        n = np.stack([q[0] * side, np.sign(q[1] - hgt / 2) * cap, q[2] * side])
+        return n, q
