@@ -28,6 +28,11 @@ def _container(node: Any) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
+def job_config(cfg: DictConfig) -> dict:
+    """The resolved config as a plain dict, without Hydra's own ``hydra`` node."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
 def build_datamodule(cfg: DictConfig) -> MTLDataModule:
     """The data module of ``cfg.data`` (checks that the dataset provides every task)."""
     return instantiate(cfg.data, _convert_="all")
@@ -124,7 +129,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(job_config(cfg))
     ckpt_path = _resolve_ckpt(cfg, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _to_float(trainer.callback_metrics)

@@ -20,6 +20,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 FAST = [
     "data.dataset.resolution=[64,64]",
     "data.dataset.length=16",
+    "data.split_kwargs.val.length=8",
     "data.batch_size=4",
     "data.eval_batch_size=8",
     "extras.print_config=false",

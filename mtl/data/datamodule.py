@@ -8,7 +8,7 @@ touching the disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -42,6 +42,8 @@ class MTLDataModule(L.LightningDataModule):
         val_split: split name used for validation and testing.
         hflip: horizontal-flip probability of the training transform.
         pin_memory: pin host memory (useful on GPUs).
+        split_kwargs: per-split keyword overrides of the dataset constructor, keyed by split
+            name (e.g. ``{"val": {"length": 200}}`` for a smaller synthetic validation set).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class MTLDataModule(L.LightningDataModule):
         val_split: str = "val",
         hflip: float = 0.5,
         pin_memory: bool = False,
+        split_kwargs: Mapping[str, Mapping] | None = None,
     ) -> None:
         super().__init__()
         self.dataset_fn = dataset
@@ -76,20 +79,19 @@ class MTLDataModule(L.LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.hflip = hflip
         self.pin_memory = pin_memory
+        self.split_kwargs = {k: dict(v) for k, v in (split_kwargs or {}).items()}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self.dataset_fn(
-                split=self.train_split,
-                tasks=self.tasks,
-                transform=build_transform(train=True, hflip=self.hflip),
-            )
+            self.train_set = self._make(self.train_split, build_transform(train=True, hflip=self.hflip))
         if self.val_set is None:
-            self.val_set = self.dataset_fn(
-                split=self.val_split, tasks=self.tasks, transform=build_transform(train=False)
-            )
+            self.val_set = self._make(self.val_split, build_transform(train=False))
+
+    def _make(self, split: str, transform: Callable[[dict], dict]) -> Dataset:
+        kwargs = self.split_kwargs.get(split, {})
+        return self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
 
     def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
         return DataLoader(

@@ -2,7 +2,8 @@
 
 The "multi-task baseline" of the dense-prediction literature (Vandenhende et al., TPAMI
 2021): every backbone level is projected to ``channels``, upsampled to the finest level and
-fused; each task refines the shared map with its own convolutional block.
+fused (summed, as in an FPN's top-down merge, then a ``3 × 3`` block); each task refines
+the shared map with its own convolutional block.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class MultiHeadDecoder(nn.Module):
         self.tasks = list(tasks)
         self.out_channels = channels
         self.lateral = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in in_channels)
-        self.fuse = conv_bn_relu(channels * len(in_channels), channels, 3)
+        self.fuse = conv_bn_relu(channels, channels, 3)
         self.per_task = nn.ModuleDict(
             {t: nn.Sequential(*(conv_bn_relu(channels, channels) for _ in range(task_blocks))) for t in tasks}
         )
@@ -59,5 +60,5 @@ class MultiHeadDecoder(nn.Module):
             else lat(f)
             for lat, f in zip(self.lateral, feats, strict=True)
         ]
-        shared = self.fuse(torch.cat(maps, dim=1))
+        shared = self.fuse(torch.stack(maps).sum(dim=0))
         return {t: self.per_task[t](shared) for t in (task_subset or self.tasks)}

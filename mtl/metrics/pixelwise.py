@@ -56,10 +56,11 @@ class NormalsMetric(Metric):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Adds a batch of ``B × 3 × H × W`` predictions and unit-vector targets."""
-        valid = target.norm(dim=1) > 1e-3
-        pred = torch.nn.functional.normalize(pred.float(), dim=1)
-        target = torch.nn.functional.normalize(target.float(), dim=1)
-        cos = (pred * target).sum(dim=1).clamp(-1.0, 1.0)[valid]
+        pred, target = pred.float(), target.float()
+        valid = target.abs().sum(dim=1) > 0  # zero vector = invalid
+        dot = (pred * target).sum(dim=1)
+        norms = ((pred * pred).sum(dim=1) * (target * target).sum(dim=1)).clamp(min=1e-24).sqrt()
+        cos = (dot / norms).clamp(-1.0, 1.0)[valid]
         self.sum_deg += torch.rad2deg(torch.acos(cos)).double().sum()
         self.count += valid.sum()
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 
 from mtl.metrics import NormalsMetric
 from mtl.tasks.base import Task
 from mtl.tasks.losses import masked_l1
+
+
+def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalises over the channel dimension (faster on CPU than ``F.normalize`` for NCHW)."""
+    return x * torch.rsqrt((x * x).sum(dim=1, keepdim=True).clamp(min=eps))
 
 
 class Normals(Task):
@@ -35,14 +39,14 @@ class Normals(Task):
 
     def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         target = batch[self.name]
-        valid = target.norm(dim=1, keepdim=True) > 1e-3
-        return masked_l1(F.normalize(pred.float(), dim=1), target, valid)
+        valid = target.abs().sum(dim=1, keepdim=True) > 0  # zero vector = invalid
+        return masked_l1(unit(pred.float()), target, valid)
 
     def metric(self) -> Metric:
         return NormalsMetric()
 
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
-        return F.normalize(pred, dim=1)
+        return unit(pred)
 
     def _to_rgb(self, value: torch.Tensor) -> np.ndarray:
         v = value.permute(1, 2, 0).numpy()
