@@ -20,7 +20,10 @@ from mtl.data.transforms import build_transform
 
 def throughput(resolution: tuple[int, int], n: int, transform: bool) -> float:
     ds = SyntheticScenes(
-        split="train", length=n, resolution=resolution, transform=build_transform(train=False) if transform else None
+        split="train",
+        length=n,
+        resolution=resolution,
+        transform=build_transform(train=False) if transform else None,
     )
     ds[0]  # warm-up
     t = time.perf_counter()

@@ -66,8 +66,12 @@ def make_batch(bs: int, res: int) -> dict:
 
 def make_model(res: int) -> MultiTaskNet:
     bb = TimmBackbone(
-        name="swin_tiny_patch4_window7_224", img_size=(res, res), embed_dim=48,
-        depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=4,
+        name="swin_tiny_patch4_window7_224",
+        img_size=(res, res),
+        embed_dim=48,
+        depths=(2, 2, 2, 2),
+        num_heads=(2, 4, 8, 16),
+        window_size=4,
     )
     tasks = {"semseg": 9, "depth": 1, "normals": 3, "edge": 1}
     return MultiTaskNet(backbone=bb, decoder=functools.partial(MultiHeadDecoder, channels=64), tasks=tasks)
@@ -96,8 +100,15 @@ def lightning_loop(model: MultiTaskNet, batch: dict, steps: int) -> list[float]:
     )
     timer = StepTimer()
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], limit_val_batches=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader(RepeatBatch(batch, steps), batch_size=None))
     return timer.times
@@ -119,7 +130,8 @@ def main() -> None:
         bare += bare_loop(copy.deepcopy(base), batch, args.steps)[warm:]
         light += lightning_loop(copy.deepcopy(base), batch, args.steps)[warm:]
     b, m = statistics.median(bare), statistics.median(light)
-    print(f"batch {args.batch_size} × {args.resolution}², {args.rounds} rounds × {args.steps - warm} timed steps")
+    timed = args.steps - warm
+    print(f"batch {args.batch_size} × {args.resolution}², {args.rounds} rounds × {timed} timed steps")
     print("| loop | median step (ms) | ratio to bare |")
     print("|---|---|---|")
     print(f"| bare PyTorch | {b * 1e3:.1f} | 1.000 |")

@@ -14,12 +14,13 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.data.datamodule import MTLDataModule
 from mtl.module import MTLModule
 from mtl.tasks import Task, build_tasks
-from mtl.visualise import save_pictures
+from mtl.visualise import denormalise, save_pictures
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,12 @@ def _instantiate_dict(cfg: DictConfig | None) -> list:
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     """The Lightning trainer with the configured callbacks and loggers."""
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
+    callbacks = [
+        c
+        for c in _instantiate_dict(cfg.get("callbacks"))
+        if loggers or not isinstance(c, LearningRateMonitor)  # it needs a logger to write to
+    ]
     return instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **overrides
     )
@@ -179,6 +184,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             for i in range(min(n_pics, batch["image"].shape[0])):
                 one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
                 preds = module(one["image"])
-                pictures = {t: task.visualise(preds[t], one) for t, task in module.tasks.items()}
+                pictures = {"input": denormalise(one["image"][0])}
+                pictures.update({t: task.visualise(preds[t], one) for t, task in module.tasks.items()})
                 save_pictures(pictures, output_dir / "pictures", prefix=f"{i:03d}_")
     return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}

@@ -7,6 +7,7 @@ from hydra.errors import InstantiationException, MissingConfigException
 from omegaconf import OmegaConf
 
 from mtl.pipeline import train
+
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -55,8 +56,17 @@ def test_print_config_job_shows_composed_config():
 
     out = subprocess.run(
         [sys.executable, "train.py", "experiment=synthetic_pascal_baseline", "--cfg", "job"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     cfg = OmegaConf.create(out)
     assert list(cfg.data.tasks) == ["semseg", "human_parts", "saliency", "normals", "edge"]
     assert Path(ROOT / "configs" / "train.yaml").is_file()
+
+
+def test_runs_without_any_logger(make_cfg):
+    cfg = make_cfg(["logger=none", "trainer.max_epochs=1"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 4 and "val/semseg/miou" in metrics

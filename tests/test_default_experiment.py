@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_python_train_py_learns_visibly(tmp_path):
     env = {**os.environ, "MTL_ROOT": str(tmp_path), "WANDB_MODE": "offline"}
-    subprocess.run([sys.executable, "train.py", "extras.print_config=false"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "train.py", "extras.print_config=false"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")

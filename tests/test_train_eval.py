@@ -48,7 +48,7 @@ def test_short_training_run_loss_goes_down_and_eval_reads_checkpoint(make_cfg, t
     assert results["test/semseg/miou"] == pytest.approx(metrics["val/semseg/miou"], abs=1e-5)
     assert results["test/depth/rmse"] == pytest.approx(metrics["val/depth/rmse"], rel=1e-4)
     assert (eval_dir / "results.md").read_text().startswith("| task |")
-    assert len(list((eval_dir / "pictures").glob("*.png"))) == 2 * 4
+    assert len(list((eval_dir / "pictures").glob("*.png"))) == 2 * (1 + 4)  # input + one per task
 
 
 def test_eval_rejects_mismatched_checkpoint(make_cfg, tmp_path):
