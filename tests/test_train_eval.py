@@ -16,6 +16,8 @@ def test_short_training_run_loss_goes_down_and_eval_reads_checkpoint(make_cfg, t
             "trainer.max_epochs=3",
             "data.tasks=[semseg,depth,normals,edge]",
             "logger=default",
+            "scheduler.warmup_steps=5",
+            "trainer.log_every_n_steps=1",
         ]
     )
     metrics, objects = train(cfg)
@@ -23,8 +25,13 @@ def test_short_training_run_loss_goes_down_and_eval_reads_checkpoint(make_cfg, t
     header = csv[0].split(",")
     col = header.index("train/loss")
     losses = [float(r.split(",")[col]) for r in csv[1:] if r.split(",")[col]]
-    assert len(losses) >= 3
-    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+    assert len(losses) >= 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    # per-step schedule: linear warm-up over 5 steps, then poly decay towards 0
+    lr_col = header.index("lr-AdamW/pg1")
+    lrs = [float(r.split(",")[lr_col]) for r in csv[1:] if r.split(",")[lr_col]]
+    peak = lrs.index(max(lrs))
+    assert 4 <= peak <= 6 and lrs[-1] < 0.1 * lrs[peak], lrs
     ckpt_dir = tmp_path / "checkpoints"
     assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
     assert not list(ckpt_dir.glob("*.tmp"))
