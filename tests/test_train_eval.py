@@ -67,3 +67,13 @@ def test_eval_rejects_mismatched_checkpoint(make_cfg, tmp_path):
     cfg = make_cfg([f"ckpt_path={tmp_path / 'missing.ckpt'}"], config_name="eval")
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         evaluate(cfg)
+
+
+def test_resume_from_last_checkpoint_continues(make_cfg, tmp_path):
+    cfg = make_cfg(["trainer.max_epochs=1", "logger=none"])
+    train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    cfg = make_cfg(["trainer.max_epochs=2", "logger=none", "ckpt_path=last"])
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 8 and objects["trainer"].current_epoch == 2
