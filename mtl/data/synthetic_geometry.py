@@ -60,6 +60,21 @@ def _camera_grid(h: int, w: int, fov_deg: float) -> tuple[np.ndarray, np.ndarray
     return d, inv_norm, fx
 
 
+def _world_rays(h: int, w: int, fov_deg: float, rot: np.ndarray) -> np.ndarray:
+    """World ray directions (3, h*w) ``rot @ d_cam``, from the cached separable pixel grid.
+
+    The camera-frame direction of pixel (v, u) is ``(x_u, y_v, -1)``, so each world component
+    is one broadcast sum of a row term and a column term (3 full-size ops instead of 9).
+    """
+    d_cam = _camera_grid(h, w, fov_deg)[0].reshape(3, h, w)
+    xu, yv = d_cam[0, 0], d_cam[1, :, 0]
+    d = np.empty((3, h, w), np.float32)
+    for i in range(3):
+        r0, r1, r2 = (float(v) for v in rot[i])
+        np.add((r0 * xu)[None, :], (r1 * yv - r2)[:, None], out=d[i])
+    return d.reshape(3, h * w)
+
+
 _CORNERS = np.array(list(itertools.product((0, 1), repeat=3)), bool)
 
 

@@ -38,6 +38,8 @@ NUM_PARTS = len(PARTS)
 HEAD, TORSO, ARMS, LEGS = range(1, NUM_PARTS + 1)
 
 _Range = tuple[float, float]
+_EYE = np.eye(3)
+_EYE.flags.writeable = False  # shared identity orientation of unrotated primitives
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class _Prim:
     mat: _Mat
 
     def __post_init__(self) -> None:
-        self.rot = np.eye(3) if self.rot is None else self.rot
+        self.rot = _EYE if self.rot is None else self.rot
 
 
 class _Draw:

@@ -66,8 +66,8 @@ def _texture(mats: list[_Mat], mat: np.ndarray, q: np.ndarray) -> np.ndarray:
 
     Each texture kind is evaluated once on all of its pixels.
     """
-    c1, c2 = (np.array([getattr(m, c) for m in mats], np.float32).T for c in ("c1", "c2"))
-    sp = np.array([(m.scale, m.phase) for m in mats], np.float32).T
+    # One (8, M) table (scale, phase, c1 RGB, c2 RGB): one take per kind instead of three.
+    tab = np.array([(m.scale, m.phase, *m.c1, *m.c2) for m in mats], np.float32).T
     mat_kind = np.array([_KINDS.index(m.kind) for m in mats], np.int8)
     kind = mat_kind.take(mat)
     order = np.argsort(kind, kind="stable")
@@ -78,11 +78,10 @@ def _texture(mats: list[_Mat], mat: np.ndarray, q: np.ndarray) -> np.ndarray:
             continue
         idx, users = order[a:b], np.flatnonzero(mat_kind == kd)
         if len(users) == 1:  # a single material (e.g. a room plane): scalar parameters
-            mm = slice(users[0], users[0] + 1)
-            s_ph, col1, col2 = sp[:, mm], c1[:, mm], c2[:, mm]
+            sel = tab[:, users[0] : users[0] + 1]
         else:
-            mm = mat.take(idx)
-            s_ph, col1, col2 = sp.take(mm, 1), c1.take(mm, 1), c2.take(mm, 1)
+            sel = tab.take(mat.take(idx), 1)
+        s_ph, col1, col2 = sel[:2], sel[2:5], sel[5:]
         if kd == 0:  # plain
             col = np.broadcast_to(col1, (3, b - a))
         else:
