@@ -1,8 +1,8 @@
 """Camera, ray and primitive geometry of the synthetic-scene ray caster.
 
-Pinhole camera rays, screen-space bounding rectangles of world AABBs, (primitive, ray) candidate
+Pinhole camera rays, screen-space bounding rectangles of world AABBs, (rectangle, pixel) candidate
 pairs, and the vectorised ray / sphere, box and vertical-cylinder intersections with analytic
-surface normals (:class:`_Group`). World frame: y up, floor at ``y = 0``; the camera frame is
+surface normals (:class:`_Table`). World frame: y up, floor at ``y = 0``; the camera frame is
 the OpenGL one (x right, y up, z backwards). Used by :mod:`mtl.data.synthetic_scene` and
 :mod:`mtl.data.synthetic_render`.
 """
@@ -96,57 +96,72 @@ def _screen_rects(cam: _Cam, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flattened (primitive, ray) candidate pairs of all pixels inside each rectangle."""
+    """Flattened (rectangle, pixel) candidate pairs of all pixels inside each rectangle.
+
+    Built from row segments: one repeat of the segment starts instead of a per-pair division.
+    """
     v0, v1, u0, u1 = rects.T
-    ww = np.where(v1 > v0, u1 - u0, 0)
-    n = (v1 - v0) * ww
-    k = np.repeat(np.arange(len(n)), n)
-    j = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # index within the rectangle
-    wk = ww[k]
-    row = j // wk
-    return k, (v0[k] + row) * w + u0[k] + (j - row * wk)
+    nrow, ww = v1 - v0, u1 - u0
+    seg = np.repeat(np.arange(len(rects)), nrow)  # rectangle of each row segment
+    first = np.cumsum(nrow) - nrow
+    row = v0.take(seg) + np.arange(len(seg)) - first.take(seg)
+    n = ww.take(seg)
+    start = row * w + u0.take(seg) - (np.cumsum(n) - n)
+    return np.repeat(seg, n), np.arange(n.sum()) + np.repeat(start, n)
 
 
-class _Group:
-    """Structure-of-arrays table of all primitives of one kind, relative to the camera."""
+KINDS: tuple[str, ...] = ("sphere", "box", "cyl")
+
+
+class _Table:
+    """Structure-of-arrays table of all primitives relative to the camera.
+
+    Primitives are ordered by kind (``KINDS``; stable within a kind): ids ``bounds[i]`` to
+    ``bounds[i + 1]`` are of kind ``KINDS[i]``. ``intersect`` / ``surface`` take local ids.
+    """
 
     def __init__(self, prims: list[_Prim], o: np.ndarray) -> None:
-        self.kind = prims[0].kind
-        c = np.array([p.center for p in prims]).T  # (3, P)
-        size = np.array([p.size for p in prims]).T
-        self.c = c.astype(np.float32)
-        self.oc = (o[:, None] - c).astype(np.float32)
-        if self.kind == "sphere":
-            self.r = size[0].astype(np.float32)
-            self.cc = (((o[:, None] - c) ** 2).sum(0) - size[0] ** 2).astype(np.float32)
-            ext = size[[0, 0, 0]]
-        elif self.kind == "box":
-            rot = np.stack([p.rot for p in prims], 2)  # (3, 3, P) [j, i, p] = R_p[j, i]
+        by = [[p for p in prims if p.kind == kind] for kind in KINDS]
+        self.prims = [p for ps in by for p in ps]
+        ns, nb = len(by[0]), len(by[1])
+        self.bounds = (0, ns, ns + nb, len(self.prims))
+        sph, box, cyl = slice(0, ns), slice(ns, ns + nb), slice(ns + nb, None)
+        c = np.array([p.center for p in self.prims], np.float64).T  # (3, P)
+        size = np.array([(*p.size, 0.0, 0.0)[:3] for p in self.prims], np.float64).T
+        oc = o[:, None] - c
+        self.c, self.oc = c.astype(np.float32), oc.astype(np.float32)
+        ext, cen = size.copy(), c.copy()
+        # Spheres.
+        r = size[0, sph]
+        self.s_r, self.s_cc = r.astype(np.float32), ((oc[:, sph] ** 2).sum(0) - r**2).astype(np.float32)
+        ext[1:, sph] = r
+        # Boxes.
+        if nb:
+            rot = np.stack([p.rot for p in by[1]], 2)  # (3, 3, B) [j, i, b] = R_b[j, i]
             self.rot = rot.astype(np.float32)
-            ol = (rot * (o[:, None] - c)[:, None]).sum(0)
-            self.half = size.astype(np.float32)
-            self.lo, self.hi = (-size - ol).astype(np.float32), (size - ol).astype(np.float32)
-            ext = (np.abs(rot) * size).sum(1)
-        else:
-            r, hgt = size
-            self.r2, self.hgt, self.r = (
-                (r * r).astype(np.float32),
-                hgt.astype(np.float32),
-                r.astype(np.float32),
-            )
-            self.cc = self.oc[0] ** 2 + self.oc[2] ** 2 - self.r2
-            oy = self.oc[1]
-            self.capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan)).astype(np.float32)
-            ext, c = np.stack([r, hgt / 2, r]), c + [[0], [1], [0]] * hgt / 2
-        self.aabb = (c - ext).T, (c + ext).T  # (P, 3) each
+            ol = (rot * oc[:, None, box]).sum(0)
+            half = size[:, box]
+            self.half = half.astype(np.float32)
+            self.lo, self.hi = (-half - ol).astype(np.float32), (half - ol).astype(np.float32)
+            ext[:, box] = (np.abs(rot) * half).sum(1)
+        # Vertical cylinders (base centre c, radius r, height hgt).
+        r, hgt = size[0, cyl], size[1, cyl]
+        self.r2, self.hgt, self.r = (r * r).astype(np.float32), hgt.astype(np.float32), r.astype(np.float32)
+        ocy = self.oc[:, cyl]
+        self.cc = ocy[0] ** 2 + ocy[2] ** 2 - self.r2
+        oy = ocy[1]
+        self.capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan)).astype(np.float32)
+        ext[:, cyl] = np.stack([r, hgt / 2, r])
+        cen[1, cyl] += hgt / 2
+        self.aabb = (cen - ext).T, (cen + ext).T  # (P, 3) each
 
-    def intersect(self, k: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """Nearest hit distances (inf / nan = miss) of pairs: primitive k, ray direction d."""
-        oc = self.oc.take(k, 1)
-        if self.kind == "sphere":
+    def intersect(self, kind: int, k: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """Nearest hit distances (inf / nan = miss) of pairs: primitive k of ``KINDS[kind]``, ray d."""
+        oc = self.oc.take(k + self.bounds[kind], 1)
+        if kind == 0:
             b, dd = (d * oc).sum(0), (d * d).sum(0)
-            return (-b - np.sqrt(b * b - dd * self.cc.take(k))) / dd
-        if self.kind == "box":
+            return (-b - np.sqrt(b * b - dd * self.s_cc.take(k))) / dd
+        if kind == 1:
             dl = (self.rot.reshape(9, -1).take(k, 1).reshape(3, 3, -1) * d[:, None]).sum(0)
             inv = 1 / dl
             t1, t2 = self.lo.take(k, 1) * inv, self.hi.take(k, 1) * inv
@@ -161,12 +176,12 @@ class _Group:
         xc, zc = oc[0] + tc * dx, oc[2] + tc * dz
         return np.minimum(t, np.where(xc * xc + zc * zc <= self.r2.take(k), tc, np.inf))
 
-    def surface(self, k: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def surface(self, kind: int, k: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """World normals and local texture coordinates at hit points p (3, n) of primitives k."""
-        q = p - self.c.take(k, 1)
-        if self.kind == "sphere":
+        q = p - self.c.take(k + self.bounds[kind], 1)
+        if kind == 0:
             return q / np.sqrt((q * q).sum(0)), q
-        if self.kind == "box":
+        if kind == 1:
             rk = self.rot.reshape(9, -1).take(k, 1).reshape(3, 3, -1)
             ql = (rk * q[:, None]).sum(0)
             ax, ar = np.argmax(np.abs(ql) / self.half.take(k, 1), 0), np.arange(q.shape[1])

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl.data.synthetic_geometry import _camera_grid, _Group, _pairs, _screen_rects, _world_rays
+from mtl.data.synthetic_geometry import _camera_grid, _pairs, _screen_rects, _Table, _world_rays
 from mtl.data.synthetic_scene import (
     CEILING,
     CLASSES,
@@ -40,7 +40,7 @@ from mtl.data.synthetic_scene import (
     _sample_scene,
     _Scene,
 )
-from mtl.data.synthetic_texture import _F, _texture
+from mtl.data.synthetic_texture import _F, _texture, _texture_one
 
 __all__ = ["CLASSES", "NUM_PARTS", "PARTS", "ROOM_CLASSES", "SceneParams", "render_scene"]
 
@@ -68,8 +68,13 @@ def _hole_mask(draw: _Draw, prm: SceneParams, h: int, w: int) -> np.ndarray:
     return mask
 
 
-def _cast(sc: _Scene, d: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Casts all rays d (3, N): distances t, room face ids and hit primitive ids (-1 = room)."""
+def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
+    """Casts all rays d (3, N).
+
+    Returns distances t, room face ids, hit primitive ids (-1 = room) into the primitive table
+    (:class:`_Table`), and the floor contact shadows: (shadow, pixel) candidate pairs and a
+    (3, S) float32 table of centre x, centre z and 1 / radius^2.
+    """
     (lo, hi), o = sc.room, sc.cam.pos
     t3 = np.divide((np.array(lo) - o).astype(np.float32)[:, None], d)  # (3, N) per-axis exits
     np.maximum(t3, np.divide((np.array(hi) - o).astype(np.float32)[:, None], d), out=t3)
@@ -82,52 +87,44 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[np.ndarray, ...]:
     pos = (isz & pz) | (isy & py) | (~(isy | isz) & px)
     face = ((isy.view(np.int8) + 2 * isz.view(np.int8)) * 2 + pos.view(np.int8)).astype(np.intp)
     pid = np.full(t.shape, -1, np.int16)
+    tab = _Table(sc.prims, o)
     if not sc.prims:
-        return t, face, pid
-    # Objects: candidate (primitive, ray) pairs from screen-space bounding boxes, then scatter-min.
-    o, start, groups = sc.cam.pos, 0, []
-    for kind in ("sphere", "box", "cyl"):
-        prims = [p for p in sc.prims if p.kind == kind]
-        if prims:
-            groups.append((_Group(prims, o), start, prims))
-            start += len(prims)
-    lo_hi = [np.concatenate(b) for b in zip(*(g.aabb for g, _, _ in groups), strict=True)]
-    rects = _screen_rects(sc.cam, *lo_hi)
-    k, ri = _pairs(rects, sc.cam.w)
+        return t, face, pid, tab, None
+    # One screen-rectangle / candidate-pair pass for the primitives and the shadow footprints
+    # (compact support of radius 1.5 r), then intersections per kind and a scatter-min.
+    lo, hi, n = *tab.aabb, len(tab.prims)
+    if sc.shadows:
+        x, z, r = np.array(sc.shadows).T * [[1], [1], [1.5]]
+        lo = np.concatenate([lo, np.stack([x - r, 0 * x, z - r], 1)])
+        hi = np.concatenate([hi, np.stack([x + r, 0 * x, z + r], 1)])
+    k, ri = _pairs(_screen_rects(sc.cam, lo, hi), sc.cam.w)
+    cut = np.searchsorted(k, tab.bounds).tolist()
+    shadows = None
+    if sc.shadows:
+        shadows = k[cut[3] :] - n, ri[cut[3] :], np.stack([x, z, 1 / r**2]).astype(np.float32)
+    k, ri = k[: cut[3]], ri[: cut[3]]
     dr = d.take(ri, 1)
-    bounds = np.searchsorted(k, [s for _, s, _ in groups] + [start])
-    tk = np.concatenate(
-        [
-            g.intersect(k[a:b] - s, dr[:, a:b])
-            for (g, s, _), a, b in zip(groups, bounds, bounds[1:], strict=False)
-        ]
-    )
+    spans = [(i, a, b) for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True)) if b > a]
+    tk = np.concatenate([tab.intersect(i, k[a:b] - tab.bounds[i], dr[:, a:b]) for i, a, b in spans])
     ok = tk > 0
     ri, tk, gp = ri[ok], tk[ok], k[ok]
     np.minimum.at(t, ri, tk)
     win = tk == t[ri]
     pid[ri[win]] = gp[win]
-    sc.groups = groups
-    return t, face, pid
+    return t, face, pid, tab, shadows
 
 
-def _shade(sc: _Scene, pts: np.ndarray, nrm: np.ndarray, cls: np.ndarray) -> np.ndarray:
+def _shade(sc: _Scene, pts: np.ndarray, nrm: np.ndarray, cls: np.ndarray, shadows: Any) -> np.ndarray:
     """Point light with soft falloff, hemispheric ambient and soft floor contact shadows."""
     ldir = np.array(sc.light, np.float32)[:, None] - pts
     l2 = (ldir * ldir).sum(0)
     ndl = np.maximum((nrm * ldir).sum(0), 0) / np.sqrt(l2)
     shade = _F(0.32) + _F(0.08) * nrm[1] + ndl * (_F(1.1) / (1 + _F(0.03) * l2))
-    if sc.shadows:  # compact support of radius 1.5 r around each footprint
-        h, w = sc.cam.h, sc.cam.w
-        x, z, r = np.array(sc.shadows).T * [[1], [1], [1.5]]
-        lo, hi = np.stack([x - r, 0 * x, z - r], 1), np.stack([x + r, 0 * x, z + r], 1)
-        cls2, shade2, pts2 = cls.reshape(h, w), shade.reshape(h, w), pts.reshape(3, h, w)
-        rects = _screen_rects(sc.cam, lo, hi).tolist()
-        for (v0, v1, u0, u1), sx, sz, sr in zip(rects, x.tolist(), z.tolist(), r.tolist(), strict=True):
-            win = (slice(v0, v1), slice(u0, u1))
-            r2 = (pts2[0][win] - sx) ** 2 + (pts2[2][win] - sz) ** 2
-            fac = np.maximum(1 - r2 * (1 / sr**2), 0) ** 2
-            shade2[win] *= 1 - (cls2[win] == FLOOR) * _F(0.5) * fac
+    if shadows is not None and shadows[0].size:  # one pass over all (shadow, pixel) pairs
+        ks, ri, (sx, sz, inv_r2) = shadows
+        r2 = (pts[0].take(ri) - sx.take(ks)) ** 2 + (pts[2].take(ri) - sz.take(ks)) ** 2
+        fac = np.maximum(1 - r2 * inv_r2.take(ks), 0) ** 2
+        np.multiply.at(shade, ri, 1 - (cls.take(ri) == FLOOR) * _F(0.5) * fac)
     return shade
 
 
@@ -161,35 +158,36 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
     rot = sc.cam.rot.astype(np.float32)
     d = _world_rays(h, w, prm.fov_deg, sc.cam.rot)  # (3, N); broadcast sums, not BLAS (threads)
     with np.errstate(all="ignore"):
-        t, face, pid = _cast(sc, d)
+        t, face, pid, tab, shadows = _cast(sc, d)
         pts = sc.cam.pos.astype(np.float32)[:, None] + d * t
         cls, inst = _ROOM_CLS.take(face), face.astype(np.uint16) + 1
         part = np.zeros(t.shape, np.uint8)
         nrm = _ROOM_NRM.take(face, 1)
-        mats = [sc.room_mats[c] for c in ROOM_CLASSES]
-        mat = cls.astype(np.int16)  # room material index = class id (FLOOR, WALL, CEILING)
         oi = np.flatnonzero(pid >= 0)
-        local = []  # (pixel ids, local texture coordinates) of the object pixels
-        if oi.size:
-            gp = pid[oi]
+        if oi.size:  # object pixels, grouped by primitive: labels, normals, local coordinates
+            gp = pid.take(oi)
             order = np.argsort(gp, kind="stable")
-            oi, gp = oi[order], gp[order]
-            prims = [p for _, _, ps in sc.groups for p in ps]
-            tab = np.array([(p.cls, p.inst, p.part, i + 3) for i, p in enumerate(prims)]).T
-            for arr, col in zip((cls, inst, part, mat), tab, strict=True):
+            oi, gp = oi.take(order), gp.take(order)
+            lab = np.array([(p.cls, p.inst, p.part) for p in tab.prims]).T
+            for arr, col in zip((cls, inst, part), lab, strict=True):
                 arr[oi] = col.astype(arr.dtype).take(gp)
-            mats += [p.mat for p in prims]
-            for g, start, ps in sc.groups:
-                a, b = np.searchsorted(gp, [start, start + len(ps)])
-                n, ql = g.surface(gp[a:b] - start, pts.take(oi[a:b], 1))
-                local.append((oi[a:b], ql))
-                for c in range(3):
-                    nrm[c][oi[a:b]] = n[c]
-        shade = _shade(sc, pts, nrm, cls)
-        for idx, ql in local:  # pts becomes the texture coordinates (world for the room)
+            onrm, oq, opts = (
+                np.empty((3, oi.size), np.float32),
+                np.empty((3, oi.size), np.float32),
+                pts.take(oi, 1),
+            )
+            cut = np.searchsorted(gp, tab.bounds).tolist()
+            for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True)):
+                if b > a:
+                    onrm[:, a:b], oq[:, a:b] = tab.surface(i, gp[a:b] - tab.bounds[i], opts[:, a:b])
             for c in range(3):
-                pts[c][idx] = ql[c]
-        alb = _texture(mats, mat, pts)
+                nrm[c][oi] = onrm[c]
+        shade = _shade(sc, pts, nrm, cls, shadows)
+        alb = np.empty_like(pts)
+        for c, m in sc.room_mats.items():  # room planes: world texture coordinates
+            _texture_one(alb, m, np.flatnonzero(cls == c), pts)
+        if oi.size:
+            _texture(alb, [p.mat for p in tab.prims], gp, oq, oi)
         alb *= shade * 255
         alb += 0.5
         np.minimum(alb, 255, out=alb)
@@ -205,9 +203,8 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
     # axis-aligned room planes, explicit sums (not BLAS) for the object pixels only.
     ncam = (rot.T @ _ROOM_NRM).take(face, 1)  # (3, N)
     if oi.size:
-        no = nrm.take(oi, 1)
         for c in range(3):
-            ncam[c, oi] = rot[0, c] * no[0] + rot[1, c] * no[1] + rot[2, c] * no[2]
+            ncam[c, oi] = rot[0, c] * onrm[0] + rot[1, c] * onrm[1] + rot[2, c] * onrm[2]
     normals = np.empty((t.size, 3), np.float32)
     for c in range(3):
         np.multiply(ncam[c], keep, out=normals[:, c])

@@ -160,7 +160,6 @@ class _Scene:
     light: list[float]
     prims: list[_Prim] = field(default_factory=list)
     shadows: list[tuple[float, float, float]] = field(default_factory=list)  # floor (x, z, r)
-    groups: list = field(default_factory=list)  # filled by _cast: (_Group, first id, prims)
 
     def add(self, kind: str, c: Any, size: Any, rot: Any, cls: int, mat: _Mat, **kw: Any) -> None:
         """Adds a primitive (a new instance unless ``same=True``; ``part`` = human part id)."""

@@ -2,7 +2,8 @@
 
 A :class:`_Mat` mixes two RGB colours with one of the procedural patterns in ``_KINDS``
 (planks, tiles, wallpaper, noise, wood grain, bands, checker, stripes); :func:`_texture`
-evaluates the albedo of many pixels at once, one vectorised pattern evaluation per kind.
+evaluates the albedo of many pixels at once, one vectorised pattern evaluation per kind;
+:func:`_texture_one` that of one material (a room plane).
 """
 
 from __future__ import annotations
@@ -61,32 +62,52 @@ def _pattern(kind: str, q: np.ndarray, s: np.ndarray, ph: np.ndarray) -> tuple[A
     return 0, 1  # plain
 
 
-def _texture(mats: list[_Mat], mat: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Albedo (3, N) of pixels with material ids ``mat`` at texture coordinates ``q``.
+def _colour(kind: int, q: Any, sel: np.ndarray) -> np.ndarray:
+    """Albedo (3, n) of pattern ``_KINDS[kind]`` at q with (8, 1 or n) parameters ``sel``."""
+    s_ph, col1, col2 = sel[:2], sel[2:5], sel[5:]
+    wt, f = _pattern(_KINDS[kind], q, *s_ph)
+    return (col1 + (col2 - col1) * wt) * f
 
-    Each texture kind is evaluated once on all of its pixels.
+
+def _params(mats: list[_Mat]) -> np.ndarray:
+    """(8, M) float32 table of the materials: scale, phase, c1 RGB, c2 RGB."""
+    return np.array([(m.scale, m.phase, *m.c1, *m.c2) for m in mats], np.float32).T
+
+
+_NO_Y = {"planks", "tiles", "wallpaper", "vstripes"}  # patterns independent of y
+
+
+def _texture_one(alb: np.ndarray, mat: _Mat, pix: np.ndarray, q: np.ndarray) -> None:
+    """Writes the albedo of one material into ``alb`` (3, N) at pixels ``pix`` (coordinates q (3, N))."""
+    if not pix.size:
+        return
+    sel = _params([mat])
+    if mat.kind == "plain":
+        for c in range(3):
+            alb[c][pix] = sel[2 + c, 0]
+        return
+    qp = [None if (i == 1 and mat.kind in _NO_Y) else q[i].take(pix) for i in range(3)]
+    col = _colour(_KINDS.index(mat.kind), qp, sel)
+    for c in range(3):
+        alb[c][pix] = col[c]
+
+
+def _texture(alb: np.ndarray, mats: list[_Mat], mat: np.ndarray, q: np.ndarray, pix: np.ndarray) -> None:
+    """Writes the albedo of n pixels ``pix`` into ``alb`` (3, N): material ids ``mat`` (n,) into
+    ``mats``, texture coordinates ``q`` (3, n). Each texture kind is evaluated once on all of its
+    pixels.
     """
-    # One (8, M) table (scale, phase, c1 RGB, c2 RGB): one take per kind instead of three.
-    tab = np.array([(m.scale, m.phase, *m.c1, *m.c2) for m in mats], np.float32).T
+    tab = _params(mats)
     mat_kind = np.array([_KINDS.index(m.kind) for m in mats], np.int8)
     kind = mat_kind.take(mat)
     order = np.argsort(kind, kind="stable")
-    bounds = np.cumsum(np.bincount(kind, minlength=len(_KINDS)))
-    alb = np.empty_like(q)
-    for kd, a, b in zip(range(len(_KINDS)), np.r_[0, bounds[:-1]], bounds, strict=True):
+    bounds = np.cumsum(np.bincount(kind, minlength=len(_KINDS))).tolist()
+    for kd, a, b in zip(range(len(_KINDS)), [0, *bounds[:-1]], bounds, strict=True):
         if b == a:
             continue
-        idx, users = order[a:b], np.flatnonzero(mat_kind == kd)
-        if len(users) == 1:  # a single material (e.g. a room plane): scalar parameters
-            sel = tab[:, users[0] : users[0] + 1]
-        else:
-            sel = tab.take(mat.take(idx), 1)
-        s_ph, col1, col2 = sel[:2], sel[2:5], sel[5:]
-        if kd == 0:  # plain
-            col = np.broadcast_to(col1, (3, b - a))
-        else:
-            wt, f = _pattern(_KINDS[kd], q.take(idx, 1), *s_ph)
-            col = (col1 + (col2 - col1) * wt) * f
+        idx = order[a:b]
+        sel = tab.take(mat.take(idx), 1)
+        col = np.broadcast_to(sel[2:5], (3, b - a)) if kd == 0 else _colour(kd, q.take(idx, 1), sel)
+        px = pix.take(idx)
         for c in range(3):
-            alb[c][idx] = col[c]
-    return alb
+            alb[c][px] = col[c]
