@@ -91,13 +91,17 @@ class ToTensor:
     ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std == x * scale - bias: one pass over the image.
+        self.scale = 1.0 / (255.0 * self.std)
+        self.bias = self.mean / self.std
 
     def __call__(self, sample: dict) -> dict:
         out: dict = {}
         for key, value in sample.items():
             if key == "image":
                 img = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
-                out[key] = (img.float() / 255.0 - self.mean) / self.std
+                img = img.to(torch.float32, memory_format=torch.contiguous_format)
+                out[key] = img.mul_(self.scale).sub_(self.bias)
             elif key in LABEL_TASKS:
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.int64))
             elif key in BINARY_TASKS:
@@ -106,7 +110,8 @@ class ToTensor:
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))[None]
             elif key == "normals":
                 arr = np.ascontiguousarray(value, dtype=np.float32)
-                out[key] = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+                # A permuted view: default_collate stacks it into a contiguous batch anyway.
+                out[key] = torch.from_numpy(arr).permute(2, 0, 1)
             else:
                 out[key] = value
         return out
