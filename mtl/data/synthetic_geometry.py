@@ -79,19 +79,18 @@ _CORNERS = np.array(list(itertools.product((0, 1), repeat=3)), bool)
 
 
 def _screen_rects(cam: _Cam, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Pixel rectangles (P, 4) = (v0, v1, u0, u1) covering the projections of P AABBs."""
-    pc = (np.where(_CORNERS, hi[:, None], lo[:, None]) - cam.pos) @ cam.rot  # (P, 8, 3)
-    z = -pc[..., 2]
-    behind = z <= 1e-3
-    z = np.where(behind, 1.0, z)
-    u, v = cam.fx * pc[..., 0] / z + cam.cx, -cam.fx * pc[..., 1] / z + cam.cy
-    r = np.stack([v.min(1) - 1, v.max(1) + 2, u.min(1) - 1, u.max(1) + 2], 1)
-    r = np.clip(r, -1, [[cam.h, cam.h, cam.w, cam.w]]).astype(int)
-    r[behind.any(1)] = [0, cam.h, 0, cam.w]
+    """Pixel rectangles (P, 4) = (v0, u0, v1, u1) covering the projections of P AABBs."""
+    m = cam.rot[:, [1, 0, 2]] * [-cam.fx, cam.fx, -1.0]  # -> (fx * -y, fx * x, -z) camera frame
+    q = (np.where(_CORNERS, hi[:, None], lo[:, None]) - cam.pos) @ m  # (P, 8, 3)
+    z = q[..., 2:]
+    behind = z[..., 0] <= 1e-3
+    uv = q[..., :2] / np.where(z > 1e-3, z, 1.0) + [cam.cy, cam.cx]  # (P, 8, 2) = (v, u)
+    r = np.concatenate([uv.min(1) - 1, uv.max(1) + 2], 1)
+    r = np.minimum(r, [cam.h, cam.w, cam.h, cam.w]).astype(int)
+    r[behind.any(1)] = [0, 0, cam.h, cam.w]
     r[behind.all(1)] = 0
-    r = np.maximum(r, 0)
-    r[:, 1] = np.maximum(r[:, 0], r[:, 1])
-    r[:, 3] = np.maximum(r[:, 2], r[:, 3])
+    np.maximum(r, 0, out=r)
+    r[:, 2:] = np.maximum(r[:, :2], r[:, 2:])
     return r
 
 
@@ -100,7 +99,7 @@ def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
 
     Built from row segments: one repeat of the segment starts instead of a per-pair division.
     """
-    v0, v1, u0, u1 = rects.T
+    v0, u0, v1, u1 = rects.T
     nrow, ww = v1 - v0, u1 - u0
     seg = np.repeat(np.arange(len(rects)), nrow)  # rectangle of each row segment
     first = np.cumsum(nrow) - nrow

@@ -125,7 +125,11 @@ class _Draw:
         return min(hi - 1, lo + int((hi - lo) * self()))
 
     def colour(self, base: Any, amount: float = 0.12) -> tuple[float, ...]:
-        return tuple(min(1.0, b * self(1 - amount, 1 + amount)) for b in base)
+        """``base`` RGB scaled by independent factors in [1 - amount, 1 + amount], capped at 1."""
+        lo, hi = 1 - amount, 1 + amount
+        r, g, b = base
+        x, y, z = r * self(lo, hi), g * self(lo, hi), b * self(lo, hi)
+        return (x if x < 1.0 else 1.0, y if y < 1.0 else 1.0, z if z < 1.0 else 1.0)
 
 
 _CLASS_MATS: dict[int, tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...], _Range]] = {
@@ -203,15 +207,20 @@ def _sample_scene(draw: _Draw, prm: SceneParams, h: int, w: int) -> _Scene:
     sc = _Scene(cam, ([-wd / 2, 0.0, -dp], [wd / 2, ht, 0.0]), mats, light)
     placed: list[tuple[float, float, float]] = []
     tan_half, sy, cy = math.tan(math.radians(prm.fov_deg) / 2), math.sin(yaw), math.cos(yaw)
+    px, pz = float(pos[0]), float(pos[2])
 
     def place(r: float) -> tuple[float, float] | None:
+        xmax, zmin, zmax = wd / 2 - r - 0.05, -dp + r + 0.05, pz - 1.0
         for _ in range(30):
             dist = draw(1.4, 0.9 * dp)
             lat = draw(-1, 1) * tan_half * dist
-            x, z = pos[0] - dist * sy + lat * cy, pos[2] - dist * cy - lat * sy
-            if abs(x) > wd / 2 - r - 0.05 or not -dp + r + 0.05 < z < pos[2] - 1.0:
+            x, z = px - dist * sy + lat * cy, pz - dist * cy - lat * sy
+            if abs(x) > xmax or not zmin < z < zmax:
                 continue
-            if all((x - a) ** 2 + (z - b) ** 2 > (r + c + 0.05) ** 2 for a, b, c in placed):
+            for a, b, c in placed:
+                if (x - a) ** 2 + (z - b) ** 2 <= (r + c + 0.05) ** 2:
+                    break
+            else:
                 placed.append((x, z, r))
                 return x, z
         return None
