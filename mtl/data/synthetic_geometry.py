@@ -119,40 +119,51 @@ class _Table:
     ``bounds[i + 1]`` are of kind ``KINDS[i]``. ``intersect`` / ``surface`` take local ids.
     """
 
-    def __init__(self, prims: list[_Prim], o: np.ndarray) -> None:
+    def __init__(self, prims: list[_Prim], o: np.ndarray, shadows: list | None = None) -> None:
         by = [[p for p in prims if p.kind == kind] for kind in KINDS]
         self.prims = [p for ps in by for p in ps]
-        ns, nb = len(by[0]), len(by[1])
-        self.bounds = (0, ns, ns + nb, len(self.prims))
+        ns, nb, n = len(by[0]), len(by[1]), len(self.prims)
+        self.bounds = (0, ns, ns + nb, n)
+        if not n:
+            return
         sph, box, cyl = slice(0, ns), slice(ns, ns + nb), slice(ns + nb, None)
-        c = np.array([p.center for p in self.prims], np.float64).T  # (3, P)
-        size = np.array([(*p.size, 0.0, 0.0)[:3] for p in self.prims], np.float64).T
+        tab = np.array([p.row() for p in self.prims]).T  # (15, P): centre, size, rotation
+        c, size, rot9 = tab[:3], tab[3:6], tab[6:]
         oc = o[:, None] - c
         self.c, self.oc = c.astype(np.float32), oc.astype(np.float32)
-        ext, cen = size.copy(), c.copy()
+        rot = rot9.reshape(3, 3, -1)  # [j, i, p] = R_p[j, i]; identity unless a box
+        ext = (np.abs(rot) * size).sum(1)  # world AABB half extents (spheres: size = (r, r, r))
         # Spheres.
-        r = size[0, sph]
-        self.s_r, self.s_cc = r.astype(np.float32), ((oc[:, sph] ** 2).sum(0) - r**2).astype(np.float32)
-        ext[1:, sph] = r
-        # Boxes.
+        self.s_cc = ((oc[:, sph] ** 2).sum(0) - size[0, sph] ** 2).astype(np.float32)
+        # Boxes: slabs in the box frame.
         if nb:
-            rot = np.stack([p.rot for p in by[1]], 2)  # (3, 3, B) [j, i, b] = R_b[j, i]
-            self.rot = rot.astype(np.float32)
-            ol = (rot * oc[:, None, box]).sum(0)
+            self.rot9 = rot9[:, box].astype(np.float32)
+            ol = (rot[:, :, box] * oc[:, None, box]).sum(0)
             half = size[:, box]
             self.half = half.astype(np.float32)
             self.lo, self.hi = (-half - ol).astype(np.float32), (half - ol).astype(np.float32)
-            ext[:, box] = (np.abs(rot) * half).sum(1)
         # Vertical cylinders (base centre c, radius r, height hgt).
-        r, hgt = size[0, cyl], size[1, cyl]
-        self.r2, self.hgt, self.r = (r * r).astype(np.float32), hgt.astype(np.float32), r.astype(np.float32)
-        ocy = self.oc[:, cyl]
-        self.cc = ocy[0] ** 2 + ocy[2] ** 2 - self.r2
-        oy = ocy[1]
-        self.capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan)).astype(np.float32)
-        ext[:, cyl] = np.stack([r, hgt / 2, r])
-        cen[1, cyl] += hgt / 2
-        self.aabb = (cen - ext).T, (cen + ext).T  # (P, 3) each
+        if n > ns + nb:
+            r, hgt = size[0, cyl], size[1, cyl]
+            self.r2, self.hgt, self.r = (
+                (r * r).astype(np.float32),
+                hgt.astype(np.float32),
+                r.astype(np.float32),
+            )
+            ocy = self.oc[:, cyl]
+            self.cc = ocy[0] ** 2 + ocy[2] ** 2 - self.r2
+            oy = ocy[1]
+            self.capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan)).astype(np.float32)
+            ext[1, cyl] = hgt / 2
+            c = c.copy()
+            c[1, cyl] += ext[1, cyl]
+        lo, hi = (c - ext).T, (c + ext).T
+        if shadows:  # floor footprints (x, z, r) of the contact shadows, support radius 1.5 r
+            sh = [(x, z, 1.5 * r) for x, z, r in shadows]
+            self.shadows = np.array([(x, z, 1 / (r * r)) for x, z, r in sh], np.float32).T
+            lo = np.concatenate([lo, [(x - r, 0.0, z - r) for x, z, r in sh]])
+            hi = np.concatenate([hi, [(x + r, 0.0, z + r) for x, z, r in sh]])
+        self.aabb = lo, hi  # (P [+ S], 3) each
 
     def intersect(self, kind: int, k: np.ndarray, d: np.ndarray) -> np.ndarray:
         """Nearest hit distances (inf / nan = miss) of pairs: primitive k of ``KINDS[kind]``, ray d."""
@@ -161,7 +172,7 @@ class _Table:
             b, dd = (d * oc).sum(0), (d * d).sum(0)
             return (-b - np.sqrt(b * b - dd * self.s_cc.take(k))) / dd
         if kind == 1:
-            dl = (self.rot.reshape(9, -1).take(k, 1).reshape(3, 3, -1) * d[:, None]).sum(0)
+            dl = (self.rot9.take(k, 1).reshape(3, 3, -1) * d[:, None]).sum(0)
             inv = 1 / dl
             t1, t2 = self.lo.take(k, 1) * inv, self.hi.take(k, 1) * inv
             tn, tf = np.minimum(t1, t2).max(0), np.maximum(t1, t2).min(0)
@@ -181,7 +192,7 @@ class _Table:
         if kind == 0:
             return q / np.sqrt((q * q).sum(0)), q
         if kind == 1:
-            rk = self.rot.reshape(9, -1).take(k, 1).reshape(3, 3, -1)
+            rk = self.rot9.take(k, 1).reshape(3, 3, -1)
             ql = (rk * q[:, None]).sum(0)
             ax, ar = np.argmax(np.abs(ql) / self.half.take(k, 1), 0), np.arange(q.shape[1])
             return rk[:, ax, ar] * np.sign(ql[ax, ar]), ql

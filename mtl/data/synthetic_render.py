@@ -87,21 +87,14 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
     pos = (isz & pz) | (isy & py) | (~(isy | isz) & px)
     face = ((isy.view(np.int8) + 2 * isz.view(np.int8)) * 2 + pos.view(np.int8)).astype(np.intp)
     pid = np.full(t.shape, -1, np.int16)
-    tab = _Table(sc.prims, o)
+    tab = _Table(sc.prims, o, sc.shadows)
     if not sc.prims:
         return t, face, pid, tab, None
-    # One screen-rectangle / candidate-pair pass for the primitives and the shadow footprints
-    # (compact support of radius 1.5 r), then intersections per kind and a scatter-min.
-    lo, hi, n = *tab.aabb, len(tab.prims)
-    if sc.shadows:
-        x, z, r = np.array(sc.shadows).T * [[1], [1], [1.5]]
-        lo = np.concatenate([lo, np.stack([x - r, 0 * x, z - r], 1)])
-        hi = np.concatenate([hi, np.stack([x + r, 0 * x, z + r], 1)])
-    k, ri = _pairs(_screen_rects(sc.cam, lo, hi), sc.cam.w)
+    # One screen-rectangle / candidate-pair pass for the primitives and the shadow footprints,
+    # then intersections per kind and a scatter-min.
+    k, ri = _pairs(_screen_rects(sc.cam, *tab.aabb), sc.cam.w)
     cut = np.searchsorted(k, tab.bounds).tolist()
-    shadows = None
-    if sc.shadows:
-        shadows = k[cut[3] :] - n, ri[cut[3] :], np.stack([x, z, 1 / r**2]).astype(np.float32)
+    shadows = (k[cut[3] :] - tab.bounds[3], ri[cut[3] :], tab.shadows) if sc.shadows else None
     k, ri = k[: cut[3]], ri[: cut[3]]
     dr = d.take(ri, 1)
     spans = [(i, a, b) for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True)) if b > a]

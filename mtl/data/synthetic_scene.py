@@ -40,6 +40,7 @@ HEAD, TORSO, ARMS, LEGS = range(1, NUM_PARTS + 1)
 _Range = tuple[float, float]
 _EYE = np.eye(3)
 _EYE.flags.writeable = False  # shared identity orientation of unrotated primitives
+_EYE9 = _EYE.ravel().tolist()
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,16 @@ class _Prim:
 
     def __post_init__(self) -> None:
         self.rot = _EYE if self.rot is None else self.rot
+
+    def row(self) -> list[float]:
+        """Centre (3), size padded to 3 with the radius (spheres (r, r, r), cylinders (r, h, r))
+        and the row-major rotation (9)."""
+        c, size = self.center, self.size
+        c = c.tolist() if type(c) is np.ndarray else c
+        size = size.tolist() if type(size) is np.ndarray else size
+        if len(size) < 3:
+            size = [*size, *size[:1] * (3 - len(size))]
+        return [*c, *size, *(_EYE9 if self.rot is _EYE else self.rot.ravel().tolist())]
 
 
 class _Draw:
