@@ -66,7 +66,8 @@ def _colour(kind: int, q: Any, sel: np.ndarray) -> np.ndarray:
     """Albedo (3, n) of pattern ``_KINDS[kind]`` at q with (8, 1 or n) parameters ``sel``."""
     s_ph, col1, col2 = sel[:2], sel[2:5], sel[5:]
     wt, f = _pattern(_KINDS[kind], q, *s_ph)
-    return (col1 + (col2 - col1) * wt) * f
+    col = col1 + (col2 - col1) * wt
+    return col * f if isinstance(f, np.ndarray) else col
 
 
 def _params(mats: list[_Mat]) -> np.ndarray:
@@ -95,19 +96,26 @@ def _texture_one(alb: np.ndarray, mat: _Mat, pix: np.ndarray, q: np.ndarray) -> 
 def _texture(alb: np.ndarray, mats: list[_Mat], mat: np.ndarray, q: np.ndarray, pix: np.ndarray) -> None:
     """Writes the albedo of n pixels ``pix`` into ``alb`` (3, N): material ids ``mat`` (n,) into
     ``mats``, texture coordinates ``q`` (3, n). Each texture kind is evaluated once on all of its
-    pixels.
+    pixels (with scalar parameters when only one material uses it).
     """
     tab = _params(mats)
-    mat_kind = np.array([_KINDS.index(m.kind) for m in mats], np.int8)
-    kind = mat_kind.take(mat)
+    kinds = [_KINDS.index(m.kind) for m in mats]
+    kind = np.array(kinds, np.int8).take(mat)
     order = np.argsort(kind, kind="stable")
     bounds = np.cumsum(np.bincount(kind, minlength=len(_KINDS))).tolist()
     for kd, a, b in zip(range(len(_KINDS)), [0, *bounds[:-1]], bounds, strict=True):
         if b == a:
             continue
-        idx = order[a:b]
-        sel = tab.take(mat.take(idx), 1)
-        col = np.broadcast_to(sel[2:5], (3, b - a)) if kd == 0 else _colour(kd, q.take(idx, 1), sel)
-        px = pix.take(idx)
+        idx, px = order[a:b], pix.take(order[a:b])
+        users = [i for i, k in enumerate(kinds) if k == kd]
+        if len(users) == 1:
+            sel = tab[:, users[0] : users[0] + 1]
+            if kd == 0:
+                for c in range(3):
+                    alb[c][px] = sel[2 + c, 0]
+                continue
+        else:
+            sel = tab.take(mat.take(idx), 1)
+        col = sel[2:5] if kd == 0 else _colour(kd, q.take(idx, 1), sel)
         for c in range(3):
             alb[c][px] = col[c]
