@@ -94,8 +94,9 @@ def _screen_rects(cam: _Cam, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return r
 
 
-def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flattened (rectangle, pixel) candidate pairs of all pixels inside each rectangle.
+def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, ...]:
+    """Flattened (rectangle, pixel) candidate pairs of all pixels inside each rectangle, and
+    the number of pairs per rectangle.
 
     Built from row segments: one repeat of the segment starts instead of a per-pair division.
     """
@@ -106,7 +107,7 @@ def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
     row = v0.take(seg) + np.arange(len(seg)) - first.take(seg)
     n = ww.take(seg)
     start = row * w + u0.take(seg) - (np.cumsum(n) - n)
-    return np.repeat(seg, n), np.arange(n.sum()) + np.repeat(start, n)
+    return np.repeat(seg, n), np.arange(n.sum()) + np.repeat(start, n), nrow * ww
 
 
 KINDS: tuple[str, ...] = ("sphere", "box", "cyl")
@@ -157,6 +158,16 @@ class _Table:
             ext[1, cyl] = hgt / 2
             c = c.copy()
             c[1, cyl] += ext[1, cyl]
+        # Per-kind parameter rows (float32, C order) repeated per pair / hit point.
+        f32, oc32, c32 = np.float32, self.oc, self.c
+        self.itab = [np.vstack([oc32[:, sph], self.s_cc]), np.empty((15, 0), f32), np.empty((7, 0), f32)]
+        self.stab = [np.ascontiguousarray(c32[:, sph]), np.empty((15, 0), f32), np.empty((5, 0), f32)]
+        if nb:
+            self.itab[1] = np.vstack([self.rot9, self.lo, self.hi])
+            self.stab[1] = np.vstack([c32[:, box], self.rot9, self.half])
+        if n > ns + nb:
+            self.itab[2] = np.vstack([oc32[:, cyl], self.cc, self.hgt, self.capy, self.r2])
+            self.stab[2] = np.vstack([c32[:, cyl], self.hgt, self.r])
         lo, hi = (c - ext).T, (c + ext).T
         if shadows:  # floor footprints (x, z, r) of the contact shadows, support radius 1.5 r
             sh = [(x, z, 1.5 * r) for x, z, r in shadows]
@@ -165,40 +176,47 @@ class _Table:
             hi = np.concatenate([hi, [(x + r, 0.0, z + r) for x, z, r in sh]])
         self.aabb = lo, hi  # (P [+ S], 3) each
 
-    def intersect(self, kind: int, k: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """Nearest hit distances (inf / nan = miss) of pairs: primitive k of ``KINDS[kind]``, ray d."""
-        oc = self.oc.take(k + self.bounds[kind], 1)
+    def intersect(self, kind: int, cnt: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """Nearest hit distances (inf / nan = miss) of pairs sorted by primitive of ``KINDS[kind]``
+        (``cnt`` pairs per primitive), ray directions d (3, n)."""
+        g = np.repeat(self.itab[kind], cnt, axis=1)  # per-pair parameters (cheaper than take)
         if kind == 0:
+            oc = g[:3]
             b, dd = (d * oc).sum(0), (d * d).sum(0)
-            return (-b - np.sqrt(b * b - dd * self.s_cc.take(k))) / dd
+            return (-b - np.sqrt(b * b - dd * g[3])) / dd
         if kind == 1:
-            dl = (self.rot9.take(k, 1).reshape(3, 3, -1) * d[:, None]).sum(0)
-            inv = 1 / dl
-            t1, t2 = self.lo.take(k, 1) * inv, self.hi.take(k, 1) * inv
+            inv = 1 / (g[0:3] * d[0] + g[3:6] * d[1] + g[6:9] * d[2])  # direction in the box frame
+            t1, t2 = g[9:12] * inv, g[12:15] * inv
             tn, tf = np.minimum(t1, t2).max(0), np.maximum(t1, t2).min(0)
             return np.where(tn <= tf, tn, np.inf)
-        dx, dy, dz = d
+        oc, (dx, dy, dz) = g[:3], d
         a, b = dx * dx + dz * dz, dx * oc[0] + dz * oc[2]
-        t = (-b - np.sqrt(b * b - a * self.cc.take(k))) / a
+        t = (-b - np.sqrt(b * b - a * g[3])) / a
         y = oc[1] + t * dy
-        t = np.where((y >= 0) & (y <= self.hgt.take(k)), t, np.inf)
-        tc = (self.capy.take(k) - oc[1]) / dy
+        t = np.where((y >= 0) & (y <= g[4]), t, np.inf)
+        tc = (g[5] - oc[1]) / dy
         xc, zc = oc[0] + tc * dx, oc[2] + tc * dz
-        return np.minimum(t, np.where(xc * xc + zc * zc <= self.r2.take(k), tc, np.inf))
+        return np.minimum(t, np.where(xc * xc + zc * zc <= g[6], tc, np.inf))
 
-    def surface(self, kind: int, k: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """World normals and local texture coordinates at hit points p (3, n) of primitives k."""
-        q = p - self.c.take(k + self.bounds[kind], 1)
+    def surface(self, kind: int, cnt: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World normals and local texture coordinates at hit points p (3, n), sorted by
+        primitive of ``KINDS[kind]`` (``cnt`` points per primitive)."""
+        g = np.repeat(self.stab[kind], cnt, axis=1)
+        q = p - g[:3]
         if kind == 0:
             return q / np.sqrt((q * q).sum(0)), q
         if kind == 1:
-            rk = self.rot9.take(k, 1).reshape(3, 3, -1)
-            ql = (rk * q[:, None]).sum(0)
-            ax, ar = np.argmax(np.abs(ql) / self.half.take(k, 1), 0), np.arange(q.shape[1])
-            return rk[:, ax, ar] * np.sign(ql[ax, ar]), ql
+            rk = g[3:12]
+            ql = rk[0:3] * q[0] + rk[3:6] * q[1] + rk[6:9] * q[2]
+            a0, a1, a2 = np.abs(ql) / g[12:15]  # the face: first axis of the largest ratio
+            m0 = (a0 >= a1) & (a0 >= a2)
+            m2 = ~m0 & (a2 > a1)
+            s = np.sign(ql)
+            n = np.where(m0, rk[0::3] * s[0], np.where(m2, rk[2::3] * s[2], rk[1::3] * s[1]))
+            return n, ql
         rad = np.sqrt(q[0] ** 2 + q[2] ** 2)
-        hgt = self.hgt.take(k)
-        cap = np.minimum(np.abs(q[1]), np.abs(q[1] - hgt)) < np.abs(rad - self.r.take(k))
+        hgt = g[3]
+        cap = np.minimum(np.abs(q[1]), np.abs(q[1] - hgt)) < np.abs(rad - g[4])
         side = ~cap / np.maximum(rad, 1e-9)
         n = np.stack([q[0] * side, np.sign(q[1] - hgt / 2) * cap, q[2] * side])
         return n, q

@@ -92,13 +92,14 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
         return t, face, pid, tab, None
     # One screen-rectangle / candidate-pair pass for the primitives and the shadow footprints,
     # then intersections per kind and a scatter-min.
-    k, ri = _pairs(_screen_rects(sc.cam, *tab.aabb), sc.cam.w)
+    k, ri, cnt = _pairs(_screen_rects(sc.cam, *tab.aabb), sc.cam.w)
     cut = np.searchsorted(k, tab.bounds).tolist()
     shadows = (k[cut[3] :] - tab.bounds[3], ri[cut[3] :], tab.shadows) if sc.shadows else None
     k, ri = k[: cut[3]], ri[: cut[3]]
     dr = d.take(ri, 1)
+    tb = tab.bounds  # pairs are sorted by primitive: per-kind spans, per-primitive counts
     spans = [(i, a, b) for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True)) if b > a]
-    tk = np.concatenate([tab.intersect(i, k[a:b] - tab.bounds[i], dr[:, a:b]) for i, a, b in spans])
+    tk = np.concatenate([tab.intersect(i, cnt[tb[i] : tb[i + 1]], dr[:, a:b]) for i, a, b in spans])
     ok = tk > 0
     ri, tk, gp = ri[ok], tk[ok], k[ok]
     np.minimum.at(t, ri, tk)
@@ -169,10 +170,11 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
                 np.empty((3, oi.size), np.float32),
                 pts.take(oi, 1),
             )
-            cut = np.searchsorted(gp, tab.bounds).tolist()
+            cut, tb = np.searchsorted(gp, tab.bounds).tolist(), tab.bounds
+            cnt = np.bincount(gp, minlength=tb[3])
             for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True)):
                 if b > a:
-                    onrm[:, a:b], oq[:, a:b] = tab.surface(i, gp[a:b] - tab.bounds[i], opts[:, a:b])
+                    onrm[:, a:b], oq[:, a:b] = tab.surface(i, cnt[tb[i] : tb[i + 1]], opts[:, a:b])
             for c in range(3):
                 nrm[c][oi] = onrm[c]
         shade = _shade(sc, pts, nrm, cls, shadows)
