@@ -94,14 +94,15 @@ def _texture_one(alb: np.ndarray, mat: _Mat, pix: np.ndarray, q: np.ndarray) -> 
 
 
 def _texture(alb: np.ndarray, mats: list[_Mat], mat: np.ndarray, q: np.ndarray, pix: np.ndarray) -> None:
-    """Writes the albedo of n pixels ``pix`` into ``alb`` (3, N): material ids ``mat`` (n,) into
-    ``mats``, texture coordinates ``q`` (3, n). Each texture kind is evaluated once on all of its
+    """Writes the albedo of n pixels ``pix`` into ``alb`` (3, N): sorted material ids ``mat`` (n,)
+    into ``mats``, texture coordinates ``q`` (3, n). Each texture kind is evaluated once on all of its
     pixels (with scalar parameters when only one material uses it).
     """
     tab = _params(mats)
     kinds = [_KINDS.index(m.kind) for m in mats]
     kind = np.array(kinds, np.int8).take(mat)
-    order = np.argsort(kind, kind="stable")
+    order = np.argsort(kind, kind="stable")  # mat is sorted: per kind, grouped by material
+    cnt = np.bincount(mat, minlength=len(mats))
     bounds = np.cumsum(np.bincount(kind, minlength=len(_KINDS))).tolist()
     for kd, a, b in zip(range(len(_KINDS)), [0, *bounds[:-1]], bounds, strict=True):
         if b == a:
@@ -114,8 +115,8 @@ def _texture(alb: np.ndarray, mats: list[_Mat], mat: np.ndarray, q: np.ndarray, 
                 for c in range(3):
                     alb[c][px] = sel[2 + c, 0]
                 continue
-        else:
-            sel = tab.take(mat.take(idx), 1)
+        else:  # per-pixel parameters: repeat (cheaper than a 2-D take)
+            sel = np.repeat(tab[:, users], cnt[users], axis=1)
         col = sel[2:5] if kd == 0 else _colour(kd, q.take(idx, 1), sel)
         for c in range(3):
             alb[c][px] = col[c]
