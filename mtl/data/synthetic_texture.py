@@ -34,6 +34,11 @@ def _hash(x: np.ndarray) -> np.ndarray:
     return v - np.floor(v)
 
 
+def _odd(k: np.ndarray) -> np.ndarray:
+    """Parity of integer-valued floats (``k % 2 == 1``; integer bit test, much cheaper than fmod)."""
+    return (k.astype(np.int64) & 1) == 1
+
+
 def _pattern(kind: str, q: np.ndarray, s: np.ndarray, ph: np.ndarray) -> tuple[Any, Any]:
     """Procedural texture ``kind`` at local points q (3, n): mix weight of c2 and a brightness."""
     x, y, z = q
@@ -45,7 +50,7 @@ def _pattern(kind: str, q: np.ndarray, s: np.ndarray, ph: np.ndarray) -> tuple[A
     if kind == "tiles":
         u, v = x / s, z / s
         fu, fv = np.floor(u), np.floor(v)
-        return (fu + fv) % 2, np.where((u - fu < 0.05) | (v - fv < 0.05), _F(0.6), _F(1))
+        return _odd(fu + fv), np.where((u - fu < 0.05) | (v - fv < 0.05), _F(0.6), _F(1))
     if kind == "wallpaper":
         return np.sin((x + z) * (_F(6.283) / s) + ph) > 0.3, 1
     if kind == "noise":
@@ -56,7 +61,7 @@ def _pattern(kind: str, q: np.ndarray, s: np.ndarray, ph: np.ndarray) -> tuple[A
     if kind in ("bands", "hstripes"):
         return np.sin(y * s + ph) > (0 if kind == "bands" else 0.4), 1
     if kind == "checker":
-        return (np.floor(x / s + ph) + np.floor(y / s) + np.floor(z / s)) % 2, 1
+        return _odd(np.floor(x / s + ph) + np.floor(y / s) + np.floor(z / s)), 1
     if kind == "vstripes":
         return np.sin(np.arctan2(z, x) * np.round(s) + ph) > 0.2, 1
     return 0, 1  # plain
