@@ -20,6 +20,7 @@ this module casts the rays, shades, and assembles the ground-truth maps.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -48,6 +49,21 @@ __all__ = ["CLASSES", "NUM_PARTS", "PARTS", "ROOM_CLASSES", "SceneParams", "rend
 _ROOM_CLS = np.array([WALL, WALL, FLOOR, CEILING, WALL, WALL], np.uint8)
 _ROOM_NRM = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.float32)
 _ROOM_NRM = np.ascontiguousarray(_ROOM_NRM.T)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_params(items: tuple) -> SceneParams:
+    return SceneParams(**dict(items))
+
+
+def _params(**scene_params: Any) -> SceneParams:
+    """Validated :class:`SceneParams` (cached for hashable arguments)."""
+    try:
+        return _cached_params(tuple(sorted(scene_params.items())))
+    except TypeError as e:  # unhashable values, or an unknown name: validate directly
+        if "unhashable" not in str(e):
+            raise
+        return SceneParams(**scene_params)
 
 
 def _hole_mask(draw: _Draw, prm: SceneParams, h: int, w: int) -> np.ndarray:
@@ -100,11 +116,11 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
     tb = tab.bounds  # pairs are sorted by primitive: per-kind spans, per-primitive counts
     spans = [(i, a, b) for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True)) if b > a]
     tk = np.concatenate([tab.intersect(i, cnt[tb[i] : tb[i + 1]], dr[:, a:b]) for i, a, b in spans])
-    ok = tk > 0
-    ri, tk, gp = ri[ok], tk[ok], k[ok]
+    ok = np.flatnonzero((tk > 0) & (tk <= t.take(ri)))  # hits in front of the room (index lists:
+    ri, tk, gp = ri.take(ok), tk.take(ok), k.take(ok)  # cheaper than boolean masks)
     np.minimum.at(t, ri, tk)
-    win = tk == t[ri]
-    pid[ri[win]] = gp[win]
+    win = np.flatnonzero(tk == t.take(ri))
+    pid[ri.take(win)] = gp.take(win)
     return t, face, pid, tab, shadows
 
 
@@ -142,7 +158,7 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
         ``instance`` (H, W) uint16 instance ids (room planes 1..6, objects >= 10); ``meta``
         with ``id`` = ``f"{seed}_{index:06d}"``, ``size`` = (H, W) and ``K`` (3, 3) float32.
     """
-    prm = SceneParams(**scene_params)
+    prm = _params(**scene_params)
     h, w = int(height), int(width)
     if h <= 0 or w <= 0:
         raise ValueError(f"height and width must be positive, got {(height, width)}")
