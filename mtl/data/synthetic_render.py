@@ -127,8 +127,8 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
 def _shade(sc: _Scene, pts: np.ndarray, nrm: np.ndarray, cls: np.ndarray, shadows: Any) -> np.ndarray:
     """Point light with soft falloff, hemispheric ambient and soft floor contact shadows."""
     ldir = np.array(sc.light, np.float32)[:, None] - pts
-    l2 = (ldir * ldir).sum(0)
-    ndl = np.maximum((nrm * ldir).sum(0), 0) / np.sqrt(l2)
+    l2 = np.einsum("ij,ij->j", ldir, ldir)  # fused dot products: no (3, N) temporaries
+    ndl = np.maximum(np.einsum("ij,ij->j", nrm, ldir), 0) / np.sqrt(l2)
     shade = _F(0.32) + _F(0.08) * nrm[1] + ndl * (_F(1.1) / (1 + _F(0.03) * l2))
     if shadows is not None and shadows[0].size:  # one pass over all (shadow, pixel) pairs
         ks, ri, (sx, sz, inv_r2) = shadows
@@ -206,7 +206,7 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
         for c in range(3):  # column writes: much faster than a transposed copy
             image[:, c] = alb[c]
         # Sensor model: holes (blobs, grazing view, out of range) in depth and normals.
-        cos_view = np.abs((nrm * d).sum(0)) * inv_norm
+        cos_view = np.abs(np.einsum("ij,ij->j", nrm, d)) * inv_norm
         holes = (cos_view < math.cos(math.radians(prm.grazing_deg))) | (t > prm.max_depth)
         holes |= _hole_mask(draw, prm, h, w).ravel()
     keep = (~holes).astype(np.float32)
