@@ -117,7 +117,8 @@ class _Table:
     """Structure-of-arrays table of all primitives relative to the camera.
 
     Primitives are ordered by kind (``KINDS``; stable within a kind): ids ``bounds[i]`` to
-    ``bounds[i + 1]`` are of kind ``KINDS[i]``. ``intersect`` / ``surface`` take local ids.
+    ``bounds[i + 1]`` are of kind ``KINDS[i]``. ``intersect`` / ``surface`` take inputs sorted by
+    primitive with per-primitive counts; ``aabb`` also holds the shadow footprints (``shadows``).
     """
 
     def __init__(self, prims: list[_Prim], o: np.ndarray, shadows: list | None = None) -> None:
@@ -131,43 +132,28 @@ class _Table:
         tab = np.array([p.row() for p in self.prims]).T  # (15, P): centre, size, rotation
         c, size, rot9 = tab[:3], tab[3:6], tab[6:]
         oc = o[:, None] - c
-        self.c, self.oc = c.astype(np.float32), oc.astype(np.float32)
         rot = rot9.reshape(3, 3, -1)  # [j, i, p] = R_p[j, i]; identity unless a box
         ext = (np.abs(rot) * size).sum(1)  # world AABB half extents (spheres: size = (r, r, r))
-        # Spheres.
-        self.s_cc = ((oc[:, sph] ** 2).sum(0) - size[0, sph] ** 2).astype(np.float32)
-        # Boxes: slabs in the box frame.
-        if nb:
-            self.rot9 = rot9[:, box].astype(np.float32)
+        # Per-kind float32 parameter rows, repeated per candidate pair (itab) / hit point (stab).
+        f32 = np.float32
+        cc = (oc[:, sph] ** 2).sum(0) - size[0, sph] ** 2
+        self.itab = [np.vstack([oc[:, sph], cc]).astype(f32), np.empty((15, 0), f32), np.empty((7, 0), f32)]
+        self.stab = [c[:, sph].astype(f32), np.empty((15, 0), f32), np.empty((5, 0), f32)]
+        if nb:  # boxes: rotation, slabs in the box frame; centre, rotation, half extents
             ol = (rot[:, :, box] * oc[:, None, box]).sum(0)
             half = size[:, box]
-            self.half = half.astype(np.float32)
-            self.lo, self.hi = (-half - ol).astype(np.float32), (half - ol).astype(np.float32)
-        # Vertical cylinders (base centre c, radius r, height hgt).
-        if n > ns + nb:
+            self.itab[1] = np.vstack([rot9[:, box], -half - ol, half - ol]).astype(f32)
+            self.stab[1] = np.vstack([c[:, box], rot9[:, box], half]).astype(f32)
+        if n > ns + nb:  # vertical cylinders (base centre c, radius r, height hgt)
             r, hgt = size[0, cyl], size[1, cyl]
-            self.r2, self.hgt, self.r = (
-                (r * r).astype(np.float32),
-                hgt.astype(np.float32),
-                r.astype(np.float32),
-            )
-            ocy = self.oc[:, cyl]
-            self.cc = ocy[0] ** 2 + ocy[2] ** 2 - self.r2
+            ocy, r2 = oc[:, cyl].astype(f32), (r * r).astype(f32)
             oy = ocy[1]
-            self.capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan)).astype(np.float32)
+            capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan))
+            self.itab[2] = np.vstack([ocy, ocy[0] ** 2 + ocy[2] ** 2 - r2, hgt, capy, r2]).astype(f32)
+            self.stab[2] = np.vstack([c[:, cyl], hgt, r]).astype(f32)
             ext[1, cyl] = hgt / 2
             c = c.copy()
             c[1, cyl] += ext[1, cyl]
-        # Per-kind parameter rows (float32, C order) repeated per pair / hit point.
-        f32, oc32, c32 = np.float32, self.oc, self.c
-        self.itab = [np.vstack([oc32[:, sph], self.s_cc]), np.empty((15, 0), f32), np.empty((7, 0), f32)]
-        self.stab = [np.ascontiguousarray(c32[:, sph]), np.empty((15, 0), f32), np.empty((5, 0), f32)]
-        if nb:
-            self.itab[1] = np.vstack([self.rot9, self.lo, self.hi])
-            self.stab[1] = np.vstack([c32[:, box], self.rot9, self.half])
-        if n > ns + nb:
-            self.itab[2] = np.vstack([oc32[:, cyl], self.cc, self.hgt, self.capy, self.r2])
-            self.stab[2] = np.vstack([c32[:, cyl], self.hgt, self.r])
         lo, hi = (c - ext).T, (c + ext).T
         if shadows:  # floor footprints (x, z, r) of the contact shadows, support radius 1.5 r
             sh = [(x, z, 1.5 * r) for x, z, r in shadows]
