@@ -137,20 +137,24 @@ class _Table:
         # Per-kind float32 parameter rows, repeated per candidate pair (itab) / hit point (stab).
         f32 = np.float32
         cc = (oc[:, sph] ** 2).sum(0) - size[0, sph] ** 2
-        self.itab = [np.vstack([oc[:, sph], cc]).astype(f32), np.empty((15, 0), f32), np.empty((7, 0), f32)]
+        self.itab = [
+            np.concatenate([oc[:, sph], cc[None]]).astype(f32),
+            np.empty((15, 0), f32),
+            np.empty((7, 0), f32),
+        ]
         self.stab = [c[:, sph].astype(f32), np.empty((15, 0), f32), np.empty((5, 0), f32)]
         if nb:  # boxes: rotation, slabs in the box frame; centre, rotation, half extents
             ol = (rot[:, :, box] * oc[:, None, box]).sum(0)
             half = size[:, box]
-            self.itab[1] = np.vstack([rot9[:, box], -half - ol, half - ol]).astype(f32)
-            self.stab[1] = np.vstack([c[:, box], rot9[:, box], half]).astype(f32)
+            self.itab[1] = np.concatenate([rot9[:, box], -half - ol, half - ol]).astype(f32)
+            self.stab[1] = np.concatenate([c[:, box], rot9[:, box], half]).astype(f32)
         if n > ns + nb:  # vertical cylinders (base centre c, radius r, height hgt)
             r, hgt = size[0, cyl], size[1, cyl]
             ocy, r2 = oc[:, cyl].astype(f32), (r * r).astype(f32)
             oy = ocy[1]
             capy = np.where(oy > hgt, hgt, np.where(oy < 0, 0.0, np.nan))
-            self.itab[2] = np.vstack([ocy, ocy[0] ** 2 + ocy[2] ** 2 - r2, hgt, capy, r2]).astype(f32)
-            self.stab[2] = np.vstack([c[:, cyl], hgt, r]).astype(f32)
+            self.itab[2] = np.concatenate([ocy, [ocy[0] ** 2 + ocy[2] ** 2 - r2, hgt, capy, r2]]).astype(f32)
+            self.stab[2] = np.concatenate([c[:, cyl], [hgt, r]]).astype(f32)
             ext[1, cyl] = hgt / 2
             c = c.copy()
             c[1, cyl] += ext[1, cyl]
