@@ -8,6 +8,7 @@ evaluates the albedo of many pixels at once, one vectorised pattern evaluation p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,9 @@ def _pattern(kind: str, q: np.ndarray, s: np.ndarray, ph: np.ndarray) -> tuple[A
         return np.sin(y * s + ph) > (0 if kind == "bands" else 0.4), 1
     if kind == "checker":
         return _odd(np.floor(x / s + ph) + np.floor(y / s) + np.floor(z / s)), 1
-    if kind == "vstripes":
-        return np.sin(np.arctan2(z, x) * np.round(s) + ph) > 0.2, 1
+    if kind == "vstripes":  # round(s) stripes around the axis; diamond angle (period 4), no arctan2
+        p = z / (np.abs(x) + np.abs(z))
+        return np.sin(np.where(x >= 0, p, 2 - p) * (np.round(s) * _F(math.pi / 2)) + ph) > 0.2, 1
     return 0, 1  # plain
 
 
