@@ -194,9 +194,15 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
             for c in range(3):
                 nrm[c][oi] = onrm[c]
         shade = _shade(sc, pts, nrm, cls, shadows)
+        # Room planes (world texture coordinates): a plain one (walls if plain, else the ceiling)
+        # as the background fill, the others on their pixels.
         alb = np.empty_like(pts)
-        for c, m in sc.room_mats.items():  # room planes: world texture coordinates
-            _texture_one(alb, m, np.flatnonzero(cls == c), pts)
+        plain = [c for c in (WALL, CEILING, FLOOR) if sc.room_mats[c].kind == "plain"][:1]
+        if plain:
+            alb[...] = np.array(sc.room_mats[plain[0]].c1, np.float32)[:, None]
+        for c, m in sc.room_mats.items():
+            if c not in plain:
+                _texture_one(alb, m, np.flatnonzero(cls == c), pts)
         if oi.size:
             _texture(alb, [p.mat for p in tab.prims], gp, oq, oi)
         alb *= shade * 255
