@@ -40,7 +40,12 @@ class MTLDataModule(L.LightningDataModule):
         num_workers: loader worker processes.
         train_split: split name used for training.
         val_split: split name used for validation and testing.
-        hflip: horizontal-flip probability of the training transform.
+        augment: keyword arguments of :func:`mtl.data.transforms.build_transform` for the
+            training pipeline (``hflip``, ``scale``, ``crop``, ``cat_max_ratio``,
+            ``photometric``); default: horizontal flips only.
+        pad_to: ``(h, w)`` every sample of every split is padded to (``None``: no padding).
+        skip_bad_samples: log and skip missing or corrupt samples instead of raising
+            (on-disk datasets only; passed to the dataset constructor when set).
         pin_memory: pin host memory (useful on GPUs).
         split_kwargs: per-split keyword overrides of the dataset constructor, keyed by split
             name (e.g. ``{"val": {"length": 200}}`` for a smaller synthetic validation set).
@@ -56,7 +61,9 @@ class MTLDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_split: str = "train",
         val_split: str = "val",
-        hflip: float = 0.5,
+        augment: Mapping | None = None,
+        pad_to: Sequence[int] | None = None,
+        skip_bad_samples: bool = False,
         pin_memory: bool = False,
         split_kwargs: Mapping[str, Mapping] | None = None,
     ) -> None:
@@ -77,7 +84,15 @@ class MTLDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.train_split, self.val_split = train_split, val_split
-        self.hflip = hflip
+        self.augment = dict(augment) if augment is not None else {"hflip": 0.5}
+        unknown = set(self.augment) - {"hflip", "scale", "crop", "cat_max_ratio", "photometric"}
+        if unknown:
+            raise ValueError(
+                f"data.augment: unknown key(s) {sorted(unknown)}; expected hflip, scale, crop, "
+                "cat_max_ratio, photometric"
+            )
+        self.pad_to = tuple(pad_to) if pad_to is not None else None
+        self.skip_bad_samples = skip_bad_samples
         self.pin_memory = pin_memory
         self.split_kwargs = {k: dict(v) for k, v in (split_kwargs or {}).items()}
         self.train_set: Dataset | None = None
@@ -85,12 +100,15 @@ class MTLDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._make(self.train_split, build_transform(train=True, hflip=self.hflip))
+            train_tf = build_transform(train=True, pad_to=self.pad_to, **self.augment)
+            self.train_set = self._make(self.train_split, train_tf)
         if self.val_set is None:
-            self.val_set = self._make(self.val_split, build_transform(train=False))
+            self.val_set = self._make(self.val_split, build_transform(train=False, pad_to=self.pad_to))
 
     def _make(self, split: str, transform: Callable[[dict], dict]) -> Dataset:
-        kwargs = self.split_kwargs.get(split, {})
+        kwargs = dict(self.split_kwargs.get(split, {}))
+        if self.skip_bad_samples:
+            kwargs["skip_bad_samples"] = True
         return self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
 
     def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:

@@ -14,6 +14,11 @@ encodings of the real datasets (see ``../shared/REFERENCE.md``)::
 
 :class:`ToTensor` turns it into the training sample (``image`` ImageNet-normalised
 ``3×H×W`` float, label maps ``int64 H×W``, dense targets ``C×H×W`` float).
+
+The field's recipe (ATRC / InvPT / TaskExpert, see ``../shared/REFERENCE.md``): at training
+time random scale 0.5–2.0, random crop with ``cat_max_ratio`` 0.75, horizontal flip,
+photometric distortion, normalisation and padding to the fixed size; at test time
+normalisation and padding only. :func:`build_transform` assembles either from config.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from mtl.data.geometric import RandomCrop, RandomScale
+from mtl.data.photometric import PhotoMetricDistortion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,18 +126,78 @@ class ToTensor:
         return out
 
 
-def build_transform(*, train: bool, hflip: float = 0.5) -> Compose:
-    """The default transform pipeline.
+class Pad:
+    """Pads the tensors of a sample at the bottom and right to a fixed ``(h, w)``.
+
+    Image: 0 (the mean colour after normalisation); label and binary maps: 255 (ignore);
+    depth: 0 (missing); normals: 0 (invalid). ``meta["size"]`` keeps the unpadded size so
+    evaluation can crop the padding away.
 
     Args:
-        train: whether to add training-time augmentation.
-        hflip: horizontal flip probability at training time.
+        size: ``(h, w)`` after padding.
+    """
+
+    def __init__(self, size: Sequence[int]) -> None:
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"Pad: size must be (h, w) of positive ints, got {size}")
+        self.size = (int(size[0]), int(size[1]))
+
+    def __call__(self, sample: dict) -> dict:
+        h, w = sample["image"].shape[-2:]
+        ph, pw = self.size[0] - h, self.size[1] - w
+        if ph < 0 or pw < 0:
+            sid = sample.get("meta", {}).get("id", "?")
+            raise ValueError(
+                f"sample {sid!r}: size {h}×{w} exceeds the pad size {self.size[0]}×{self.size[1]}; "
+                "set data.pad_to (and the crop size) to at least the image size, or use the dataset copy "
+                "the README names (NYUD-v2: 448×576, not MTI-Net's 480×640)"
+            )
+        if ph == 0 and pw == 0:
+            return sample
+        out = {}
+        for key, value in sample.items():
+            if isinstance(value, torch.Tensor) and value.ndim >= 2:
+                fill = 255 if key in LABEL_TASKS or key in BINARY_TASKS else 0
+                value = F.pad(value, (0, pw, 0, ph), value=fill)
+            out[key] = value
+        return out
+
+
+def build_transform(
+    *,
+    train: bool,
+    hflip: float = 0.5,
+    scale: Sequence[float] | None = None,
+    crop: Sequence[int] | None = None,
+    cat_max_ratio: float = 0.75,
+    photometric: bool = False,
+    pad_to: Sequence[int] | None = None,
+) -> Compose:
+    """Assembles the train or test pipeline.
+
+    Args:
+        train: add training-time augmentation (the test pipeline is ToTensor + Pad only).
+        hflip: horizontal-flip probability (0 disables).
+        scale: ``(lo, hi)`` of :class:`RandomScale`, or ``None``.
+        crop: ``(h, w)`` of :class:`RandomCrop`, or ``None``.
+        cat_max_ratio: :class:`RandomCrop`'s class-dominance limit.
+        photometric: add :class:`~mtl.data.photometric.PhotoMetricDistortion`.
+        pad_to: ``(h, w)`` of :class:`Pad`, or ``None``.
 
     Returns:
-        A :class:`Compose` ending in :class:`ToTensor`.
+        A :class:`Compose`.
     """
     steps: list[Callable[[dict], dict]] = []
-    if train and hflip > 0:
-        steps.append(RandomHorizontalFlip(hflip))
+    if train:
+        if scale is not None:
+            steps.append(RandomScale(scale))
+        if crop is not None:
+            steps.append(RandomCrop(crop, cat_max_ratio=cat_max_ratio))
+        if hflip > 0:
+            steps.append(RandomHorizontalFlip(hflip))
+        if photometric:
+            steps.append(PhotoMetricDistortion())
     steps.append(ToTensor())
+    if pad_to is not None:
+        steps.append(Pad(pad_to))
     return Compose(steps)

@@ -1,0 +1,113 @@
+"""NYUD-v2 in the layout of the ATRC / Multi-Task-Transformer tarball.
+
+Silberman et al., "Indoor Segmentation and Support Inference from RGBD Images", ECCV 2012;
+the multi-task split and encodings of Vandenhende et al. (MTI-Net, ECCV 2020) and
+Brüggemann et al. (ATRC, ICCV 2021), used by InvPT, TaskPrompter and TaskExpert.
+
+Layout (``root`` = ``NYUDv2/``)::
+
+    images/<id>.png          RGB, 448×576
+    segmentation/<id>.png    stored class + 1 (0 = unlabelled) → value − 1, 0 → 255 = ignore; 40 classes
+    depth/<id>.npy           float metres, 0 = missing
+    normals/<id>.png         2·v/255 − 1; zero-length vectors = invalid
+    edge/<id>.png            binary boundary map (v/255)
+    gt_sets/{train,val}.txt  795 / 654 ids
+
+The MTI-Net copy of the dataset stores 480×640 images; the field's 448×576 resolution
+cannot hold them, so loading one raises an error that says which copy to use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mtl.data.base import BadSampleError, FolderDataset, decode_normals, read_npy, read_png
+
+SIZE = (448, 576)
+"""(H, W) of the field's NYUD-v2 images."""
+MTINET_SIZE = (480, 640)
+SPLIT_SIZES = {"train": 795, "val": 654}
+NUM_SEMSEG = 40
+
+WRONG_COPY = (
+    "this is the 480×640 MTI-Net copy of NYUD-v2, which does not fit the field's 448×576 "
+    "resolution; download the ATRC / Multi-Task-Transformer NYUDv2 tarball (see datasets/nyud/README.md)"
+)
+
+
+def decode_semseg(stored: np.ndarray) -> np.ndarray:
+    """Stored value − 1, so unlabelled (0) wraps to 255 = ignore (uint8 arithmetic)."""
+    return (stored.astype(np.uint8) - np.uint8(1)).astype(np.uint8)
+
+
+def decode_edge(stored: np.ndarray) -> np.ndarray:
+    """``png/255`` of a binary map → {0, 1} uint8 (values above half are boundary)."""
+    return (stored > 127).astype(np.uint8)
+
+
+class NYUDv2(FolderDataset):
+    """NYUD-v2 with semseg, depth, normals and edge.
+
+    Args:
+        root: the ``NYUDv2`` folder.
+        split: ``train`` (795 images) or ``val`` (654 images).
+        tasks: subset of :attr:`TASKS` (default: all).
+        transform: joint transform of the raw sample.
+        skip_bad_samples: log and skip unreadable samples instead of raising.
+    """
+
+    TASKS = ("semseg", "depth", "normals", "edge")
+    NUM_CLASSES = {"semseg": NUM_SEMSEG}
+
+    def split_file(self, split: str) -> Path:
+        return self.root / "gt_sets" / f"{split}.txt"
+
+    def path(self, kind: str, sample_id: str) -> Path:
+        """Path of one file: ``kind`` is ``image`` or a task name."""
+        folder, ext = {
+            "image": ("images", ".png"),
+            "semseg": ("segmentation", ".png"),
+            "depth": ("depth", ".npy"),
+            "normals": ("normals", ".png"),
+            "edge": ("edge", ".png"),
+        }[kind]
+        return self.root / folder / f"{sample_id}{ext}"
+
+    def load(self, sample_id: str) -> dict:
+        p = self.path("image", sample_id)
+        image = read_png(p, sample_id, mode="RGB")
+        hw = image.shape[:2]
+        if hw == MTINET_SIZE:
+            raise BadSampleError(sample_id, p, WRONG_COPY)
+        sample: dict = {"image": image}
+        for task in self.tasks:
+            p = self.path(task, sample_id)
+            if task == "depth":
+                arr = read_npy(p, sample_id).astype(np.float32)
+                if arr.ndim == 3 and arr.shape[-1] == 1:
+                    arr = arr[..., 0]
+                if not np.isfinite(arr).all():
+                    msg = "depth holds NaN or inf (expected metres, 0 = missing)"
+                    raise BadSampleError(sample_id, p, msg)
+            else:
+                stored = read_png(p, sample_id)
+                if task == "normals":
+                    if stored.ndim != 3 or stored.shape[2] != 3:
+                        raise BadSampleError(sample_id, p, f"expected an RGB png, got shape {stored.shape}")
+                    arr = decode_normals(stored)
+                else:
+                    if stored.ndim != 2:
+                        msg = f"expected a single-channel png, got {stored.shape}"
+                        raise BadSampleError(sample_id, p, msg)
+                    arr = decode_semseg(stored) if task == "semseg" else decode_edge(stored)
+                    if task == "semseg" and int(stored.max()) > NUM_SEMSEG:
+                        raise BadSampleError(
+                            sample_id, p, f"stored label {int(stored.max())} > {NUM_SEMSEG} (expected 0..40)"
+                        )
+            if arr.shape[:2] != hw:
+                raise BadSampleError(sample_id, p, f"size {arr.shape[:2]} differs from the image's {hw}")
+            sample[task] = arr
+        sample["meta"] = {"id": sample_id, "size": hw}
+        return sample
