@@ -17,7 +17,7 @@ CONFIG_DIR = str(ROOT / "configs")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 # Small and quick: 64 px synthetic scenes, few samples, no image logging.
-FAST = [
+FAST_SYNTHETIC = [
     "data.dataset.resolution=[64,64]",
     "data.dataset.length=16",
     "data.split_kwargs.val.length=8",
@@ -25,6 +25,40 @@ FAST = [
     "data.eval_batch_size=8",
     "extras.print_config=false",
 ]
+FAST = FAST_SYNTHETIC  # the name older tests use
+
+# Real-format datasets (NYUD-v2, PASCAL-Context) written by the session fixture ``fake_data_dir``
+# at small sizes: NYUD 64×80 images, PASCAL 60×76, both padded to 64×80.
+FAKE_SIZES = {"NYUDv2": (64, 80), "PASCALContext": (60, 76)}
+
+
+def fast_real(data_dir: Path) -> list[str]:
+    """Overrides that make ``data=nyud`` / ``data=pascal_context`` quick on the fake roots."""
+    return [
+        f"paths.data_dir={data_dir}",
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "data.augment.crop=[64,80]",
+        "data.pad_to=[64,80]",
+        "extras.print_config=false",
+    ]
+
+
+def write_fake_data(data_dir: Path) -> Path:
+    """Writes tiny NYUDv2/ and PASCALContext/ roots in the real on-disk formats under ``data_dir``."""
+    from mtl.data.fake import write_nyud, write_pascal
+
+    write_nyud(data_dir / "NYUDv2", n_train=3, n_val=2, size=FAKE_SIZES["NYUDv2"])
+    write_pascal(data_dir / "PASCALContext", n_train=3, n_val=2, size=FAKE_SIZES["PASCALContext"])
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def fake_data_dir(tmp_path_factory) -> Path:
+    """A ``paths.data_dir`` holding tiny real-format NYUDv2/ and PASCALContext/ roots."""
+    return write_fake_data(tmp_path_factory.mktemp("data"))
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:
@@ -41,12 +75,27 @@ def compose_cfg(overrides: list[str], tmp_path: Path, config_name: str = "train"
 
 
 @pytest.fixture
-def make_cfg(tmp_path):
-    """``make_cfg(overrides, config_name="train", fast=True)`` → composed config."""
+def make_cfg(tmp_path, tmp_path_factory):
+    """``make_cfg(overrides, config_name="train", fast=True)`` → composed config.
+
+    ``fast`` picks the quick overrides that fit the composed data config: small synthetic
+    scenes, or the tiny fake real-format roots (written once per session) for NYUD-v2 and
+    PASCAL-Context.
+    """
 
     def _make(
         overrides: list[str] | None = None, config_name: str = "train", fast: bool = True
     ) -> DictConfig:
-        return compose_cfg((FAST if fast else []) + list(overrides or []), tmp_path, config_name)
+        overrides = list(overrides or [])
+        if not fast:
+            return compose_cfg(overrides, tmp_path, config_name)
+        probe = compose_cfg(overrides, tmp_path, config_name)
+        target = str(probe.get("data", {}).get("dataset", {}).get("_target_", ""))
+        if target.endswith("SyntheticScenes") or not target:
+            return compose_cfg(FAST_SYNTHETIC + overrides, tmp_path, config_name)
+        data_dir = tmp_path_factory.getbasetemp() / "fake_data"
+        if not (data_dir / "PASCALContext").is_dir():
+            write_fake_data(data_dir)
+        return compose_cfg(fast_real(data_dir) + overrides, tmp_path, config_name)
 
     return _make
