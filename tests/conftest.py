@@ -40,8 +40,7 @@ def fast_real(data_dir: Path) -> list[str]:
         "data.eval_batch_size=2",
         "data.num_workers=0",
         "data.pin_memory=false",
-        "data.augment.crop=[64,80]",
-        "data.pad_to=[64,80]",
+        "data.input_size=[64,80]",
         "extras.print_config=false",
     ]
 

@@ -47,6 +47,7 @@ class MTLDataModule(L.LightningDataModule):
         skip_bad_samples: log and skip missing or corrupt samples instead of raising
             (on-disk datasets only; passed to the dataset constructor when set).
         pin_memory: pin host memory (useful on GPUs).
+        input_size: ``(h, w)`` the network sees (backbone configs read it as ``data.input_size``).
         split_kwargs: per-split keyword overrides of the dataset constructor, keyed by split
             name (e.g. ``{"val": {"length": 200}}`` for a smaller synthetic validation set).
     """
@@ -66,6 +67,7 @@ class MTLDataModule(L.LightningDataModule):
         skip_bad_samples: bool = False,
         pin_memory: bool = False,
         split_kwargs: Mapping[str, Mapping] | None = None,
+        input_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.dataset_fn = dataset
@@ -92,6 +94,7 @@ class MTLDataModule(L.LightningDataModule):
                 "cat_max_ratio, photometric"
             )
         self.pad_to = tuple(pad_to) if pad_to is not None else None
+        self.input_size = tuple(input_size) if input_size is not None else None
         self.skip_bad_samples = skip_bad_samples
         self.pin_memory = pin_memory
         self.split_kwargs = {k: dict(v) for k, v in (split_kwargs or {}).items()}

@@ -147,13 +147,14 @@ def write_pascal(
             )
             objects = [{"class": "chair", "class_ind": 9, "mask": region == 1, "parts": []}]
             if k % 2 == 0:  # a person whose 6 parts are horizontal bands of a rectangle
-                y0, x0, y1, x1 = h // 4, w // 3, h // 4 + 60, w // 3 + 40
+                band = max(1, (2 * h // 3) // 6)
+                y0, x0, y1, x1 = h // 6, w // 3, h // 6 + 6 * band, w // 3 + max(2, w // 4)
                 person = np.zeros((h, w), dtype=bool)
                 person[y0:y1, x0:x1] = True
                 parts = []
                 for pid in range(1, 7):
                     m = np.zeros((h, w), dtype=bool)
-                    m[y0 + (pid - 1) * 10 : y0 + pid * 10, x0:x1] = True
+                    m[y0 + (pid - 1) * band : y0 + pid * band, x0:x1] = True
                     parts.append((PART_NAMES[pid], m))
                 objects.append({"class": "person", "class_ind": PERSON_CLASS, "mask": person, "parts": parts})
             sal = np.where(region == 3, 255, 0).astype(np.uint8)

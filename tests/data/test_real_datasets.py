@@ -1,0 +1,191 @@
+"""NYUD-v2 and PASCAL-Context loaders on tiny roots written in the exact real formats."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+from scipy import ndimage
+
+from mtl.data.base import BadSampleError
+from mtl.data.fake import parts_mat, write_nyud, write_pascal
+from mtl.data.nyud import NYUDv2
+from mtl.data.pascal_context import PASCALContext, edges_from_label_map, normals_valid_classes
+
+
+@pytest.fixture
+def nyud(tmp_path):
+    return write_nyud(tmp_path / "NYUDv2", n_train=2, n_val=1, size=(8, 10))
+
+
+@pytest.fixture
+def pascal(tmp_path):
+    return write_pascal(tmp_path / "PASCALContext", n_train=2, n_val=1, size=(12, 14))
+
+
+def _png(path, arr):
+    Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(path)
+
+
+def test_nyud_encodings(nyud):
+    sid = "000000"
+    seg = np.zeros((8, 10), np.uint8)
+    seg[:, 1], seg[:, 2] = 1, 40  # 0 → 255 (unlabelled), 1 → 0, 40 → 39
+    _png(nyud / "segmentation" / f"{sid}.png", seg)
+    nrm = np.full((8, 10, 3), 255, np.uint8)
+    nrm[0, 0] = 0  # stored zero vector → invalid
+    nrm[0, 1] = 128  # decodes to ~0 → invalid
+    nrm[0, 2] = (128, 128, 0)  # (0, 0, -1)
+    _png(nyud / "normals" / f"{sid}.png", nrm)
+    edge = np.zeros((8, 10), np.uint8)
+    edge[3] = 255
+    _png(nyud / "edge" / f"{sid}.png", edge)
+    depth = np.linspace(0, 5, 80, dtype=np.float32).reshape(8, 10)
+    np.save(nyud / "depth" / f"{sid}.npy", depth)
+
+    s = NYUDv2(root=nyud, split="train")[0]
+    assert s["meta"] == {"id": sid, "size": (8, 10)}
+    assert s["image"].dtype == np.uint8 and s["image"].shape == (8, 10, 3)
+    assert s["semseg"].dtype == np.uint8
+    assert (
+        (s["semseg"][:, 0] == 255).all()
+        and (s["semseg"][:, 1] == 0).all()
+        and (s["semseg"][:, 2] == 39).all()
+    )
+    np.testing.assert_array_equal(s["normals"][0, 0], 0)
+    np.testing.assert_array_equal(s["normals"][0, 1], 0)
+    np.testing.assert_allclose(s["normals"][0, 2], (2 * 128 / 255 - 1, 2 * 128 / 255 - 1, -1), atol=1e-6)
+    np.testing.assert_allclose(s["normals"][5, 5], (1, 1, 1))  # decoded as stored: 2·255/255 − 1
+    assert s["edge"].dtype == np.uint8 and s["edge"].sum() == 10 and (s["edge"][3] == 1).all()
+    np.testing.assert_array_equal(s["depth"], depth)
+
+
+def test_nyud_task_subset_and_errors(nyud):
+    ds = NYUDv2(root=nyud, split="val", tasks=["depth"])
+    assert set(ds[0]) == {"image", "depth", "meta"}
+    with pytest.raises(ValueError, match="unknown task.*'saliency'"):
+        NYUDv2(root=nyud, split="val", tasks=["saliency"])
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        NYUDv2(root=nyud, split="test")
+    with pytest.raises(FileNotFoundError, match="paths.data_dir"):
+        NYUDv2(root=nyud / "nope", split="val")
+
+
+def test_nyud_recognises_the_480x640_copy(nyud):
+    _png(nyud / "images" / "000000.png", np.zeros((480, 640, 3)))
+    with pytest.raises(BadSampleError, match="480×640 MTI-Net copy") as err:
+        NYUDv2(root=nyud, split="train")[0]
+    assert "000000" in str(err.value) and "images/000000.png" in str(err.value)
+
+
+def test_bad_label_value_is_named(nyud):
+    _png(nyud / "segmentation" / "000001.png", np.full((8, 10), 41))
+    with pytest.raises(BadSampleError, match=r"segmentation/000001.png: stored label 41 > 40"):
+        NYUDv2(root=nyud, split="train")[1]
+
+
+def test_missing_file_raises_with_id_and_path_or_is_skipped(nyud, caplog):
+    (nyud / "depth" / "000000.npy").unlink()
+    with pytest.raises(BadSampleError) as err:
+        NYUDv2(root=nyud, split="train")[0]
+    assert (
+        "'000000'" in str(err.value) and "depth/000000.npy" in str(err.value) and "missing" in str(err.value)
+    )
+
+    ds = NYUDv2(root=nyud, split="train", skip_bad_samples=True)
+    with caplog.at_level(logging.WARNING):
+        sample = ds[0]
+    assert sample["meta"]["id"] == "000001" and ds.skipped == ["000000"]
+    assert "depth/000000.npy" in caplog.text
+
+    (nyud / "images" / "000001.png").write_bytes(b"not a png")
+    with pytest.raises(RuntimeError, match="consecutive bad samples"):
+        ds[0]
+
+
+def test_pascal_encodings(pascal):
+    sid, h, w = "2008_000000", 12, 14
+    label_map = np.full((h, w), 2, np.uint16)  # 2 is not a normals-valid class
+    valid_cls = int(np.flatnonzero(normals_valid_classes())[0])
+    label_map[:, 7:] = valid_cls
+    scipy.io.savemat(pascal / "pascal-context" / "trainval" / f"{sid}.mat", {"LabelMap": label_map})
+    sal = np.zeros((h, w), np.uint8)
+    sal[0, 0], sal[0, 1] = 127, 128  # value/255 > 0.5 → salient
+    _png(pascal / "sal_distill" / f"{sid}.png", sal)
+    seg = np.zeros((h, w), np.uint8)
+    seg[0, :3] = (20, 255, 7)
+    _png(pascal / "semseg" / "pascal-context" / f"{sid}.png", seg)
+
+    s = PASCALContext(root=pascal, split="train")[0]
+    assert s["saliency"][0, 0] == 0 and s["saliency"][0, 1] == 1
+    assert tuple(s["semseg"][0, :3]) == (20, 255, 7)
+    assert (np.abs(s["normals"][:, :7]).sum(-1) == 0).all()  # invalid context class → ignored
+    assert (np.abs(s["normals"][:, 7:]).sum(-1) > 0).all()
+    # edges: the boundary between columns 6 and 7, thinned to one pixel per row
+    edge = s["edge"]
+    assert set(np.unique(edge)) <= {0, 1}
+    assert (edge[:, :6] == 0).all() and (edge[:, 8:] == 0).all()
+    assert (edge[1:-1, 6:8].sum(axis=1) == 1).all()
+
+
+def test_edges_from_label_map_match_laplacian_boundaries():
+    lm = np.zeros((20, 20), np.int64)
+    lm[5:15, 5:15] = 3
+    edge = edges_from_label_map(lm)
+    inside, outside = np.zeros_like(lm, bool), np.zeros_like(lm, bool)
+    inside[6:14, 6:14] = True
+    outside[:4], outside[16:], outside[:, :4], outside[:, 16:] = True, True, True, True
+    assert edge[inside].sum() == 0 and edge[outside].sum() == 0
+    # a closed contour: the 4-connected non-edge regions inside and outside are separate
+    regions, _ = ndimage.label(edge == 0)
+    assert regions[10, 10] != regions[0, 0]
+    assert (edge[7:13].sum(axis=1) == 2).all()  # one pixel thick on the left and right sides
+    assert edges_from_label_map(np.full((6, 6), 7)).sum() == 0
+
+
+def test_pascal_human_parts_from_mat(pascal):
+    h, w = 12, 14
+    person = np.zeros((h, w), bool)
+    person[2:10, 2:8] = True
+    head, lfoot = np.zeros_like(person), np.zeros_like(person)
+    head[2:4, 2:8], lfoot[8:10, 2:4] = True, True
+    objects = [
+        {"class": "person", "class_ind": 15, "mask": person, "parts": [("hair", head), ("lfoot", lfoot)]},
+        {"class": "dog", "class_ind": 12, "mask": ~person, "parts": [("head", ~person)]},
+    ]
+    path = pascal / "human_parts" / "2008_000000.mat"
+    scipy.io.savemat(path, parts_mat(objects))
+    parts = PASCALContext(root=pascal, split="train", tasks=["human_parts"])[0]["human_parts"]
+    expected = np.zeros((h, w), np.uint8)
+    expected[head], expected[lfoot] = 1, 6  # the dog's parts are not person parts
+    np.testing.assert_array_equal(parts, expected)
+
+    # a person without parts only: the task is ignored for the image
+    scipy.io.savemat(path, parts_mat([{"class": "person", "class_ind": 15, "mask": person, "parts": []}]))
+    parts = PASCALContext(root=pascal, split="train", tasks=["human_parts"])[0]["human_parts"]
+    assert (parts == 255).all()
+
+    scipy.io.savemat(
+        path, parts_mat([{"class": "person", "class_ind": 15, "mask": person, "parts": [("wing", head)]}])
+    )
+    with pytest.raises(BadSampleError, match="unknown part name 'wing'"):
+        PASCALContext(root=pascal, split="train", tasks=["human_parts"])[0]
+
+
+def test_pascal_fake_root_has_people_and_no_people(pascal):
+    ds = PASCALContext(root=pascal, split="train")
+    with_person, without = ds[0], ds[1]
+    assert set(np.unique(with_person["human_parts"])) == set(range(7))
+    assert (without["human_parts"] == 255).all()
+    for s in (with_person, without):
+        for task in PASCALContext.TASKS:
+            assert s[task].shape[:2] == s["image"].shape[:2]
+
+
+def test_pascal_semseg_out_of_range(pascal):
+    _png(pascal / "semseg" / "pascal-context" / "2008_000001.png", np.full((12, 14), 21))
+    with pytest.raises(BadSampleError, match="2008_000001.png: expected a single-channel map of 0..20"):
+        PASCALContext(root=pascal, split="train", tasks=["semseg"])[1]
