@@ -44,6 +44,39 @@ class MultiTaskNet(nn.Module):
         task_feats = self.decoder(feats, task_subset=task_subset)
         return self.heads(task_feats, size=tuple(x.shape[-2:]))
 
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The shared representation every task reads (for representation-level "-UB" strategies).
+
+        The backbone's feature maps, followed by the decoder's shared part when the decoder
+        splits itself into ``encode(feats) -> list[Tensor]`` and ``decode(rep, task_subset=)``.
+        ``decode(encode(x), size=x.shape[-2:])`` equals ``forward(x)``.
+        """
+        feats = self.backbone(x)
+        split = getattr(self.decoder, "encode", None)
+        return list(split(feats)) if callable(split) else list(feats)
+
+    def decode(
+        self, rep: Sequence[torch.Tensor], *, size: tuple[int, int], task_subset: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Task predictions at ``size`` from the representation returned by :meth:`encode`."""
+        rep = list(rep)
+        if callable(getattr(self.decoder, "decode", None)):
+            task_feats = self.decoder.decode(rep, task_subset=task_subset)
+        else:
+            task_feats = self.decoder(rep, task_subset=task_subset)
+        return self.heads(task_feats, size=size)
+
+    def representation_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters below :meth:`encode`'s output: the backbone and the decoder's shared part."""
+        yield from self.backbone.parameters()
+        if callable(getattr(self.decoder, "encode", None)):
+            shared = getattr(self.decoder, "shared_parameters", None)
+            if not callable(shared):
+                raise ValueError(
+                    f"decoder {type(self.decoder).__name__} has encode() but no shared_parameters()"
+                )
+            yield from shared()
+
     def aux_loss(self) -> torch.Tensor | None:
         """The decoder's auxiliary loss of the last forward pass, if it has one."""
         fn = getattr(self.decoder, "aux_loss", None)

@@ -78,16 +78,24 @@ class MTLModule(L.LightningModule):
         return sum(self.tasks[t].default_weight * loss.detach() for t, loss in losses.items())
 
     # ---------------------------------------------------------------- training
+    def grad_scale(self) -> float:
+        """The fp16 gradient scaler's current scale (1.0 for fp32 / bf16): ``.grad`` is at this scale."""
+        trainer = self._trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
-        preds = self(batch["image"])
-        losses = self.task_losses(preds, batch)
-        aux = self.model.aux_loss()
         opt.zero_grad(set_to_none=True)
-        logs = self.strategy.backward(losses, module=self, extra=aux)
+        _, losses, aux = self.strategy.forward(batch, module=self)
+        logs = self.strategy.backward(losses, module=self, extra=aux, batch=batch)
         if self.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
+            # .grad is still at the fp16 loss scale here (the scaler unscales inside opt.step()):
+            # clipping the scaled gradients to grad_clip·scale is clipping the true ones to grad_clip.
+            clip = self.grad_clip * self.grad_scale()
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt.step()  # fp16: unscale, skip on inf/nan, update the scale
+        self.strategy.after_step(batch, module=self, losses=losses)
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -98,9 +106,12 @@ class MTLModule(L.LightningModule):
             self.log("train/aux_loss", aux.detach(), batch_size=bs)
         total = self.weighted_total(losses)
         self.log("train/loss", total, batch_size=bs)
-        for k, v in logs.items():
-            self.log(f"train/strategy/{k}", v, batch_size=bs)
+        for k, v in logs.items():  # grad/... diagnostics → train/grad/..., the rest → train/strategy/...
+            self.log(f"train/{k}" if k.startswith("grad/") else f"train/strategy/{k}", v, batch_size=bs)
         return total
+
+    def on_train_epoch_end(self) -> None:
+        self.strategy.epoch_end()
 
     # -------------------------------------------------------------- evaluation
     def _eval_step(self, stage: str, batch: dict, batch_idx: int) -> None:

@@ -49,10 +49,8 @@ class MultiHeadDecoder(nn.Module):
             {t: nn.Sequential(*(conv_bn_relu(channels, channels) for _ in range(task_blocks))) for t in tasks}
         )
 
-    def forward(
-        self, feats: list[torch.Tensor], *, task_subset: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Fuses the levels at the finest resolution and runs the requested task branches."""
+    def encode(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The shared part: all levels fused at the finest resolution, ``[B × D × h × w]``."""
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         maps = [
             F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False)
@@ -60,5 +58,22 @@ class MultiHeadDecoder(nn.Module):
             else lat(f)
             for lat, f in zip(self.lateral, feats, strict=True)
         ]
-        shared = self.fuse(torch.stack(maps).sum(dim=0))
+        return [self.fuse(torch.stack(maps).sum(dim=0))]
+
+    def decode(
+        self, rep: list[torch.Tensor], *, task_subset: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The task-specific part: each requested task's branch on the fused map."""
+        (shared,) = rep
         return {t: self.per_task[t](shared) for t in (task_subset or self.tasks)}
+
+    def shared_parameters(self):
+        """Parameters of :meth:`encode` (the lateral projections and the fusion block)."""
+        yield from self.lateral.parameters()
+        yield from self.fuse.parameters()
+
+    def forward(
+        self, feats: list[torch.Tensor], *, task_subset: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Fuses the levels at the finest resolution and runs the requested task branches."""
+        return self.decode(self.encode(feats), task_subset=task_subset)

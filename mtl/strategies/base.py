@@ -1,15 +1,35 @@
 """The strategy contract.
 
-A strategy receives the per-task losses of a training step and performs the backward
-pass(es), leaving the final gradient in every parameter's ``.grad``; the module then clips
-and steps the optimiser. Strategies are ``nn.Module`` s so that any learnable weights or
-running histories they keep are saved in, and restored from, checkpoints.
+A strategy turns the per-task losses of a training step into one parameter update. Per step
+the module calls, in this order::
 
-Loss-weighting strategies need one backward of a weighted sum; gradient-aggregation
-strategies need per-task gradients of the shared parameters (or of the shared
-representation). Both must stay correct under DDP and mixed precision: always call
-``module.manual_backward`` (never ``loss.backward()``) so Lightning applies precision
-scaling and DDP gradient synchronisation.
+    preds, losses, aux = strategy.forward(batch, module=module)     # default: the plain forward
+    logs = strategy.backward(losses, module=module, extra=aux, batch=batch)
+    # module: gradient clipping, optimiser step (with the fp16 scaler's unscale/skip)
+    strategy.after_step(batch, module=module, losses=losses)        # e.g. FAMO's look-ahead
+    strategy.epoch_end()                                            # at each training epoch end, e.g. DWA
+
+``backward`` leaves the final gradient in every trainable parameter's ``.grad`` **at the
+precision plugin's loss scale** (``module.grad_scale()``, 1 except under fp16), exactly as
+``module.manual_backward`` does; the module then unscales, clips and steps (the scaler skips
+the step on inf/nan). Strategies that need per-task gradients unscale them before aggregating.
+
+Rules every strategy keeps:
+
+- Task-specific parameters (``module.model.task_parameters(t)``) get their own task's
+  gradient; shared parameters get the strategy's direction.
+- Under DDP the update equals the single-process update on the union of the ranks' batches:
+  one-backward strategies use ``module.manual_backward`` (DDP averages it); multi-pass
+  strategies compute gradients with ``torch.autograd.grad`` (no DDP hook fires), average the
+  per-task gradients over the ranks *before* aggregating (``mtl.strategies.grads``), and
+  produce one synchronised result.
+- Strategies are ``nn.Module`` s so that learnable weights and running histories are
+  checkpointed. State that must be identical on every rank is kept as buffers and updated
+  from all-reduced quantities.
+
+Returned logs are scalars; keys starting with ``grad/`` are logged under ``train/grad/...``
+(per-task gradient norms, pairwise cosines, conflicting pairs, aggregation weights, every
+``diagnostics_every`` steps), the others under ``train/strategy/...``.
 """
 
 from __future__ import annotations
@@ -19,28 +39,102 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from mtl.strategies.grads import all_reduce_mean_, gramian_stats, task_grads, trainable
+
 
 class Strategy(nn.Module):
-    """Base class of every optimisation strategy."""
+    """Base class of every optimisation strategy.
+
+    Args:
+        diagnostics_every: every N optimiser steps, log per-task gradient norms, pairwise
+            cosines and the number of conflicting pairs of the shared parameters' per-task
+            gradients (0 disables). One-backward strategies pay ``k`` extra backward passes on
+            those steps; per-task-gradient strategies get them for free from their Gramian.
+    """
+
+    #: whether the strategy needs per-task gradients of the shared parameters.
+    needs_task_grads: bool = False
+
+    def __init__(self, *, diagnostics_every: int = 0) -> None:
+        super().__init__()
+        if diagnostics_every < 0:
+            raise ValueError(f"strategy diagnostics_every must be >= 0, got {diagnostics_every}")
+        self.diagnostics_every = int(diagnostics_every)
+        self.steps = 0
+        self.task_names: list[str] = []
 
     def setup(self, *, tasks: Mapping, module: nn.Module) -> None:
         """Called once before training with the task objects and the LightningModule."""
         self.task_names = list(tasks)
         self.task_objects = dict(tasks)
+        if self.needs_task_grads:
+            shared = trainable(module.model.shared_parameters())
+            if not shared:
+                raise ValueError(
+                    f"strategy {type(self).__name__} needs per-task gradients of the shared parameters, "
+                    "but no shared parameter is trainable (is the backbone frozen entirely?); "
+                    "use a loss-weighting strategy (e.g. strategy=ew) or unfreeze part of the backbone"
+                )
+
+    def forward(self, batch: dict, *, module) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
+        """The training forward pass: predictions, unweighted task losses, auxiliary loss."""
+        preds = module(batch["image"])
+        return preds, module.task_losses(preds, batch), module.model.aux_loss()
 
     def backward(
-        self, losses: Mapping[str, torch.Tensor], *, module, extra: torch.Tensor | None = None
+        self,
+        losses: Mapping[str, torch.Tensor],
+        *,
+        module,
+        extra: torch.Tensor | None = None,
+        batch: dict | None = None,
     ) -> dict[str, float]:
         """Runs the backward pass(es) for one step.
 
         Args:
             losses: task → unweighted scalar loss (graphs attached).
-            module: the ``MTLModule``; use ``module.manual_backward`` and
+            module: the ``MTLModule``; ``module.manual_backward``, ``module.grad_scale()``,
                 ``module.model.shared_parameters()`` / ``task_parameters(t)``.
             extra: an auxiliary loss of the model (e.g. gate balancing) added unweighted
                 to the update, or ``None``.
+            batch: the batch (strategies that re-evaluate the losses, e.g. SAM, need it).
 
         Returns:
-            Scalars to log under ``train/strategy/<name>`` (e.g. the task weights).
+            Scalars to log (see the module docstring for the key convention).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement backward()")
+
+    def after_step(self, batch: dict, *, module, losses: Mapping[str, torch.Tensor]) -> None:
+        """Called after the optimiser step (default: nothing)."""
+
+    def epoch_end(self) -> None:
+        """Called at the end of every training epoch (default: nothing)."""
+
+    # ------------------------------------------------------------------ helpers
+    def diagnose_now(self) -> bool:
+        """Whether this step logs gradient diagnostics (call once per step, before ``tick``)."""
+        return self.diagnostics_every > 0 and self.steps % self.diagnostics_every == 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def shared_gramian(self, losses: Mapping[str, torch.Tensor], module) -> torch.Tensor:
+        """Gramian of the rank-averaged per-task gradients of the shared parameters (diagnostics).
+
+        Costs one backward pass per task; ``.grad`` is not touched.
+        """
+        shared = trainable(module.model.shared_parameters())
+        rows = []
+        for loss in losses.values():
+            g = task_grads(loss.float(), shared)
+            rows.append(torch.cat([x.reshape(-1) for x in g]))
+        jac = all_reduce_mean_(torch.stack(rows))
+        return jac @ jac.T
+
+    def diagnostics(
+        self, losses: Mapping[str, torch.Tensor], module, weights: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """Gradient diagnostics for one-backward strategies, on the steps that log them."""
+        if not self.diagnose_now():
+            return {}
+        return gramian_stats(self.shared_gramian(losses, module), list(losses), weights)

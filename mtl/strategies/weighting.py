@@ -19,10 +19,17 @@ class FixedWeights(Strategy):
     Args:
         weights: task → weight; tasks not listed use their default weight.
         uniform: ignore the task defaults and use weight 1 for every task (EW).
+        diagnostics_every: see :class:`Strategy`.
     """
 
-    def __init__(self, *, weights: Mapping[str, float] | None = None, uniform: bool = False) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        *,
+        weights: Mapping[str, float] | None = None,
+        uniform: bool = False,
+        diagnostics_every: int = 0,
+    ) -> None:
+        super().__init__(diagnostics_every=diagnostics_every)
         self.overrides = dict(weights or {})
         self.uniform = uniform
         self.weights: dict[str, float] = {}
@@ -42,8 +49,16 @@ class FixedWeights(Strategy):
         return sum(self.weights[t] * loss for t, loss in losses.items())
 
     def backward(
-        self, losses: Mapping[str, torch.Tensor], *, module, extra: torch.Tensor | None = None
+        self,
+        losses: Mapping[str, torch.Tensor],
+        *,
+        module,
+        extra: torch.Tensor | None = None,
+        batch: dict | None = None,
     ) -> dict[str, float]:
+        w = torch.tensor([self.weights[t] for t in losses])
+        logs = self.diagnostics(losses, module, w)
+        self.tick()
         total = self.combine(losses)
         module.manual_backward(total if extra is None else total + extra)
-        return {}
+        return logs

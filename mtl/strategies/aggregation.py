@@ -1,0 +1,94 @@
+"""Gradient aggregation over per-task gradients, with torchjd's aggregators for the maths.
+
+Methods (the ``aggregator`` given by its config's ``_target_``):
+
+- MGDA: Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
+- PCGrad: Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
+- CAGrad: Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021.
+- IMTL-G: Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021.
+- Nash-MTL: Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022.
+- Aligned-MTL: Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023.
+- UPGrad / DualProj: Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024.
+- GradVac: Wang et al., "Gradient Vaccine", ICLR 2021.
+- GradDrop: Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient
+  Sign Dropout", NeurIPS 2020.
+- ConFIG: Liu et al., "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks", ICLR 2025.
+- FairGrad: Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
+
+Every method except GradDrop returns a combination ``wᵀJ`` of the task gradients whose
+weights depend on the Gramian ``G = JJᵀ`` only, so the strategy needs ``G`` (``k × k``), not
+``J``, to decide: Gramian weightings take ``G`` directly; the others are equivariant under
+rotations of the parameter space, so they run on a ``k × k`` root ``R`` (``RRᵀ = G``, i.e.
+``J = RQᵀ``) and their output ``Qc`` is mapped back to weights ``w = (Rᵀ)⁺c``. Only GradDrop,
+which works coordinate-wise, reads ``J`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, WeightedAggregator
+
+from mtl.strategies.jacobian import PerTaskGradients, sync_weights
+
+
+def gramian_root(gram: torch.Tensor) -> torch.Tensor:
+    """A ``k × k`` matrix ``R`` with ``R Rᵀ = G`` (eigendecomposition, negative noise clipped)."""
+    evals, evecs = torch.linalg.eigh(gram)
+    return evecs * evals.clamp_min(0).sqrt()
+
+
+def weights_from_gramian(aggregator: Aggregator, gram: torch.Tensor) -> torch.Tensor:
+    """Task weights ``w`` such that ``aggregator(J) = wᵀJ`` for any ``J`` with ``JJᵀ = gram``.
+
+    Raises:
+        ValueError: for aggregators that are not a function of the Gramian (GradDrop).
+    """
+    if isinstance(aggregator, GramianWeightedAggregator):
+        return aggregator.gramian_weighting(gram)
+    if isinstance(aggregator, GradDrop):
+        raise ValueError("GradDrop works coordinate-wise on the Jacobian: it has no Gramian weights")
+    root = gramian_root(gram)
+    if isinstance(aggregator, WeightedAggregator):
+        return aggregator.weighting(root)
+    return torch.linalg.pinv(root.T) @ aggregator(root)
+
+
+class GradientAggregation(PerTaskGradients):
+    """Shared parameters follow a torchjd aggregator of the per-task gradients.
+
+    Args:
+        aggregator: a ``torchjd.aggregation.Aggregator``, or a partial constructor that
+            takes ``n_tasks`` (Nash-MTL).
+        rep_grad: aggregate gradients w.r.t. the shared representation ("-UB" variant).
+        diagnostics_every: see :class:`~mtl.strategies.base.Strategy`.
+    """
+
+    def __init__(
+        self,
+        *,
+        aggregator: Aggregator | functools.partial,
+        rep_grad: bool = False,
+        diagnostics_every: int = 0,
+    ) -> None:
+        super().__init__(rep_grad=rep_grad, diagnostics_every=diagnostics_every)
+        if not isinstance(aggregator, Aggregator) and not callable(aggregator):
+            raise ValueError(f"strategy aggregator must be a torchjd Aggregator, got {aggregator!r}")
+        is_agg = isinstance(aggregator, Aggregator)
+        self._make = None if is_agg else aggregator
+        self.aggregator = aggregator if is_agg else None
+
+    def setup(self, *, tasks, module) -> None:
+        super().setup(tasks=tasks, module=module)
+        if self.aggregator is None:
+            self.aggregator = self._make(n_tasks=len(tasks))
+        if not isinstance(self.aggregator, Aggregator):
+            raise ValueError(f"strategy aggregator must build a torchjd Aggregator, got {self.aggregator!r}")
+
+    def combine(self, jac: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if isinstance(self.aggregator, GradDrop):
+            direction = self.aggregator(jac)
+            return None, direction if self.rep_grad else sync_weights(direction)
+        weights = weights_from_gramian(self.aggregator, gram.double()).to(jac.device, jac.dtype)
+        return sync_weights(weights), jac

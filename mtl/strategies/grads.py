@@ -1,0 +1,169 @@
+"""Gradient plumbing shared by the strategies: flat device buffers, DDP averaging, BN freezing.
+
+No Lightning here: distributed reductions go through ``torch.distributed`` directly, so the
+strategies decide when (and what) to synchronise instead of relying on DDP's reducer, which
+only averages the first backward pass after a forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def world_size() -> int:
+    """Number of DDP ranks (1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """Averages ``t`` over the ranks in place (no-op in a single process)."""
+    n = world_size()
+    if n > 1:
+        dist.all_reduce(t)
+        t.div_(n)
+    return t
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sums ``t`` over the ranks in place (no-op in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_(t: torch.Tensor) -> torch.Tensor:
+    """Makes every rank hold rank 0's ``t`` (one synchronised result for solvers with randomness)."""
+    if world_size() > 1:
+        dist.broadcast(t, src=0)
+    return t
+
+
+def trainable(params: Iterator[nn.Parameter] | Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters that require gradients, without duplicates, in order."""
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class FlatGrad:
+    """One preallocated flat device vector backing the ``.grad`` of a list of parameters.
+
+    ``attach()`` points every parameter's ``.grad`` at its slice (the optimiser's
+    ``zero_grad(set_to_none=True)`` detaches them again), so a combined update can be written
+    with one ``matmul(..., out=flat)`` and synchronised with one all-reduce.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        self.flat: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+
+    def attach(self) -> torch.Tensor:
+        """Allocates the vector once (lazily, on the parameters' device), zeroes it, sets ``.grad``."""
+        if self.flat is None or self.flat.device != self.params[0].device:
+            p0 = self.params[0]
+            self.flat = torch.zeros(self.numel, device=p0.device, dtype=p0.dtype)
+            self.views = [v.view_as(p) for v, p in zip(self.flat.split(self.sizes), self.params, strict=True)]
+        else:
+            self.flat.zero_()
+        for p, v in zip(self.params, self.views, strict=True):
+            p.grad = v
+        return self.flat
+
+
+class TaskJacobian:
+    """A preallocated ``k × n`` device buffer: row ``i`` = task ``i``'s flattened gradient.
+
+    Rows are written with ``torch._foreach_copy_`` straight from autograd's outputs into
+    per-parameter views of the row: no concatenation temporaries, no CPU copies. The buffer
+    is reallocated only when ``n`` changes (e.g. a representation of another batch size).
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.buf: torch.Tensor | None = None
+        self.row_views: list[list[torch.Tensor]] = []
+        self.shapes: list[torch.Size] = []
+
+    def ensure(self, like: Sequence[torch.Tensor]) -> torch.Tensor:
+        shapes = [t.shape for t in like]
+        n = sum(t.numel() for t in like)
+        t0 = like[0]
+        if self.buf is None or self.shapes != shapes or self.buf.device != t0.device:
+            self.buf = torch.empty(self.k, n, device=t0.device, dtype=torch.float32)
+            self.shapes = shapes
+            sizes = [t.numel() for t in like]
+            self.row_views = [
+                [v.view(s) for v, s in zip(self.buf[i].split(sizes), shapes, strict=True)]
+                for i in range(self.k)
+            ]
+        return self.buf
+
+    def write(self, i: int, grads: Sequence[torch.Tensor]) -> None:
+        torch._foreach_copy_(self.row_views[i], list(grads))
+
+
+def task_grads(
+    loss: torch.Tensor, inputs: Sequence[torch.Tensor], *, retain_graph: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """``∂loss/∂inputs`` without touching ``.grad`` (so no DDP hook fires); zeros for unused inputs."""
+    return torch.autograd.grad(
+        loss, list(inputs), retain_graph=retain_graph, allow_unused=True, materialize_grads=True
+    )
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Extra forward passes (SAM's perturbed point, FAMO's look-ahead) leave BN running stats alone.
+
+    Sets ``momentum = 0`` on every batch-norm layer (running ← running), restoring it afterwards;
+    the layers still normalise with the batch statistics, as in the first pass.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [
+        (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+        for m in bns
+    ]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved, strict=True):
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def gramian_stats(gram: torch.Tensor, names: Sequence[str], weights: torch.Tensor | None) -> dict[str, float]:
+    """Diagnostics from the Gramian ``G = J Jᵀ``: norms, pairwise cosines, conflicting pairs, weights.
+
+    Keys are relative to ``train/``: ``grad/<t>/norm``, ``grad/cos/<a>-<b>``, ``grad/conflicts``,
+    ``grad/<t>/weight``.
+    """
+    g = gram.detach().double().cpu()
+    norms = g.diagonal().clamp_min(0).sqrt()
+    out = {f"grad/{t}/norm": float(norms[i]) for i, t in enumerate(names)}
+    conflicts = 0
+    for i, j in itertools.combinations(range(len(names)), 2):
+        cos = float(g[i, j] / (norms[i] * norms[j]).clamp_min(1e-30))
+        out[f"grad/cos/{names[i]}-{names[j]}"] = cos
+        conflicts += cos < 0
+    out["grad/conflicts"] = float(conflicts)
+    if weights is not None:
+        out.update({f"grad/{t}/weight": float(w) for t, w in zip(names, weights.detach().cpu(), strict=True)})
+    return out
