@@ -9,22 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
-from PIL import Image
 
 
 def _rng(seed: int | None):
     return np.random.default_rng(seed) if seed is not None else np.random
 
 
-def _resize(arr: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
-    """Resizes an (H, W) or (H, W, C) array to ``size`` = (h, w) channel by channel with PIL."""
-    h, w = size
-    if arr.dtype == np.uint8 and (arr.ndim == 2 or arr.shape[2] in (3, 4)):
-        return np.asarray(Image.fromarray(arr).resize((w, h), resample))
-    if arr.ndim == 2:
-        return np.asarray(Image.fromarray(arr.astype(np.float32), mode="F").resize((w, h), resample))
-    return np.stack([_resize(arr[..., c], size, resample) for c in range(arr.shape[2])], axis=-1)
+def _resize(arr: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """Resizes an (H, W) or (H, W, C) array to ``size`` = (h, w) with OpenCV (as the field does)."""
+    out = cv2.resize(arr, (size[1], size[0]), interpolation=interpolation)
+    return out[..., None] if arr.ndim == 3 and out.ndim == 2 else out
 
 
 class RandomScale:
@@ -58,19 +54,28 @@ def rescale(sample: dict, s: float) -> dict:
     out = {}
     for key, value in sample.items():
         if key == "image":
-            value = _resize(value, size, Image.BILINEAR)
+            value = _resize(value, size, cv2.INTER_LINEAR)
         elif key == "depth":
-            value = _resize(value, size, Image.NEAREST) / np.float32(s)
+            value = _resize(value, size, cv2.INTER_NEAREST) / np.float32(s)
         elif key == "normals":
-            valid = _resize((np.abs(value).sum(axis=2) > 0).astype(np.uint8), size, Image.NEAREST) > 0
-            value = _resize(value, size, Image.BILINEAR)
-            norm = np.sqrt((value * value).sum(axis=2, keepdims=True))
-            valid &= norm[..., 0] > 1e-6
-            value = np.where(valid[..., None], value / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
+            value = _rescale_normals(value, size)
         elif isinstance(value, np.ndarray) and value.ndim >= 2:
-            value = _resize(value, size, Image.NEAREST)
+            value = _resize(value, size, cv2.INTER_NEAREST)
         out[key] = value
     return out
+
+
+def _rescale_normals(value: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    # per-channel arithmetic: reductions over the last axis of (H, W, 3) are several times slower
+    valid_src = (value[..., 0] != 0) | (value[..., 1] != 0) | (value[..., 2] != 0)
+    valid = _resize(valid_src.view(np.uint8), size, cv2.INTER_NEAREST) > 0
+    value = _resize(value, size, cv2.INTER_LINEAR)
+    x, y, z = value[..., 0], value[..., 1], value[..., 2]
+    norm2 = x * x + y * y + z * z
+    valid &= norm2 > 1e-12
+    inv = np.where(valid, 1.0 / np.sqrt(np.maximum(norm2, 1e-12)), 0.0).astype(np.float32)
+    value *= inv[..., None]
+    return value
 
 
 class RandomCrop:
@@ -111,8 +116,9 @@ class RandomCrop:
         seg = sample.get("semseg")
         if seg is not None and self.cat_max_ratio < 1.0:
             for _ in range(10):
-                labels, counts = np.unique(seg[y : y + ch, x : x + cw], return_counts=True)
-                counts = counts[labels != self.ignore_index]
+                counts = np.bincount(seg[y : y + ch, x : x + cw].ravel(), minlength=256)
+                counts = np.delete(counts, self.ignore_index) if self.ignore_index < 256 else counts
+                counts = counts[counts > 0]
                 if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
                 y, x, ch, cw = self._window(h, w)

@@ -8,30 +8,8 @@ the image is clipped to [0, 255] after every step.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-
-
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """RGB in [0, 255] → HSV with hue in degrees [0, 360), saturation in [0, 1], value in [0, 255]."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    c = v - rgb.min(axis=-1)
-    safe_c = np.where(c > 0, c, 1.0)
-    h = np.where(v == r, (g - b) / safe_c, np.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c))
-    h = np.where(c > 0, (h * 60.0) % 360.0, 0.0)
-    s = np.where(v > 0, c / np.where(v > 0, v, 1.0), 0.0)
-    return np.stack([h, s, v], axis=-1)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb_to_hsv`."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-
-    def channel(n: float) -> np.ndarray:
-        k = (n + h / 60.0) % 6.0
-        return v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-
-    return np.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
 
 
 class PhotoMetricDistortion:
@@ -70,26 +48,28 @@ class PhotoMetricDistortion:
 
     def _contrast(self, img: np.ndarray) -> np.ndarray:
         if self._coin():
-            img = np.clip(img * self.rng.uniform(*self.contrast_range), 0, 255)
+            img = np.clip(img * np.float32(self.rng.uniform(*self.contrast_range)), 0, 255)
         return img
 
     def __call__(self, sample: dict) -> dict:
         img = sample["image"].astype(np.float32)
         if self._coin():
-            img = np.clip(img + self.rng.uniform(-self.brightness_delta, self.brightness_delta), 0, 255)
+            img = np.clip(
+                img + np.float32(self.rng.uniform(-self.brightness_delta, self.brightness_delta)), 0, 255
+            )
         contrast_first = self._coin()
         if contrast_first:
             img = self._contrast(img)
         do_sat, do_hue = self._coin(), self._coin()
         if do_sat or do_hue:
-            hsv = rgb_to_hsv(img)
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # float32: H in degrees, S in [0, 1], V in [0, 255]
             if do_sat:
                 hsv[..., 1] = np.clip(hsv[..., 1] * self.rng.uniform(*self.saturation_range), 0, 1)
             if do_hue:
                 # an integer in [-hue_delta, hue_delta] in OpenCV units, i.e. 2° steps
                 shift = 2.0 * float(np.floor(self.rng.uniform(-self.hue_delta, self.hue_delta + 1)))
                 hsv[..., 0] = (hsv[..., 0] + shift) % 360.0
-            img = np.clip(hsv_to_rgb(hsv), 0, 255)
+            img = np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 255)
         if not contrast_first:
             img = self._contrast(img)
         return {**sample, "image": np.rint(img).astype(np.uint8)}

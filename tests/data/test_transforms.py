@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from mtl.data.geometric import RandomCrop, RandomScale, rescale
-from mtl.data.photometric import PhotoMetricDistortion, hsv_to_rgb, rgb_to_hsv
+from mtl.data.photometric import PhotoMetricDistortion
 from mtl.data.transforms import Compose, Pad, RandomHorizontalFlip, ToTensor, build_transform
 
 BLOCK, N = 16, 8  # 8×8 blocks of 16 px: a 128×128 sample
@@ -147,12 +147,21 @@ def test_photometric_changes_only_the_image():
     assert changed >= 6
 
 
-def test_hsv_round_trip():
-    rgb = np.random.default_rng(0).uniform(0, 255, size=(64, 3))
-    np.testing.assert_allclose(hsv_to_rgb(rgb_to_hsv(rgb)), rgb, atol=1e-6)
-    np.testing.assert_allclose(
-        rgb_to_hsv(np.array([[255.0, 0, 0], [0, 255, 0]])), [[0, 1, 255], [120, 1, 255]]
+def test_photometric_hue_and_saturation_are_exact_on_grey_and_pure_colours():
+    grey = {"image": np.full((4, 4, 3), 100, np.uint8)}
+    for seed in range(6):  # hue and saturation leave grey alone; brightness/contrast keep it grey
+        out = PhotoMetricDistortion(seed=seed)(grey)["image"]
+        assert (out == out[..., :1]).all()
+    red = {"image": np.zeros((2, 2, 3), np.uint8) + np.array([255, 0, 0], np.uint8)}
+    shift = PhotoMetricDistortion(
+        brightness_delta=0, contrast_range=(1, 1), saturation_range=(1, 1), hue_delta=60
     )
+    hues = set()
+    for _ in range(40):
+        img = shift(red)["image"][0, 0].astype(int)
+        assert img.max() == 255 and img.min() == 0  # a pure colour stays pure: only the hue moves
+        hues.add(tuple(img))
+    assert len(hues) > 3
 
 
 def test_build_transform_train_and_test_pipelines():
