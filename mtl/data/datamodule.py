@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from mtl.data.base import FolderDataset
 from mtl.data.transforms import build_transform
 
 
@@ -110,8 +111,8 @@ class MTLDataModule(L.LightningDataModule):
 
     def _make(self, split: str, transform: Callable[[dict], dict]) -> Dataset:
         kwargs = dict(self.split_kwargs.get(split, {}))
-        if self.skip_bad_samples:
-            kwargs["skip_bad_samples"] = True
+        if self.skip_bad_samples and issubclass(_dataset_class(self.dataset_fn), FolderDataset):
+            kwargs["skip_bad_samples"] = True  # on-disk datasets only: rendered samples cannot be bad
         return self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
 
     def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
