@@ -72,7 +72,7 @@ class FlatMTL(GradientAggregation):
         if add:
             out.addmv_(jac.T, w)
         else:
-            torch.matmul(w, jac, out=out)
+            torch.mv(jac.T, w, out=out)
         return w
 
     def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:

@@ -62,7 +62,7 @@ class FlatGrad:
 
     ``attach()`` points every parameter's ``.grad`` at its slice (the optimiser's
     ``zero_grad(set_to_none=True)`` detaches them again), so a combined update can be written
-    with one ``matmul(..., out=flat)`` and synchronised with one all-reduce.
+    with one ``torch.mv(..., out=flat)`` and synchronised with one all-reduce.
     """
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:

@@ -12,7 +12,7 @@ The machinery under every gradient-aggregation strategy. One step:
 3. A non-finite Gramian poisons ``.grad`` with NaN so the fp16 scaler skips the step.
 4. ``combine`` maps the Gramian (or, for coordinate-wise rules, the rows) to task weights;
    rank 0's weights are broadcast: one synchronised result.
-5. Shared direction ``wᵀJ`` written with one ``matmul(out=...)`` into the flat ``.grad``
+5. Shared direction ``wᵀJ`` written with one ``torch.mv(..., out=...)`` into the flat ``.grad``
    (parameter level), or pushed through the encoder in one backward (representation level,
    the "-UB" trick of Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
    NeurIPS 2018), then the task-specific (and, at representation level, all) gradients are
@@ -178,7 +178,7 @@ class PerTaskGradients(Strategy):
         if weights is None:
             out.copy_(rows)
         else:
-            torch.matmul(weights.to(rows.dtype), rows, out=out)
+            torch.mv(rows.T, weights.to(rows.dtype), out=out)
 
     def apply(
         self,
