@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters injected into backbones: LoRA and MTLoRA."""
