@@ -83,7 +83,10 @@ class MultiTaskNet(nn.Module):
         return fn() if callable(fn) else None
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        """Parameters used only by ``task``: its decoder branch and its head."""
+        """Parameters used only by ``task``: task-specific backbone adapters, its decoder branch, its head."""
+        backbone_specific = getattr(self.backbone, "task_parameters", None)
+        if callable(backbone_specific):
+            yield from backbone_specific(task)
         per_task = getattr(self.decoder, "per_task", None)
         if per_task is not None and task in per_task:
             yield from per_task[task].parameters()
