@@ -45,6 +45,7 @@ class MTLDataModule(L.LightningDataModule):
             training pipeline (``hflip``, ``scale``, ``crop``, ``cat_max_ratio``,
             ``photometric``); default: horizontal flips only.
         pad_to: ``(h, w)`` every sample of every split is padded to (``None``: no padding).
+        resize: ``(h, w)`` every sample of every split is first resized to (``None``: native size).
         skip_bad_samples: log and skip missing or corrupt samples instead of raising
             (on-disk datasets only; passed to the dataset constructor when set).
         pin_memory: pin host memory (useful on GPUs).
@@ -65,6 +66,7 @@ class MTLDataModule(L.LightningDataModule):
         val_split: str = "val",
         augment: Mapping | None = None,
         pad_to: Sequence[int] | None = None,
+        resize: Sequence[int] | None = None,
         skip_bad_samples: bool = False,
         pin_memory: bool = False,
         split_kwargs: Mapping[str, Mapping] | None = None,
@@ -95,6 +97,7 @@ class MTLDataModule(L.LightningDataModule):
                 "cat_max_ratio, photometric"
             )
         self.pad_to = tuple(pad_to) if pad_to is not None else None
+        self.resize = tuple(resize) if resize is not None else None
         self.input_size = tuple(input_size) if input_size is not None else None
         self.skip_bad_samples = skip_bad_samples
         self.pin_memory = pin_memory
@@ -104,10 +107,11 @@ class MTLDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            train_tf = build_transform(train=True, pad_to=self.pad_to, **self.augment)
+            train_tf = build_transform(train=True, pad_to=self.pad_to, resize=self.resize, **self.augment)
             self.train_set = self._make(self.train_split, train_tf)
         if self.val_set is None:
-            self.val_set = self._make(self.val_split, build_transform(train=False, pad_to=self.pad_to))
+            test_tf = build_transform(train=False, pad_to=self.pad_to, resize=self.resize)
+            self.val_set = self._make(self.val_split, test_tf)
 
     def _make(self, split: str, transform: Callable[[dict], dict]) -> Dataset:
         kwargs = dict(self.split_kwargs.get(split, {}))

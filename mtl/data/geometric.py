@@ -47,10 +47,16 @@ class RandomScale:
         return rescale(sample, s)
 
 
-def rescale(sample: dict, s: float) -> dict:
-    """Applies :class:`RandomScale`'s resampling rules for a given factor ``s``."""
+def rescale(sample: dict, s: float, size: tuple[int, int] | None = None) -> dict:
+    """Applies :class:`RandomScale`'s resampling rules for a factor ``s`` (or to a fixed ``size``).
+
+    With ``size``, depth is divided by the geometric mean of the two axis factors.
+    """
     h, w = sample["image"].shape[:2]
-    size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+    if size is None:
+        size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+    else:
+        s = float(np.sqrt(size[0] / h * size[1] / w))
     out = {}
     for key, value in sample.items():
         if key == "image":
@@ -76,6 +82,30 @@ def _rescale_normals(value: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     inv = np.where(valid, 1.0 / np.sqrt(np.maximum(norm2, 1e-12)), 0.0).astype(np.float32)
     value *= inv[..., None]
     return value
+
+
+class Resize:
+    """Resizes the image and every task map to a fixed ``(h, w)`` with :func:`rescale`'s rules.
+
+    For recipes that train and test at one fixed size (MTLoRA's 448×448 PASCAL-Context) rather
+    than padding. Evaluation then happens at that size.
+
+    Args:
+        size: ``(h, w)``.
+    """
+
+    def __init__(self, size: Sequence[int]) -> None:
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"Resize: size must be (h, w) of positive ints, got {size}")
+        self.size = (int(size[0]), int(size[1]))
+
+    def __call__(self, sample: dict) -> dict:
+        if sample["image"].shape[:2] == self.size:
+            return sample
+        out = rescale(sample, 1.0, size=self.size)
+        if isinstance(out.get("meta"), dict):  # the unpadded size evaluation crops to
+            out["meta"] = {**out["meta"], "size": self.size}
+        return out
 
 
 class RandomCrop:

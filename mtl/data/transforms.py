@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtl.data.geometric import RandomCrop, RandomScale
+from mtl.data.geometric import RandomCrop, RandomScale, Resize
 from mtl.data.photometric import PhotoMetricDistortion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,6 +172,7 @@ def build_transform(
     cat_max_ratio: float = 0.75,
     photometric: bool = False,
     pad_to: Sequence[int] | None = None,
+    resize: Sequence[int] | None = None,
 ) -> Compose:
     """Assembles the train or test pipeline.
 
@@ -183,11 +184,12 @@ def build_transform(
         cat_max_ratio: :class:`RandomCrop`'s class-dominance limit.
         photometric: add :class:`~mtl.data.photometric.PhotoMetricDistortion`.
         pad_to: ``(h, w)`` of :class:`Pad`, or ``None``.
+        resize: ``(h, w)`` every sample is first resized to (train and test), or ``None``.
 
     Returns:
         A :class:`Compose`.
     """
-    steps: list[Callable[[dict], dict]] = []
+    steps: list[Callable[[dict], dict]] = [Resize(resize)] if resize is not None else []
     if train:
         if scale is not None:
             steps.append(RandomScale(scale))

@@ -180,3 +180,15 @@ def test_build_transform_train_and_test_pipelines():
     out = Compose(train.transforms)(coordinate_sample())
     assert out["image"].shape == (3, 64, 64) and out["normals"].shape == (3, 64, 64)
     assert test(coordinate_sample())["semseg"].shape == (130, 130)
+
+
+def test_resize_to_fixed_size_keeps_maps_aligned():
+    from mtl.data.geometric import Resize
+
+    out = Resize((96, 96))(coordinate_sample())
+    assert out["image"].shape == (96, 96, 3) and out["meta"]["size"] == (96, 96)
+    assert_aligned(out, 96 / 128, flipped=False)
+    stretched = Resize((64, 128))(coordinate_sample())
+    assert all(v.shape[:2] == (64, 128) for v in stretched.values() if isinstance(v, np.ndarray))
+    tf = build_transform(train=False, resize=(64, 64), pad_to=(64, 64))
+    assert [type(t).__name__ for t in tf.transforms] == ["Resize", "ToTensor", "Pad"]
