@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from mtl.metrics.delta_m import delta_m
 from mtl.model import MultiTaskNet
 from mtl.optim import build_scheduler, param_groups
 from mtl.strategies import FixedWeights, Strategy
@@ -35,6 +36,9 @@ class MTLModule(L.LightningModule):
         grad_clip: max global gradient norm (``None`` or 0 disables clipping).
         no_decay_1d: exclude biases and norm parameters from weight decay.
         log_images: log ground-truth/prediction pictures of the first validation batch.
+        baseline: single-task reference metrics ``{task}/{metric}`` (``configs/baselines/``);
+            when given, ``{stage}/delta_m`` (percent, positive = better) is logged at every
+            validation / test epoch end.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class MTLModule(L.LightningModule):
         grad_clip: float | None = None,
         no_decay_1d: bool = True,
         log_images: bool = True,
+        baseline: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if list(tasks) != list(model.tasks):
@@ -62,6 +67,11 @@ class MTLModule(L.LightningModule):
         self.grad_clip = grad_clip
         self.no_decay_1d = no_decay_1d
         self.log_images_enabled = log_images
+        self.baseline = {str(k): float(v) for k, v in baseline.items()} if baseline else None
+        for t, task in self.tasks.items() if self.baseline else ():
+            if not any(f"{t}/{m}" in self.baseline for m in task.delta_m_metrics):
+                wanted = [f"{t}/{m}" for m in task.delta_m_metrics]
+                raise ValueError(f"baseline has none of {wanted}; it holds {sorted(self.baseline)}")
         self.metrics = nn.ModuleDict(
             {s: nn.ModuleDict({t: task.metric() for t, task in self.tasks.items()}) for s in STAGES}
         )
@@ -133,10 +143,12 @@ class MTLModule(L.LightningModule):
             log_images(self.loggers, stage, pictures, step=self.global_step)
 
     def _eval_epoch_end(self, stage: str) -> None:
+        values: dict[str, float] = {}
         for t, metric in self.metrics[stage].items():
             if not metric.update_called:
                 continue
             for k, v in metric.compute().items():
+                values[f"{stage}/{t}/{k}"] = float(v)
                 if k.startswith("iou_"):  # per-class IoU: eval.py reports them
                     continue
                 self.log(
@@ -146,6 +158,9 @@ class MTLModule(L.LightningModule):
                     prog_bar=(k == self.tasks[t].main_metric),
                 )
             metric.reset()
+        if self.baseline and len(values):
+            dm = delta_m(values, self.baseline, self.tasks, stage=stage)
+            self.log(f"{stage}/delta_m", dm, sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)

@@ -3,7 +3,11 @@
 Saliency maxF follows the protocol of the multi-task literature (ATRC / InvPT): precision
 and recall pooled over the whole split at thresholds 0.05, 0.10, …, 0.95, then
 F_β = (1 + β²)·P·R / (β²·P + R) with β² = 0.3, maximised over thresholds. Probabilities are
-taken as ``sigmoid(logit)`` once (no second squeeze, see REFERENCE.md).
+taken as ``sigmoid(logit)`` once (no second squeeze, see REFERENCE.md). Saliency mIoU follows
+the ASTMT / ATRC meter (K.-K. Maninis et al., "Attentive Single-Tasking of Multiple Tasks",
+CVPR 2019): per image, the Jaccard index of ``prob > t`` with the ground truth at 15
+thresholds ``linspace(0.2, 0.9, 15)`` (1 when both are empty), averaged over images, best
+threshold. The per-threshold sums and the image count are sum states.
 
 :class:`ApproxEdgeF` is the cheap validation-time boundary score: predictions binarised at
 one threshold, a prediction pixel counts as correct if a ground-truth boundary lies within
@@ -48,6 +52,10 @@ class SaliencyMaxF(Metric):
         n = len(thr)
         for name in ("tp", "pred_pos", "gt_pos"):
             self.add_state(name, default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        iou_thr = torch.linspace(0.2, 0.9, 15, dtype=torch.float64).float()
+        self.register_buffer("iou_thresholds", iou_thr, persistent=False)
+        self.add_state("iou_sum", default=torch.zeros(15, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Adds ``B × 1 × H × W`` logits and binary targets."""
@@ -58,12 +66,25 @@ class SaliencyMaxF(Metric):
         self.tp += (above & gt[None]).sum(dim=1).double()
         self.pred_pos += above.sum(dim=1).double()
         self.gt_pos += gt.sum().double()
+        self._update_iou(torch.sigmoid(logits.float()).reshape(target.shape[0], -1), target)
+
+    def _update_iou(self, prob: torch.Tensor, target: torch.Tensor) -> None:
+        target = target.reshape(prob.shape)
+        valid = target != self.ignore_index
+        gt = (target > 0.5) & valid
+        above = (prob[:, None, :] > self.iou_thresholds.to(prob.device)[None, :, None]) & valid[:, None]
+        inter = (above & gt[:, None]).sum(-1).double()  # (B, T)
+        union = (above | gt[:, None]).sum(-1).double()
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        self.iou_sum += iou.sum(0)
+        self.n_images += prob.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``maxf``."""
+        """Returns ``maxf`` and ``miou``."""
         p = self.tp / self.pred_pos.clamp(min=1)
         r = self.tp / self.gt_pos.clamp(min=1)
-        return {"maxf": _f_measure(p, r, self.beta2).max().float()}
+        miou = (self.iou_sum / self.n_images.clamp(min=1)).max()
+        return {"maxf": _f_measure(p, r, self.beta2).max().float(), "miou": miou.float()}
 
 
 class ApproxEdgeF(Metric):

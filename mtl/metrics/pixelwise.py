@@ -1,8 +1,21 @@
 """Pixel-wise regression metrics for depth and surface normals, pooled over the split.
 
-Conventions follow the NYUD-v2 multi-task literature (Eigen & Fergus, ICCV 2015;
-Vandenhende et al., TPAMI 2021): errors are summed over every valid pixel of the split and
-divided by the number of valid pixels, never averaged per image.
+Conventions follow the NYUD-v2 literature (D. Eigen, R. Fergus, "Predicting Depth, Surface
+Normals and Semantic Labels with a Common Multi-Scale Convolutional Architecture", ICCV 2015;
+S. Vandenhende et al., "Multi-Task Learning for Dense Prediction Tasks: A Survey", TPAMI
+2021): every error is summed over every valid pixel of the split and divided by the number
+of valid pixels, never averaged per image. All states are sums, so DDP pools them exactly.
+
+Depth (valid: ground truth > ``min_depth``): ``rmse`` = √mean((p − g)²), ``abs_rel`` =
+mean(|p − g| / g), ``log_rmse`` = √mean((ln p − ln g)²) with predictions clamped to
+``min_pred`` first (ATRC clamps non-positive predictions to 1e-9), and ``delta1..3`` = the
+fraction of pixels with max(p/g, g/p) < 1.25, 1.25², 1.25³.
+
+Normals (valid: ground-truth vector of non-zero length; predictions L2-normalised): angular
+error in degrees; ``mean``, ``rmse``, ``median`` and the percentages ``within_11_25``,
+``within_22_5``, ``within_30``. The median needs every error; it is read off a 0.001°
+histogram of the errors (a sum state, 180 000 bins) with linear interpolation inside the
+bin, so it is exact to well below 0.001°.
 """
 
 from __future__ import annotations
@@ -12,59 +25,122 @@ import math
 import torch
 from torchmetrics import Metric
 
+_DEPTH_SUMS = ("sq_err", "abs_rel", "sq_log", "delta1", "delta2", "delta3")
+
 
 class DepthMetric(Metric):
-    """Depth RMSE over valid pixels (ground truth > 0).
+    """Depth RMSE, abs-rel, log-RMSE and δ accuracies over valid pixels.
 
     Args:
         min_depth: ground-truth values at or below this are missing.
+        min_pred: predictions are clamped to at least this before logs and ratios.
     """
 
     full_state_update = False
 
-    def __init__(self, min_depth: float = 0.0) -> None:
+    def __init__(self, min_depth: float = 0.0, min_pred: float = 1e-9) -> None:
         super().__init__()
         self.min_depth = min_depth
-        self.add_state("sq_err", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.min_pred = min_pred
+        for name in _DEPTH_SUMS:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Adds a batch of ``B × 1 × H × W`` predictions and targets (metres)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"depth prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         valid = target > self.min_depth
-        diff = (pred.float() - target.float())[valid]
-        self.sq_err += diff.double().pow(2).sum()
+        g = target.double()[valid]
+        p = pred.double()[valid]
+        pc = p.clamp(min=self.min_pred)
+        ratio = torch.maximum(pc / g, g / pc)
+        self.sq_err += (p - g).pow(2).sum()
+        self.abs_rel += ((p - g).abs() / g).sum()
+        self.sq_log += (pc.log() - g.log()).pow(2).sum()
+        for k in (1, 2, 3):
+            setattr(self, f"delta{k}", getattr(self, f"delta{k}") + (ratio < 1.25**k).sum())
         self.count += valid.sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``rmse``."""
-        return {"rmse": (self.sq_err / self.count.clamp(min=1)).sqrt().float()}
+        """Returns ``rmse``, ``abs_rel``, ``log_rmse``, ``delta1``, ``delta2``, ``delta3``."""
+        n = self.count.clamp(min=1).double()
+        out = {
+            "rmse": (self.sq_err / n).sqrt(),
+            "abs_rel": self.abs_rel / n,
+            "log_rmse": (self.sq_log / n).sqrt(),
+        }
+        out.update({f"delta{k}": getattr(self, f"delta{k}") / n for k in (1, 2, 3)})
+        return {k: v.float() for k, v in out.items()}
 
 
 class NormalsMetric(Metric):
-    """Mean angular error (degrees) of surface normals over valid pixels.
+    """Angular error statistics (degrees) of surface normals over valid pixels.
 
-    A pixel is valid where the ground-truth normal has non-zero length; predictions are
-    L2-normalised before the angle is taken.
+    Args:
+        bin_deg: width of the histogram bins used for the median.
     """
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, bin_deg: float = 0.001) -> None:
         super().__init__()
-        self.add_state("sum_deg", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.bin_deg = bin_deg
+        self.n_bins = int(math.ceil(180.0 / bin_deg))
+        for name in ("sum_deg", "sum_sq"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("count", "within_11_25", "within_22_5", "within_30"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("hist", default=torch.zeros(self.n_bins, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Adds a batch of ``B × 3 × H × W`` predictions and unit-vector targets."""
-        pred, target = pred.float(), target.float()
-        valid = target.abs().sum(dim=1) > 0  # zero vector = invalid
+    @staticmethod
+    def angles(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Angular errors (degrees, float64) of the valid pixels of ``B × 3 × H × W`` maps."""
+        pred, target = pred.double(), target.double()
+        valid = (target * target).sum(dim=1) > 0  # zero vector = invalid
         dot = (pred * target).sum(dim=1)
         norms = ((pred * pred).sum(dim=1) * (target * target).sum(dim=1)).clamp(min=1e-24).sqrt()
         cos = (dot / norms).clamp(-1.0, 1.0)[valid]
-        self.sum_deg += torch.rad2deg(torch.acos(cos)).double().sum()
-        self.count += valid.sum()
+        return torch.rad2deg(torch.acos(cos))
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Adds a batch of ``B × 3 × H × W`` predictions and unit-vector targets."""
+        if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 3:
+            raise ValueError(
+                f"normals prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
+                "must both be B × 3 × H × W"
+            )
+        deg = self.angles(pred, target)
+        self.sum_deg += deg.sum()
+        self.sum_sq += deg.pow(2).sum()
+        self.count += deg.numel()
+        self.within_11_25 += (deg < 11.25).sum()
+        self.within_22_5 += (deg < 22.5).sum()
+        self.within_30 += (deg < 30.0).sum()
+        idx = (deg / self.bin_deg).long().clamp(max=self.n_bins - 1)
+        self.hist += torch.bincount(idx, minlength=self.n_bins)
+
+    def _median(self) -> torch.Tensor:
+        n = int(self.count)
+        cum = self.hist.cumsum(0)
+        half = n / 2.0
+        b = int(torch.searchsorted(cum, torch.tensor(half, dtype=cum.dtype).ceil().clamp(min=1)))
+        before = int(cum[b - 1]) if b > 0 else 0
+        inside = max(int(self.hist[b]), 1)
+        return torch.tensor((b + (half - before) / inside) * self.bin_deg, dtype=torch.float64)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``mean`` (degrees)."""
-        mean = self.sum_deg / self.count.clamp(min=1)
-        return {"mean": mean.float() if self.count > 0 else torch.tensor(math.nan)}
+        """Returns ``mean``, ``median``, ``rmse`` (degrees) and ``within_*`` (percent)."""
+        if self.count == 0:
+            nan = torch.tensor(math.nan)
+            return {k: nan for k in ("mean", "median", "rmse", "within_11_25", "within_22_5", "within_30")}
+        n = self.count.double()
+        out = {
+            "mean": self.sum_deg / n,
+            "median": self._median(),
+            "rmse": (self.sum_sq / n).sqrt(),
+            "within_11_25": 100.0 * self.within_11_25 / n,
+            "within_22_5": 100.0 * self.within_22_5 / n,
+            "within_30": 100.0 * self.within_30 / n,
+        }
+        return {k: v.float() for k, v in out.items()}

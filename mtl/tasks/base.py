@@ -29,6 +29,20 @@ def palette(n: int = 256) -> np.ndarray:
     return cmap
 
 
+# anchors of matplotlib's "viridis" (0, .25, .5, .75, 1), linearly interpolated
+_VIRIDIS = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → ``… × 3`` uint8 colours of a perceptually ordered (viridis-like) map."""
+    v = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.minimum(v.astype(np.int64), len(_VIRIDIS) - 2)
+    frac = (v - lo)[..., None]
+    return ((1 - frac) * _VIRIDIS[lo] + frac * _VIRIDIS[lo + 1]).round().astype(np.uint8)
+
+
 class Task(ABC):
     """One dense prediction task.
 
@@ -41,6 +55,10 @@ class Task(ABC):
         main_metric: key of the metric used for Δm and model selection.
         higher_is_better: direction of ``main_metric``.
         out_channels: channels of the raw prediction.
+        directions: every reported metric → ``True`` when higher is better (the ↑/↓ of the
+            published tables and the sign in Δm); metrics not listed are diagnostics.
+        delta_m_metrics: metrics that may stand for the task in Δm, in order of preference
+            (the first one present in both the model's and the baseline's results is used).
     """
 
     name: str = ""
@@ -48,6 +66,8 @@ class Task(ABC):
     main_metric: str = ""
     higher_is_better: bool = True
     out_channels: int = 1
+    directions: dict[str, bool] = {}
+    delta_m_metrics: tuple[str, ...] = ()
 
     @abstractmethod
     def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -56,6 +76,18 @@ class Task(ABC):
     @abstractmethod
     def metric(self) -> Metric:
         """A fresh metric; ``compute()`` returns a dict of named scalars."""
+
+    def eval_metric(self, **options) -> Metric:
+        """The metric of ``eval.py`` (default: :meth:`metric`); ``options`` come from its config."""
+        return self.metric()
+
+    def metric_direction(self, key: str) -> bool | None:
+        """``True``/``False`` if ``key`` is higher/lower-is-better, ``None`` for diagnostics."""
+        if key in self.directions:
+            return self.directions[key]
+        if key.startswith("iou_"):
+            return True
+        return None
 
     @abstractmethod
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torchmetrics import Metric
 
 from mtl.metrics import DepthMetric
-from mtl.tasks.base import Task
+from mtl.tasks.base import Task, colormap
 from mtl.tasks.losses import masked_l1
 
 
@@ -20,13 +20,22 @@ class Depth(Task):
 
     Args:
         weight: loss weight override.
-        max_display: depth mapped to white in pictures.
+        max_display: depth (metres) at the top of the pictures' colour map.
     """
 
     name = "depth"
     default_weight = 1.0
     main_metric = "rmse"
     higher_is_better = False
+    directions = {
+        "rmse": False,
+        "abs_rel": False,
+        "log_rmse": False,
+        "delta1": True,
+        "delta2": True,
+        "delta3": True,
+    }
+    delta_m_metrics = ("rmse",)
     out_channels = 1
 
     def __init__(self, *, weight: float | None = None, max_display: float = 10.0) -> None:
@@ -45,5 +54,7 @@ class Depth(Task):
         return pred
 
     def _to_rgb(self, value: torch.Tensor) -> np.ndarray:
-        v = (value[0].numpy() / self.max_display).clip(0, 1)
-        return np.repeat((v * 255).astype(np.uint8)[..., None], 3, axis=-1)
+        d = value[0].numpy()
+        rgb = colormap(d / self.max_display)
+        rgb[d <= 0] = 0  # missing depth: black
+        return rgb

@@ -1,14 +1,19 @@
 """Boundary detection: binary edge map, balanced BCE with positive weight 0.95, weight 50.
 
-Loss as in ATRC / InvPT / TaskExpert. The validation metric here is the cheap approximate
-F-measure of :class:`mtl.metrics.ApproxEdgeF`; the SEISM odsF is computed by ``eval.py``.
+Loss as in ATRC / InvPT / TaskExpert. Two metrics:
+
+* training validation: the cheap approximate F-measure of :class:`mtl.metrics.ApproxEdgeF`
+  (one threshold, a pixel tolerance by max-pooling), key ``f``;
+* ``eval.py``: the exact odsF / oisF / AP of the SEISM protocol
+  (:class:`mtl.metrics.SEISMEdgeF`, keys ``odsf``, ``oisf``, ``ap``), which the published
+  tables report.
 """
 
 from __future__ import annotations
 
 from torchmetrics import Metric
 
-from mtl.metrics import ApproxEdgeF
+from mtl.metrics import ApproxEdgeF, SEISMEdgeF
 from mtl.tasks.saliency import Saliency
 
 
@@ -26,6 +31,8 @@ class Edge(Saliency):
     default_weight = 50.0
     main_metric = "f"
     higher_is_better = True
+    directions = {"f": True, "odsf": True, "oisf": True, "ap": True}
+    delta_m_metrics = ("odsf", "f")
 
     def __init__(
         self,
@@ -41,3 +48,24 @@ class Edge(Saliency):
 
     def metric(self) -> Metric:
         return ApproxEdgeF(threshold=self.threshold, radius=self.radius)
+
+    def eval_metric(
+        self,
+        *,
+        exact: bool = True,
+        max_dist: float = 0.011,
+        workers: int = 0,
+        start_method: str = "forkserver",
+    ) -> Metric:
+        """SEISM odsF / oisF / AP (``exact``), or the approximate F of training validation.
+
+        Args:
+            exact: use the SEISM protocol.
+            max_dist: matching tolerance, fraction of the image diagonal (NYUD-v2 0.011,
+                PASCAL-Context 0.0075).
+            workers: worker processes for the per-image evaluation (0: in-process).
+            start_method: multiprocessing start method of the workers.
+        """
+        if not exact:
+            return self.metric()
+        return SEISMEdgeF(max_dist=max_dist, workers=workers, start_method=start_method)

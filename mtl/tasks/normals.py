@@ -31,6 +31,15 @@ class Normals(Task):
     default_weight = 10.0
     main_metric = "mean"
     higher_is_better = False
+    directions = {
+        "mean": False,
+        "median": False,
+        "rmse": False,
+        "within_11_25": True,
+        "within_22_5": True,
+        "within_30": True,
+    }
+    delta_m_metrics = ("mean",)
     out_channels = 3
 
     def __init__(self, *, weight: float | None = None) -> None:

@@ -27,6 +27,8 @@ class Saliency(Task):
     default_weight = 5.0
     main_metric = "maxf"
     higher_is_better = True
+    directions = {"maxf": True, "miou": True}
+    delta_m_metrics = ("maxf",)
     out_channels = 1
 
     def __init__(self, *, pos_weight: float | None = None, weight: float | None = None) -> None:

@@ -28,6 +28,8 @@ class SemSeg(Task):
     default_weight = 1.0
     main_metric = "miou"
     higher_is_better = True
+    directions = {"miou": True, "pixel_acc": True}
+    delta_m_metrics = ("miou",)
 
     def __init__(self, *, num_classes: int, ignore_index: int = 255, weight: float | None = None) -> None:
         if num_classes < 2:
