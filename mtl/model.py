@@ -82,6 +82,39 @@ class MultiTaskNet(nn.Module):
         fn = getattr(self.decoder, "aux_loss", None)
         return fn() if callable(fn) else None
 
+    def intermediate_losses(self, tasks: Mapping, batch: dict) -> dict[str, torch.Tensor]:
+        """Weighted losses of the decoder's intermediate task features (deep supervision), if any.
+
+        A decoder opts in with ``intermediate_features() -> list[dict[task, B×D×h×w]]`` (from its
+        last forward) and ``intermediate_weight``; each feature goes through the task's head.
+        """
+        fn = getattr(self.decoder, "intermediate_features", None)
+        levels = fn() if callable(fn) else []
+        if not levels:
+            return {}
+        weight = float(getattr(self.decoder, "intermediate_weight", 1.0))
+        size = tuple(batch["image"].shape[-2:])
+        out: dict[str, torch.Tensor] = {}
+        for feats in levels:
+            for t, pred in self.heads({t: f for t, f in feats.items() if t in tasks}, size=size).items():
+                out[t] = out.get(t, 0) + weight * tasks[t].loss(pred, batch)
+        return out
+
+    def validation_stats(self) -> dict[str, torch.Tensor]:
+        """Decoder statistics gathered by eval-mode forwards since the last reset (e.g. gate means)."""
+        fn = getattr(self.decoder, "validation_stats", None)
+        return fn() if callable(fn) else {}
+
+    def reset_validation_stats(self) -> None:
+        fn = getattr(self.decoder, "reset_validation_stats", None)
+        if callable(fn):
+            fn()
+
+    def visual_maps(self, index: int = 0, *, size: tuple[int, int]) -> dict:
+        """Extra pictures of the decoder's last eval forward (e.g. gate maps), name → H×W×3 uint8."""
+        fn = getattr(self.decoder, "visual_maps", None)
+        return fn(index, size=size) if callable(fn) else {}
+
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters used only by ``task``: task-specific backbone adapters, its decoder branch, its head."""
         backbone_specific = getattr(self.backbone, "task_parameters", None)

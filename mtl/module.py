@@ -80,8 +80,12 @@ class MTLModule(L.LightningModule):
         return self.model(x, **kwargs)
 
     def task_losses(self, preds: Mapping[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        """Unweighted loss of every task."""
-        return {t: task.loss(preds[t], batch) for t, task in self.tasks.items()}
+        """Unweighted loss of every task (while training, plus the decoder's intermediate supervision)."""
+        losses = {t: task.loss(preds[t], batch) for t, task in self.tasks.items()}
+        if self.training:
+            for t, extra in self.model.intermediate_losses(self.tasks, batch).items():
+                losses[t] = losses[t] + extra
+        return losses
 
     def weighted_total(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Σ default_weight · loss: the strategy-independent total used for logging and selection."""
@@ -165,14 +169,28 @@ class MTLModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
 
+    def on_validation_epoch_start(self) -> None:
+        self.model.reset_validation_stats()
+
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
+        self._log_model_stats("val")
+
+    def _log_model_stats(self, stage: str) -> None:
+        """The model's own validation statistics (e.g. TaskExpert's gate means) as ``{stage}/<key>``."""
+        for k, v in self.model.validation_stats().items():
+            self.log(f"{stage}/{k}", v, sync_dist=True)
+        self.model.reset_validation_stats()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("test", batch, batch_idx)
 
+    def on_test_epoch_start(self) -> None:
+        self.model.reset_validation_stats()
+
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        self._log_model_stats("test")
 
     # ------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -1,0 +1,263 @@
+"""TaskExpert: memorial mixture-of-experts decoder.
+
+Ye & Xu, "TaskExpert: Dynamically Assembling Multi-Task Representations with Memorial
+Mixture-of-Experts", ICCV 2023. The authors never released code; this implements the paper's
+description (``../shared/REFERENCE.md``):
+
+* at every tapped backbone layer a *memorial MoE* module decomposes the layer's feature into
+  ``num_experts`` task-generic features with expert networks;
+* per task, a gating network assembles a task-specific feature **per sample and per pixel** as a
+  convex combination of those experts plus the task's slot of a multi-task feature memory, read as
+  one more expert;
+* the assembled feature is written into the task's memory slot at every tapped layer;
+* after the last tapped layer the memory feeds each task's prediction head.
+
+Choices the paper leaves open, all constructor arguments (defaults and the reason for each):
+
+* ``num_experts = 8`` (not stated): twice the task count of NYUD-v2, enough for specialised
+  task-generic spaces; cost and parameters grow linearly, so it is a cheap knob to sweep.
+* Expert shape: a two-layer network ``conv_k(C → expert_hidden) → GELU → conv_1(→ channels)``,
+  ``expert_kernel = 1`` (a per-pixel MLP, the transformer's own token MLP, so each expert is a
+  learned re-projection of the backbone feature space), ``expert_hidden = channels``. Experts are
+  separate per tapped layer (each layer's feature space differs) and shared by all tasks.
+* Gates: a per-task, per-layer ``1 × 1`` conv (a linear map per pixel, the classic MoE/MMoE gate)
+  on the layer-normalised backbone feature (``gate_input="feature"``; ``"feature_memory"`` also
+  gives it the task's memory read), followed by a softmax over experts + memory, so weights sum to
+  1 per pixel (``top_k=None``: dense; an integer keeps the k largest). Gate weights start at zero:
+  uniform gates at initialisation, so every expert gets the same gradient at first.
+* Memory: one ``channels``-wide map per task at the finest tapped resolution. Initialised by a
+  per-task ``1 × 1`` projection of the first tapped feature (``memory_init="feature"``: the memory
+  read at the first layer already carries the sample; ``"learned"``: a per-task constant;
+  ``"zeros"``). Read through a per-task LayerNorm (``memory_norm``), resampled to the layer's
+  resolution. Update rule ``memory_update="add"``: ``m ← m + f`` (a residual stream across
+  layers: every layer's contribution and gradient path is kept; ``"ema"``: ``m ← (1−α)m + αf``
+  with ``memory_momentum = α``; ``"replace"``: ``m ← f``).
+* Balancing loss: ``balance_weight = 0`` (off). Dense softmax gates give every expert a gradient
+  in proportion to its weight, so the dead-expert problem that balancing losses fix in sparse
+  top-k routing does not arise, and the paper mentions none. With ``top_k`` set, use ~0.01.
+* Prediction: the final memory slot → ``final_blocks`` task-specific ``3 × 3`` conv blocks → the
+  shared head contract (a ``1 × 1`` conv per task and upsampling, :mod:`mtl.heads`).
+* Intermediate supervision (``intermediate_supervision=False``): when on, every earlier layer's
+  assembled task feature is also passed through the task's head and supervised with the task's
+  loss, scaled by ``intermediate_weight`` (deep supervision as in InvPT's multi-scale losses).
+
+``use_memory=False`` gives the paper's "without memory" ablation: gates over the experts only and
+the last layer's assembled features as output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl.decoders.moe import BatchedExperts, ChannelNorm, GateStats, balance_loss, gate_picture, gate_weights
+from mtl.decoders.multihead import conv_bn_relu
+
+CHOICES = {
+    "gate_input": ("feature", "feature_memory"),
+    "memory_init": ("feature", "learned", "zeros"),
+    "memory_update": ("add", "ema", "replace"),
+}
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    size = tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class TaskBranch(nn.Module):
+    """Everything task-specific: a gate per layer, the memory initialiser and read norm, the output block."""
+
+    def __init__(
+        self, *, in_channels: Sequence[int], channels: int, gate_out: int, gate_input: str,
+        use_memory: bool, memory_init: str, memory_norm: bool, final_blocks: int,
+    ) -> None:
+        super().__init__()
+        extra = channels if gate_input == "feature_memory" and use_memory else 0
+        self.gates = nn.ModuleList(nn.Conv2d(c + extra, gate_out, 1) for c in in_channels)
+        for g in self.gates:
+            nn.init.zeros_(g.weight)
+            nn.init.zeros_(g.bias)
+        self.memory_proj = (
+            nn.Conv2d(in_channels[0], channels, 1) if use_memory and memory_init == "feature" else None
+        )
+        self.memory_slot = (
+            nn.Parameter(torch.randn(channels) * 0.02) if use_memory and memory_init == "learned" else None
+        )
+        self.read_norm = ChannelNorm(channels=channels) if use_memory and memory_norm else nn.Identity()
+        self.out = nn.Sequential(*(conv_bn_relu(channels, channels) for _ in range(final_blocks)))
+
+
+class TaskExpertDecoder(nn.Module):
+    """Memorial mixture-of-experts decoder (TaskExpert). See the module docstring for every choice.
+
+    Args:
+        in_channels: channels of each tapped backbone layer (one memorial MoE module per layer).
+        tasks: task names.
+        channels: width ``D`` of expert outputs, memory slots and task features.
+        num_experts: experts per layer (the memory is one more).
+        expert_hidden: hidden width of each expert (default ``channels``).
+        expert_kernel: 1 (per-pixel MLP experts) or 3 (3 × 3 first layer).
+        gate_input: ``"feature"`` or ``"feature_memory"`` (also the task's memory read).
+        top_k: keep the k largest gate logits per pixel (``None``: dense softmax).
+        use_memory: the multi-task feature memory (False: the paper's ablation without it).
+        memory_init: ``"feature"``, ``"learned"`` or ``"zeros"``.
+        memory_update: ``"add"``, ``"ema"`` or ``"replace"``.
+        memory_momentum: ``α`` of the ``"ema"`` update.
+        memory_norm: LayerNorm the memory slot before reading it.
+        final_blocks: task-specific 3 × 3 conv blocks on the final memory.
+        balance_weight: weight of the importance-balancing aux loss (0: off).
+        intermediate_supervision: supervise every earlier layer's assembled features too.
+        intermediate_weight: weight of each intermediate loss relative to the final one.
+        log_gate_means: report the mean weight of every expert (not only the entropy) in
+            :meth:`validation_stats`.
+    """
+
+    def __init__(
+        self, *, in_channels: Sequence[int], tasks: Sequence[str], channels: int = 256,
+        num_experts: int = 8, expert_hidden: int | None = None, expert_kernel: int = 1,
+        gate_input: str = "feature", top_k: int | None = None, use_memory: bool = True,
+        memory_init: str = "feature", memory_update: str = "add", memory_momentum: float = 0.5,
+        memory_norm: bool = True, final_blocks: int = 1, balance_weight: float = 0.0,
+        intermediate_supervision: bool = False, intermediate_weight: float = 1.0,
+        log_gate_means: bool = True,
+    ) -> None:
+        super().__init__()
+        given = {"gate_input": gate_input, "memory_init": memory_init, "memory_update": memory_update}
+        for key, value in given.items():
+            if value not in CHOICES[key]:
+                raise ValueError(f"TaskExpertDecoder {key}={value!r}; expected one of {CHOICES[key]}")
+        n_gates = num_experts + int(use_memory)
+        if top_k is not None and not 1 <= top_k <= n_gates:
+            raise ValueError(
+                f"TaskExpertDecoder top_k={top_k}; expected 1..{n_gates} (experts + memory) or null"
+            )
+        if not 0.0 < memory_momentum <= 1.0:
+            raise ValueError(f"TaskExpertDecoder memory_momentum={memory_momentum}; expected 0 < α ≤ 1")
+        if not in_channels or not tasks:
+            raise ValueError(f"TaskExpertDecoder needs ≥ 1 tapped layer and task; got {in_channels}, {tasks}")
+        self.tasks = list(tasks)
+        self.out_channels = channels
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate_input = gate_input
+        self.use_memory = use_memory
+        self.memory_init = memory_init
+        self.memory_update = memory_update
+        self.memory_momentum = memory_momentum
+        self.balance_weight = balance_weight
+        self.intermediate_supervision = intermediate_supervision
+        self.intermediate_weight = intermediate_weight
+        self.log_gate_means = log_gate_means
+        self.expert_names = [f"expert{j}" for j in range(num_experts)] + (["memory"] if use_memory else [])
+        self.in_norm = nn.ModuleList(ChannelNorm(channels=c) for c in in_channels)
+        self.experts = nn.ModuleList(
+            BatchedExperts(
+                in_channels=c, out_channels=channels, num_experts=num_experts,
+                hidden=expert_hidden or channels, kernel=expert_kernel,
+            )
+            for c in in_channels
+        )
+        self.per_task = nn.ModuleDict({
+            t: TaskBranch(
+                in_channels=in_channels, channels=channels, gate_out=n_gates, gate_input=gate_input,
+                use_memory=use_memory, memory_init=memory_init, memory_norm=memory_norm,
+                final_blocks=final_blocks,
+            )
+            for t in self.tasks
+        })
+        self.gate_stats = GateStats()
+        self.last_gates: dict[str, list[torch.Tensor]] = {}
+        self._aux: torch.Tensor | None = None
+        self._intermediate: list[dict[str, torch.Tensor]] = []
+
+    def _init_memory(self, task: str, first: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        branch = self.per_task[task]
+        b = first.shape[0]
+        if self.memory_init == "feature":
+            return _resize(branch.memory_proj(first), size)
+        if self.memory_init == "learned":
+            return branch.memory_slot.view(1, -1, 1, 1).expand(b, -1, *size)
+        return first.new_zeros(b, self.out_channels, *size)
+
+    def _write(self, memory: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        feature = _resize(feature, memory.shape[-2:])
+        if self.memory_update == "add":
+            return memory + feature
+        if self.memory_update == "ema":
+            return (1.0 - self.memory_momentum) * memory + self.memory_momentum * feature
+        return feature
+
+    def forward(
+        self, feats: Sequence[torch.Tensor], *, task_subset: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tapped features (``B × C_l × h_l × w_l``) → task → ``B × D × h × w`` at the finest tap."""
+        if len(feats) != len(self.experts):
+            raise ValueError(
+                f"TaskExpertDecoder built for {len(self.experts)} tapped layers, got {len(feats)} maps"
+            )
+        tasks = list(task_subset or self.tasks)
+        unknown = [t for t in tasks if t not in self.per_task]
+        if unknown:
+            raise ValueError(f"task_subset has unknown task(s) {unknown}; the decoder has {self.tasks}")
+        size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])  # the memory's resolution
+        xs = [norm(f) for norm, f in zip(self.in_norm, feats, strict=True)]
+        memory = {t: self._init_memory(t, xs[0], size) for t in tasks} if self.use_memory else {}
+        assembled: dict[str, torch.Tensor] = {}
+        aux, intermediate, record = [], [], not self.training
+        mix_memory = self.gate_input == "feature_memory" and self.use_memory
+        if record:
+            self.last_gates = {t: [] for t in tasks}
+        for layer, x in enumerate(xs):
+            experts = self.experts[layer](x)  # (B, N, D, h, w)
+            for t in tasks:
+                branch = self.per_task[t]
+                read = branch.read_norm(_resize(memory[t], x.shape[-2:])) if self.use_memory else None
+                gate_in = torch.cat([x, read], dim=1) if mix_memory else x
+                gates = gate_weights(branch.gates[layer](gate_in), top_k=self.top_k)  # (B, E, h, w)
+                f = torch.einsum("bndhw,bnhw->bdhw", experts, gates[:, : self.num_experts])
+                if read is not None:
+                    f = f + gates[:, self.num_experts :] * read
+                assembled[t] = f
+                if self.use_memory:
+                    memory[t] = self._write(memory[t], f)
+                if self.training and self.balance_weight > 0:
+                    aux.append(balance_loss(gates))
+                if record:
+                    self.gate_stats.update(t, layer, gates)
+                    self.last_gates[t].append(gates.detach())
+            if self.training and self.intermediate_supervision and layer < len(xs) - 1:
+                intermediate.append(dict(assembled))
+        self._aux = self.balance_weight * torch.stack(aux).mean() if aux else None
+        self._intermediate = intermediate
+        final = memory if self.use_memory else {t: _resize(assembled[t], size) for t in tasks}
+        return {t: self.per_task[t].out(final[t]) for t in tasks}
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The gate-balancing loss of the last training forward (``None`` when off)."""
+        return self._aux
+
+    def intermediate_features(self) -> list[dict[str, torch.Tensor]]:
+        """Per earlier tapped layer, task → assembled feature of the last training forward (or [])."""
+        return self._intermediate
+
+    def validation_stats(self) -> dict[str, torch.Tensor]:
+        """Mean gate weight per expert (and entropy) per task and layer since the last reset."""
+        return self.gate_stats.compute(self.expert_names, means=self.log_gate_means)
+
+    def reset_validation_stats(self) -> None:
+        self.gate_stats.reset()
+
+    def visual_maps(self, index: int = 0, *, size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """``gates_<task>`` pictures of sample ``index`` of the last eval forward (:func:`gate_picture`)."""
+        return {
+            f"gates_{t}": gate_picture([g[index] for g in layers], size=size, memory=self.use_memory)
+            for t, layers in self.last_gates.items()
+            if layers
+        }
