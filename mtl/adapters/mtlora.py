@@ -1,0 +1,207 @@
+"""MTLoRA: task-agnostic and task-specific low-rank adaptation of a Swin backbone.
+
+Agiza, Neseem & Reda, "MTLoRA: Low-Rank Adaptation Approach for Efficient Multi-Task
+Learning", CVPR 2024. Facts used (``../shared/REFERENCE.md``):
+
+- task-agnostic LoRA (TA-LoRA, rank ``r`` ∈ {16, 32, 64}) on ``qkv``, ``proj``, ``fc1``, ``fc2``
+  of every Swin block; ``y = W x + s·B A x``, ``s`` = 4.0 used as is, dropout 0.05;
+- task-specific LoRA (TS-LoRA, rank 4) only in the last block of each of the 4 stages, on
+  ``proj``, ``fc1``, ``fc2``: there the token stream forks per task — each task's stream runs
+  the block with its own TS-LoRA added to the TA-LoRA, the shared stream (TA-LoRA only)
+  continues to the next stage;
+- each task's stream then passes the stage's shared patch merging (timm places that merging
+  at the start of the next stage; the last stage has none), giving per task 4 feature maps
+  with the channels and strides of the merged tokens (Swin-T: 192, 384, 768, 768 at strides
+  8, 16, 32, 32) for an HRNet-style decoder (:mod:`mtl.decoders.hrnet`);
+- frozen: the pretrained Linear weights (and their biases); trainable: LoRA, patch
+  embedding, norms, relative position bias, patch merging, decoders (each switchable).
+
+The backbone returns ``{task: [4 × (B, C_l, H_l, W_l)]}``; decoders that take one shared
+feature list also accept it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mtl.adapters.lora import LoRALinear, inject_lora
+from mtl.backbones import TimmBackbone
+
+TA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+TS_TARGETS = ("proj", "fc1", "fc2")
+
+
+class LowRankUpdate(nn.Module):
+    """The low-rank branch ``s · B A dropout(x)`` alone (A kaiming-uniform, B zero).
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        rank: rank of ``B A``.
+        scale: the factor ``s`` (used as is).
+        dropout: dropout on the input.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, rank: int, scale: float, dropout: float
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"task-specific LoRA rank must be >= 1, got {rank}")
+        self.scale = float(scale)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+
+class TaskLoRALinear(nn.Module):
+    """A TA-LoRA layer plus one TS-LoRA low-rank update per task, selected by :attr:`active`.
+
+    ``active = None`` gives the shared output ``W x + s·B A x``; ``active = t`` adds
+    ``s·B_t A_t x``.
+
+    Args:
+        shared: the layer's :class:`LoRALinear` (TA-LoRA).
+        tasks: task names.
+        rank: TS-LoRA rank.
+        scale: TS-LoRA scale.
+        dropout: TS-LoRA input dropout.
+    """
+
+    def __init__(self, shared: LoRALinear, *, tasks: Sequence[str], rank: int, scale: float, dropout: float):
+        super().__init__()
+        self.shared = shared
+        dims = (shared.in_features, shared.out_features)
+        self.per_task = nn.ModuleDict(
+            {t: LowRankUpdate(*dims, rank=rank, scale=scale, dropout=dropout) for t in tasks}
+        )
+        self.active: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.shared(x)
+        return y if self.active is None else y + self.per_task[self.active](x)
+
+
+class MTLoRASwin(nn.Module):
+    """A timm Swin with MTLoRA adapters, returning per-task multi-scale features.
+
+    Args:
+        name: timm Swin name (``swin_tiny_patch4_window7_224``, …).
+        tasks: task names (one TS-LoRA per task and adapted layer).
+        img_size: input ``(H, W)``.
+        pretrained: load timm's pretrained weights before injecting the adapters.
+        checkpoint_path: a local weight file instead of the hub's.
+        rank: TA-LoRA rank ``r``.
+        task_rank: TS-LoRA rank.
+        scale: LoRA scale (both kinds).
+        dropout: LoRA dropout (both kinds).
+        train_patch_embed: keep the patch embedding trainable.
+        train_norms: keep LayerNorms trainable.
+        train_pos_bias: keep the relative position bias tables trainable.
+        train_merging: keep the patch-merging layers trainable.
+        **kwargs: timm constructor arguments (``window_size``, ``embed_dim``, ``depths``, …).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        tasks: Sequence[str],
+        img_size: Sequence[int] | None = None,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        rank: int = 64,
+        task_rank: int = 4,
+        scale: float = 4.0,
+        dropout: float = 0.05,
+        train_patch_embed: bool = True,
+        train_norms: bool = True,
+        train_pos_bias: bool = True,
+        train_merging: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        body = TimmBackbone(
+            name=name,
+            img_size=img_size,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            norm=True,
+            **kwargs,
+        ).model  # the timm model, final norm kept
+        if not hasattr(body, "layers") or not all(hasattr(s, "blocks") for s in body.layers):
+            raise ValueError(f"MTLoRASwin needs a timm Swin (stages with blocks), got '{name}'")
+        self.tasks = list(tasks)
+        self.model = body
+        for p in body.parameters():
+            p.requires_grad_(False)
+        inject_lora(body.layers, rank=rank, targets=TA_TARGETS, scale=scale, dropout=dropout)
+        for stage in body.layers:
+            last = stage.blocks[-1]
+            for parent, attr in ((last.attn, "proj"), (last.mlp, "fc1"), (last.mlp, "fc2")):
+                shared = getattr(parent, attr)
+                setattr(parent, attr, TaskLoRALinear(shared, tasks=self.tasks, rank=task_rank, scale=scale,
+                                                     dropout=dropout))  # fmt: skip
+        for pname, p in body.named_parameters():
+            leaf = pname.split(".")
+            if "lora_A" in leaf or "lora_B" in leaf:
+                p.requires_grad_(True)
+            elif (
+                (train_patch_embed and leaf[0] == "patch_embed")
+                or (train_norms and any(n.startswith("norm") for n in leaf[:-1]))
+                or (train_pos_bias and leaf[-1] == "relative_position_bias_table")
+                or (train_merging and "downsample" in leaf)
+            ):
+                p.requires_grad_(True)
+        chans = [int(body.feature_info[i]["num_chs"]) for i in range(len(body.layers))]
+        strides = [int(body.feature_info[i]["reduction"]) for i in range(len(body.layers))]
+        # after the next stage's patch merging: channels and stride of the merged tokens
+        self.feature_info = [
+            {"channels": chans[min(i + 1, len(chans) - 1)], "stride": strides[min(i + 1, len(strides) - 1)]}
+            for i in range(len(chans))
+        ]
+
+    def _set_active(self, block: nn.Module, task: str | None) -> None:
+        for m in block.modules():
+            if isinstance(m, TaskLoRALinear):
+                m.active = task
+
+    def task_parameters(self, task: str):
+        """The TS-LoRA parameters of ``task`` (what only that task's loss trains)."""
+        for m in self.model.modules():
+            if isinstance(m, TaskLoRALinear):
+                yield from m.per_task[task].parameters()
+
+    def forward(
+        self, x: torch.Tensor, *, task_subset: Sequence[str] | None = None
+    ) -> dict[str, list[torch.Tensor]]:
+        """Returns ``{task: [feature map per stage]}`` (NCHW)."""
+        tasks = self.tasks if task_subset is None else list(task_subset)
+        body, n = self.model, len(self.model.layers)
+        x = body.patch_embed(x)  # (B, H, W, C)
+        feats: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
+        for i, stage in enumerate(body.layers):
+            x = stage.downsample(x)
+            for blk in stage.blocks[:-1]:
+                x = blk(x)
+            last = stage.blocks[-1]
+            forks = {}
+            for t in tasks:
+                self._set_active(last, t)
+                forks[t] = last(x)
+            self._set_active(last, None)
+            x = last(x)  # the shared stream continues
+            merge = body.layers[i + 1].downsample if i + 1 < n else body.norm
+            for t in tasks:
+                feats[t].append(rearrange(merge(forks[t]), "b h w c -> b c h w").contiguous())
+        return feats
