@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.adapters.report import parameter_counts, parameter_report
 from mtl.data.datamodule import MTLDataModule
 from mtl.module import MTLModule
 from mtl.tasks import Task, build_tasks
@@ -132,9 +133,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    log.info("parameters:\n%s", parameter_report(module.model))
     trainer = build_trainer(cfg)
+    params = {g: c["trainable"] for g, c in parameter_counts(module.model).items()}
     for logger in trainer.loggers:
-        logger.log_hyperparams(job_config(cfg))
+        logger.log_hyperparams({**job_config(cfg), "trainable_params": params})
     ckpt_path = _resolve_ckpt(cfg, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _to_float(trainer.callback_metrics)
