@@ -121,3 +121,24 @@ def test_merging_task_agnostic_lora_keeps_outputs():
 def test_rejects_a_non_swin():
     with pytest.raises(ValueError, match="needs a timm Swin"):
         MTLoRASwin(name="vit_tiny_patch16_224", tasks=TASKS, img_size=(32, 32))
+
+
+@pytest.mark.slow
+def test_swin_t_r64_pascal_parameter_count(make_cfg, capsys):
+    """Trainable parameters of MTLoRA Swin-T r = 64 on PASCAL's 5 tasks, next to the paper's 8.34M."""
+    from mtl.adapters.report import parameter_counts, parameter_report
+    from mtl.pipeline import build_datamodule, build_module
+
+    cfg = make_cfg(["experiment=pascal_mtlora", "model.backbone.pretrained=false"], fast=False)
+    model = build_module(cfg, build_datamodule(cfg)).model
+    counts = parameter_counts(model)
+    stage_dims, depths, tasks = (96, 192, 384, 768), (2, 2, 6, 2), 5
+    # TA-LoRA on qkv (C→3C), proj (C→C), fc1 (C→4C), fc2 (4C→C): r·(4C + 2C + 5C + 5C) per block
+    assert counts["backbone: task-agnostic LoRA"]["trainable"] == sum(
+        64 * 16 * c * d for c, d in zip(stage_dims, depths, strict=True)
+    )
+    # TS-LoRA (rank 4) on proj, fc1, fc2 of each stage's last block, per task: 4·(2C + 5C + 5C)
+    assert counts["backbone: task-specific LoRA"]["trainable"] == tasks * sum(4 * 12 * c for c in stage_dims)
+    with capsys.disabled():
+        print(f"\nMTLoRA Swin-T r=64, PASCAL 5 tasks (paper: 8.34M trainable):\n{parameter_report(model)}")
+    assert 6.5e6 < counts["all"]["trainable"] < 9.5e6
