@@ -45,6 +45,29 @@ def fast_real(data_dir: Path) -> list[str]:
     ]
 
 
+# Real experiments train ViT-L (pretrained) with DDP on GPUs: in tests they get a tiny ViT from
+# scratch on one CPU process instead (no download, no 300M-parameter model); see cpu_tiny().
+TINY_VIT = [
+    "model/backbone=vit_tiny",
+    "+model.backbone.depth=4",
+    "+model.backbone.embed_dim=32",
+    "+model.backbone.num_heads=2",
+    "model.backbone.out_indices=[0,1,2,3]",
+]
+CPU_TRAINER = ["trainer=cpu", "trainer.precision=32"]
+
+
+def cpu_tiny(cfg: DictConfig) -> list[str]:
+    """Overrides for a composed config that would download weights or need GPUs."""
+    backbone = cfg.get("model", {}).get("backbone", {}) or {}
+    out = []
+    if backbone.get("pretrained") or backbone.get("checkpoint_path"):
+        out += TINY_VIT
+    if str(cfg.get("trainer", {}).get("accelerator", "cpu")) not in ("cpu", "auto"):
+        out += CPU_TRAINER
+    return out
+
+
 def write_fake_data(data_dir: Path) -> Path:
     """Writes tiny NYUDv2/ and PASCALContext/ roots in the real on-disk formats under ``data_dir``."""
     from mtl.data.fake import write_nyud, write_pascal
@@ -79,7 +102,8 @@ def make_cfg(tmp_path, tmp_path_factory):
 
     ``fast`` picks the quick overrides that fit the composed data config: small synthetic
     scenes, or the tiny fake real-format roots (written once per session) for NYUD-v2 and
-    PASCAL-Context.
+    PASCAL-Context; a pretrained backbone becomes a tiny ViT from scratch and a GPU trainer the
+    CPU one (:func:`cpu_tiny`). Overrides given by the caller still win.
     """
 
     def _make(
@@ -89,6 +113,7 @@ def make_cfg(tmp_path, tmp_path_factory):
         if not fast:
             return compose_cfg(overrides, tmp_path, config_name)
         probe = compose_cfg(overrides, tmp_path, config_name)
+        overrides = cpu_tiny(probe) + overrides
         target = str(probe.get("data", {}).get("dataset", {}).get("_target_", ""))
         if target.endswith("SyntheticScenes") or not target:
             return compose_cfg(FAST_SYNTHETIC + overrides, tmp_path, config_name)

@@ -8,12 +8,15 @@ per tapped block (all at stride 16), hierarchical models one per stage.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def _check_model_name(name: str) -> None:
@@ -27,6 +30,22 @@ def _check_model_name(name: str) -> None:
     )
 
 
+def _check_img_size(name: str, img_size: Sequence[int], strides: list[int]) -> None:
+    """The input must fill whole patches; stages beyond the patch stride pad (Swin) and round up."""
+    patch, deepest = min(strides), max(strides)
+    if any(int(s) % patch for s in img_size):
+        raise ValueError(
+            f"backbone '{name}' img_size {list(img_size)} must be a multiple of its patch stride {patch} "
+            "in both dimensions (pad the input, e.g. data.pad_to)"
+        )
+    if any(int(s) % deepest for s in img_size):
+        log.warning(
+            "backbone '%s' img_size %s is not a multiple of its largest stride %d: deeper stages are "
+            "padded and their maps rounded up (448×576 and 512×512 are multiples of 32)",
+            name, list(img_size), deepest,
+        )
+
+
 class TimmBackbone(nn.Module):
     """Wraps a timm model as a multi-level feature extractor.
 
@@ -35,7 +54,14 @@ class TimmBackbone(nn.Module):
         out_indices: blocks (ViT) or stages (Swin, CNNs) to tap; ``None`` taps the last 4.
             Negative values count from the end.
         img_size: input resolution ``(H, W)`` for models with fixed-size position
-            embeddings or windows; pretrained position embeddings are resampled by timm.
+            embeddings or windows; it must be a multiple of the patch size (ViT 16, Swin 4) and
+            should be one of the largest stride (Swin 32; otherwise a warning). ViT: pretrained
+            absolute position embeddings (e.g. 24 × 24 of a ``*_384`` model) are resampled
+            bicubically to ``H/16 × W/16`` when the weights are loaded, from the hub or from
+            ``checkpoint_path`` alike (448 × 576 → 28 × 36, 512 × 512 → 32 × 32).
+            Swin: the pretrained window (7 for T/S ``*_224``, 12 for B ``*_384``) and its
+            relative-position tables are kept; stages whose map is not a multiple of the window
+            are padded inside each block, and a window larger than a stage's map shrinks to it.
         pretrained: load timm's pretrained weights (from the local hub cache or the hub).
         checkpoint_path: a local weight file loaded instead of the hub's (implies pretrained).
         grad_checkpointing: trade compute for memory in the backbone's blocks.
@@ -67,6 +93,8 @@ class TimmBackbone(nn.Module):
             kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
             pretrained = True
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if img_size is not None:
+            _check_img_size(name, img_size, [int(f["reduction"]) for f in model.feature_info])
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(f"timm model '{name}' has no forward_intermediates(); pick a ViT, Swin or CNN")
         n_levels = len(model.feature_info)
