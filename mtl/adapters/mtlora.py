@@ -92,6 +92,62 @@ class TaskLoRALinear(nn.Module):
         return y if self.active is None else y + self.per_task[self.active](x)
 
 
+def adapt(
+    body: nn.Module,
+    blocks: nn.Module,
+    fork_blocks: Sequence[nn.Module],
+    *,
+    tasks: Sequence[str],
+    rank: int,
+    task_rank: int,
+    scale: float,
+    dropout: float,
+) -> None:
+    """Freezes ``body``, adds TA-LoRA to every target Linear under ``blocks`` and TS-LoRA to
+    ``proj``, ``fc1`` and ``fc2`` of each block in ``fork_blocks``."""
+    for p in body.parameters():
+        p.requires_grad_(False)
+    inject_lora(blocks, rank=rank, targets=TA_TARGETS, scale=scale, dropout=dropout)
+    for blk in fork_blocks:
+        for parent, attr in ((blk.attn, "proj"), (blk.mlp, "fc1"), (blk.mlp, "fc2")):
+            shared = getattr(parent, attr)
+            setattr(
+                parent,
+                attr,
+                TaskLoRALinear(shared, tasks=tasks, rank=task_rank, scale=scale, dropout=dropout),
+            )
+
+
+def set_trainable(body: nn.Module, *, patch_embed: bool, norms: bool, pos: bool, merging: bool) -> None:
+    """LoRA factors always train; the patch embedding, norms, position embeddings / relative
+    position bias and patch merging train when their flag is set; everything else stays frozen."""
+    for pname, p in body.named_parameters():
+        leaf = pname.split(".")
+        if "lora_A" in leaf or "lora_B" in leaf:
+            p.requires_grad_(True)
+        elif (
+            (patch_embed and leaf[0] == "patch_embed")
+            or (norms and any(n.startswith("norm") for n in leaf[:-1]))
+            or (pos and leaf[-1] in ("relative_position_bias_table", "pos_embed", "cls_token"))
+            or (merging and "downsample" in leaf)
+        ):
+            p.requires_grad_(True)
+
+
+def set_active(block: nn.Module, task: str | None) -> None:
+    """Selects the TS-LoRA of ``task`` (``None``: the shared stream) in every layer of ``block``."""
+    for m in block.modules():
+        if isinstance(m, TaskLoRALinear):
+            m.active = task
+
+
+def task_lora_parameters(model: nn.Module, task: str):
+    """The TS-LoRA parameters of ``task`` under ``model``."""
+    for m in model.modules():
+        if isinstance(m, TaskLoRALinear):
+            yield from m.per_task[task].parameters()
+
+
 class MTLoRASwin(nn.Module):
     """A timm Swin with MTLoRA adapters, returning per-task multi-scale features.
 
@@ -143,26 +199,11 @@ class MTLoRASwin(nn.Module):
             raise ValueError(f"MTLoRASwin needs a timm Swin (stages with blocks), got '{name}'")
         self.tasks = list(tasks)
         self.model = body
-        for p in body.parameters():
-            p.requires_grad_(False)
-        inject_lora(body.layers, rank=rank, targets=TA_TARGETS, scale=scale, dropout=dropout)
-        for stage in body.layers:
-            last = stage.blocks[-1]
-            for parent, attr in ((last.attn, "proj"), (last.mlp, "fc1"), (last.mlp, "fc2")):
-                shared = getattr(parent, attr)
-                setattr(parent, attr, TaskLoRALinear(shared, tasks=self.tasks, rank=task_rank, scale=scale,
-                                                     dropout=dropout))  # fmt: skip
-        for pname, p in body.named_parameters():
-            leaf = pname.split(".")
-            if "lora_A" in leaf or "lora_B" in leaf:
-                p.requires_grad_(True)
-            elif (
-                (train_patch_embed and leaf[0] == "patch_embed")
-                or (train_norms and any(n.startswith("norm") for n in leaf[:-1]))
-                or (train_pos_bias and leaf[-1] == "relative_position_bias_table")
-                or (train_merging and "downsample" in leaf)
-            ):
-                p.requires_grad_(True)
+        adapt(body, body.layers, [stage.blocks[-1] for stage in body.layers], tasks=self.tasks, rank=rank,
+              task_rank=task_rank, scale=scale, dropout=dropout)  # fmt: skip
+        set_trainable(
+            body, patch_embed=train_patch_embed, norms=train_norms, pos=train_pos_bias, merging=train_merging
+        )
         chans = [int(body.feature_info[i]["num_chs"]) for i in range(len(body.layers))]
         strides = [int(body.feature_info[i]["reduction"]) for i in range(len(body.layers))]
         # after the next stage's patch merging: channels and stride of the merged tokens
@@ -171,16 +212,9 @@ class MTLoRASwin(nn.Module):
             for i in range(len(chans))
         ]
 
-    def _set_active(self, block: nn.Module, task: str | None) -> None:
-        for m in block.modules():
-            if isinstance(m, TaskLoRALinear):
-                m.active = task
-
     def task_parameters(self, task: str):
         """The TS-LoRA parameters of ``task`` (what only that task's loss trains)."""
-        for m in self.model.modules():
-            if isinstance(m, TaskLoRALinear):
-                yield from m.per_task[task].parameters()
+        return task_lora_parameters(self.model, task)
 
     def forward(
         self, x: torch.Tensor, *, task_subset: Sequence[str] | None = None
@@ -197,9 +231,9 @@ class MTLoRASwin(nn.Module):
             last = stage.blocks[-1]
             forks = {}
             for t in tasks:
-                self._set_active(last, t)
+                set_active(last, t)
                 forks[t] = last(x)
-            self._set_active(last, None)
+            set_active(last, None)
             x = last(x)  # the shared stream continues
             merge = body.layers[i + 1].downsample if i + 1 < n else body.norm
             for t in tasks:

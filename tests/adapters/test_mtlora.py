@@ -142,3 +142,32 @@ def test_swin_t_r64_pascal_parameter_count(make_cfg, capsys):
     with capsys.disabled():
         print(f"\nMTLoRA Swin-T r=64, PASCAL 5 tasks (paper: 8.34M trainable):\n{parameter_report(model)}")
     assert 6.5e6 < counts["all"]["trainable"] < 9.5e6
+
+
+def test_vit_variant_equals_base_at_init_and_forks_at_taps():
+    from mtl.adapters.mtlora_vit import MTLoRAViT
+    from mtl.backbones import TimmBackbone
+
+    vit = {"name": "vit_tiny_patch16_224", "img_size": (32, 48), "embed_dim": 32, "depth": 4, "num_heads": 2}
+    torch.manual_seed(0)
+    adapted = MTLoRAViT(tasks=TASKS, out_indices=[1, 3], rank=4, task_rank=2, **vit).eval()
+    torch.manual_seed(0)
+    base = TimmBackbone(out_indices=[1, 3], **vit).eval()
+    base.model.load_state_dict(
+        {
+            k.replace(".shared.base.", ".").replace(".base.", "."): v
+            for k, v in adapted.model.state_dict().items()
+            if "lora_" not in k
+        }  # fmt: skip
+    )
+    x = torch.randn(2, 3, 32, 48)
+    feats, expected = adapted(x), base(x)
+    for t in TASKS:
+        assert [tuple(f.shape) for f in feats[t]] == [(2, 32, 2, 3)] * 2
+        for f, e in zip(feats[t], expected, strict=True):
+            torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
+    forked = sorted({n.split(".per_task")[0] for n, _ in adapted.named_parameters() if ".per_task." in n})
+    assert forked == sorted(
+        f"model.blocks.{i}.{m}" for i in (1, 3) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")
+    )
+    assert all(".base." in n for n, p in adapted.named_parameters() if not p.requires_grad)
