@@ -96,7 +96,10 @@ class MTLModule(L.LightningModule):
         """The fp16 gradient scaler's current scale (1.0 for fp32 / bf16): ``.grad`` is at this scale."""
         trainer = self._trainer
         scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scaler.scale(torch.zeros((), device=self.device))  # creates the scale lazily (unscale_ needs it)
+        return float(scaler.get_scale())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()

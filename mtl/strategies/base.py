@@ -68,12 +68,14 @@ class Strategy(nn.Module):
         self.task_names = list(tasks)
         self.task_objects = dict(tasks)
         if self.needs_task_grads:
-            shared = trainable(module.model.shared_parameters())
-            if not shared:
+            backbone = getattr(module.model, "backbone", None)
+            frozen = backbone is not None and not trainable(backbone.parameters())
+            if frozen or not trainable(module.model.shared_parameters()):
                 raise ValueError(
                     f"strategy {type(self).__name__} needs per-task gradients of the shared parameters, "
-                    "but no shared parameter is trainable (is the backbone frozen entirely?); "
-                    "use a loss-weighting strategy (e.g. strategy=ew) or unfreeze part of the backbone"
+                    "but the backbone is frozen entirely (no trainable parameter): there is no shared "
+                    "encoder to balance; unfreeze part of it (e.g. LoRA adapters, the last blocks) or use "
+                    "a loss-weighting strategy (e.g. strategy=ew)"
                 )
 
     def forward(self, batch: dict, *, module) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:

@@ -11,7 +11,8 @@ such as GradVac or Nash-MTL keep separate histories).
 
 Costs one forward/backward per task at the clean point and one per task at its perturbed
 point (only that task's branch is decoded). BatchNorm statistics move on the first pass only.
-Memory: the ``k × n`` buffer is reused for the flat components. Under DDP the clean rows are
+Memory: the ``k × n`` buffer is reused for the flat components; one ``n``-vector backs up the
+weights during each perturbed pass (restored bit-exactly). Under DDP the clean rows are
 averaged before anything is perturbed (every rank perturbs identically) and the perturbed
 gradients are averaged in one all-reduce of the buffer.
 """
@@ -100,14 +101,17 @@ class FlatMTL(GradientAggregation):
             head_grads = [p.grad for p in head]
             e_shared = ascent_step(self._shared, shared_views[i], self.rho, self.adaptive, self.eta)
             e_head = ascent_step(head, head_grads, self.rho, self.adaptive, self.eta) if head else []
+            backup = [p.detach().clone() for p in self._shared + head]  # exact restore
             with torch.no_grad():
                 torch._foreach_add_(self._shared + head, e_shared + e_head)
+            del e_shared, e_head
             with frozen_bn_stats(module.model):
                 preds = module(batch["image"], task_subset=[t])
                 loss = self.task_objects[t].loss(preds[t], batch)
                 g = task_grads(loss.float() * scale, self._shared + head, retain_graph=False)
             with torch.no_grad():
-                torch._foreach_sub_(self._shared + head, e_shared + e_head)
+                torch._foreach_copy_(self._shared + head, backup)
+            del backup
             ns = len(self._shared)
             torch._foreach_sub_(
                 shared_views[i], torch._foreach_div(list(g[:ns]), scale)

@@ -61,6 +61,7 @@ class PerTaskGradients(Strategy):
             raise ValueError(f"strategy {type(self).__name__} has no representation-level (rep_grad) variant")
         self.rep_grad = bool(rep_grad)
         self._ready = False
+        self.last_weights: list[float] | None = None  # the last step's task weights (for inspection)
 
     def setup(self, *, tasks: Mapping, module) -> None:
         super().setup(tasks=tasks, module=module)
@@ -83,9 +84,10 @@ class PerTaskGradients(Strategy):
             if p.requires_grad and id(p) not in ids and id(p) in {id(q) for q in model.shared_parameters()}
         ]
         if above:
+            decoder = type(getattr(model, "decoder", model)).__name__
             raise ValueError(
                 f"rep_grad=true: shared parameters {above[:4]}… lie above the representation returned by "
-                f"model.encode(); give the decoder ({type(model.decoder).__name__}) an encode()/decode() "
+                f"model.encode(); give the decoder ({decoder}) an encode()/decode() "
                 "split that includes its shared layers, or use rep_grad=false"
             )
         return rep
@@ -166,6 +168,7 @@ class PerTaskGradients(Strategy):
             self._release()
             return {"skipped": 1.0}
         weights, rows = self.combine(jac, gram)
+        self.last_weights = None if weights is None else weights.tolist()
         self.apply(flat, weights, rows, extra, scale)
         logs = gramian_stats(gram, self.task_names, weights) if diagnose else {}
         if weights is not None:

@@ -83,9 +83,11 @@ class SAM(FixedWeights):
         if not bool(torch.isfinite(flat).all()):
             flat.fill_(float("nan"))
             return {"skipped": 1.0}
-        eps = ascent_step(params, self._flat.views, self.rho, self.adaptive, self.eta)
+        backup = [p.detach().clone() for p in params]  # restored bit-exactly after the second pass
         with torch.no_grad():
-            torch._foreach_add_(params, eps)
+            torch._foreach_add_(
+                params, ascent_step(params, self._flat.views, self.rho, self.adaptive, self.eta)
+            )
         with frozen_bn_stats(module.model):
             preds = module(batch["image"])
             losses2 = module.task_losses(preds, batch)
@@ -93,7 +95,8 @@ class SAM(FixedWeights):
             total2 = self.combine(losses2) + (aux if aux is not None else 0)
             grads = task_grads(total2 * scale, params, retain_graph=False)
         with torch.no_grad():
-            torch._foreach_sub_(params, eps)
+            torch._foreach_copy_(params, backup)
+        del backup
         torch._foreach_copy_(self._flat.views, list(grads))
         all_reduce_mean_(flat)
         return logs
