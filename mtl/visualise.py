@@ -12,19 +12,60 @@ from PIL import Image
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
-def log_images(loggers: Iterable, stage: str, pictures: Mapping[str, np.ndarray], step: int) -> None:
-    """Sends ``task → H × W × 3 uint8`` pictures to every logger that takes images.
+def log_pictures(loggers: Iterable, pictures: Mapping[str, np.ndarray], step: int) -> int:
+    """Sends ``key → H × W × 3 uint8`` pictures to every logger that takes images.
 
-    Keys are ``{stage}/{task}/prediction``. Loggers without image support are skipped.
+    Returns:
+        How many pictures were sent (loggers without image support, e.g. CSV, are skipped).
     """
+    sent = 0
     for logger in loggers:
         kind = type(logger).__name__
-        for task, img in pictures.items():
-            key = f"{stage}/{task}/prediction"
+        for key, img in pictures.items():
             if kind == "TensorBoardLogger":
                 logger.experiment.add_image(key, img, global_step=step, dataformats="HWC")
             elif kind == "WandbLogger":
                 logger.log_image(key=key, images=[img], step=step)
+            else:
+                continue
+            sent += 1
+    return sent
+
+
+def log_images(loggers: Iterable, stage: str, pictures: Mapping[str, np.ndarray], step: int) -> None:
+    """:func:`log_pictures` with keys ``{stage}/{task}/prediction``."""
+    log_pictures(loggers, {f"{stage}/{task}/prediction": img for task, img in pictures.items()}, step)
+
+
+def prediction_panel(
+    image: np.ndarray, rows: Mapping[str, tuple[np.ndarray, np.ndarray]], gap: int = 4
+) -> np.ndarray:
+    """One picture per sample: a row per task of ``image | prediction | ground truth``.
+
+    Args:
+        image: ``H × W × 3`` uint8 input.
+        rows: task → (prediction, ground truth), each ``H × W × 3`` uint8 (the task's colours:
+            palette for semseg / parts, colour map for depth, RGB for normals, grey for
+            edges and saliency).
+        gap: white separator width in pixels.
+
+    Returns:
+        ``T·H + (T−1)·gap × 3W + 2·gap × 3`` uint8.
+    """
+    h, w = image.shape[:2]
+    vgap = np.full((h, gap, 3), 255, dtype=np.uint8)
+    strips = []
+    for task, (pred, gt) in rows.items():
+        if pred.shape[:2] != (h, w) or gt.shape[:2] != (h, w):
+            raise ValueError(
+                f"panel row '{task}': pictures {pred.shape}, {gt.shape} differ from the image {image.shape}"
+            )
+        strips.append(np.concatenate([image, vgap, pred, vgap, gt], axis=1))
+    hgap = np.full((gap, strips[0].shape[1], 3), 255, dtype=np.uint8)
+    out = [strips[0]]
+    for s in strips[1:]:
+        out += [hgap, s]
+    return np.concatenate(out, axis=0)
 
 
 def denormalise(image: torch.Tensor) -> np.ndarray:

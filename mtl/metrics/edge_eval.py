@@ -28,8 +28,6 @@ pooled exactly.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import pickle
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -38,47 +36,6 @@ import torch
 from torchmetrics import Metric
 
 from mtl.metrics.seism import GT, MATCHED_GT, MATCHED_PRED, PRED, THRESHOLDS, evaluate_pair
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def evaluate_fresh(pred_u8: np.ndarray, label_map: np.ndarray, max_dist: float) -> np.ndarray:
-    """:func:`evaluate_pair` in a forked child of this worker.
-
-    BSDS ``correspondPixels`` draws its outlier edges from a library-global random generator
-    (seeded once when the library loads), and on rare ties the matched counts depend on its
-    state. A worker that never matched anything forks a child per image, so every image is
-    evaluated from the seed-0 state: results do not depend on worker count, rank count or
-    image order.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: evaluate, send the pickled result (or the error), exit
-        os.close(r)
-        try:
-            payload = pickle.dumps((True, evaluate_pair(pred_u8, label_map, max_dist)))
-        except BaseException as err:  # noqa: BLE001 - sent back to the parent
-            payload = pickle.dumps((False, err))
-        with os.fdopen(w, "wb") as f:
-            f.write(payload)
-        os._exit(0)
-    os.close(w)
-    try:
-        data = _read_all(r)
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    if not data:
-        raise RuntimeError("the boundary evaluation child process died without a result")
-    ok, value = pickle.loads(data)
-    if not ok:
-        raise value
-    return value
 
 
 def _pr(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,7 +180,7 @@ class SEISMEdgeF(Metric):
             if self.workers == 0:
                 self._add(evaluate_pair(p, gt, self.max_dist))
             else:
-                self._pending.append(self._executor().submit(evaluate_fresh, p.copy(), gt, self.max_dist))
+                self._pending.append(self._executor().submit(evaluate_pair, p.copy(), gt, self.max_dist))
                 self._drain(keep=self.max_pending)
 
     def sync(self, *args, **kwargs) -> None:

@@ -19,6 +19,12 @@ Steps for one image (REFERENCE.md, "Metrics"), composed here in SEISM's order:
    image diagonal);
 5. ground truth: ``thin(seg2bmap(label_map))``.
 
+BSDS ``correspondPixels`` draws random outlier edges from a library-global generator that
+the library seeds from the clock when it loads; when several assignments cost the same, the
+matched counts depend on its state. :func:`match_counts` re-seeds it to a fixed value before
+every call (through the library's exported ``Random::reseed``), so each result is a pure
+function of its two maps: the same for any worker count, rank count, image order or run.
+
 The result of an image is a ``T × 4`` table of counts per threshold: matched ground-truth
 pixels, ground-truth pixels, matched predicted pixels, predicted pixels. Thresholds whose
 binary map equals the previous one (same pixel count of nested sets) reuse its counts, and
@@ -26,6 +32,10 @@ empty maps skip the matcher: the counts are identical, only faster.
 """
 
 from __future__ import annotations
+
+import ctypes
+import importlib.util
+import warnings
 
 import numpy as np
 from pyEdgeEval import correspond_pixels, nms
@@ -41,6 +51,30 @@ MAX_DIST = {"nyud": 0.011, "pascal_context": 0.0075}
 
 # columns of a count table
 MATCHED_GT, GT, MATCHED_PRED, PRED = range(4)
+
+#: seed of the matcher's outlier-edge generator before every call
+MATCH_SEED = 1
+
+
+def _matcher_reseed():
+    """``Random::reseed(&Random::rand, seed)`` of the loaded correspondPixels library, or ``None``."""
+    try:
+        path = importlib.util.find_spec("pyEdgeEval._lib.correspond_pixels").origin
+        lib = ctypes.CDLL(path)  # the already-loaded library: the same static objects
+        state = ctypes.addressof(ctypes.c_char.in_dll(lib, "_ZN6Random4randE"))
+        fn = lib._ZN6Random6reseedEm
+    except (OSError, AttributeError, ValueError, TypeError):
+        warnings.warn(
+            "pyEdgeEval's correspondPixels does not export Random::reseed; boundary matches keep the "
+            "library's clock-seeded generator (counts may vary in the last digit between runs, as in BSDS)",
+            stacklevel=2,
+        )
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_uint64], None
+    return lambda seed: fn(state, seed)
+
+
+_RESEED = _matcher_reseed()
 
 
 def conv_tri(image: np.ndarray, r: int) -> np.ndarray:
@@ -89,6 +123,8 @@ def match_counts(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> np.ndarra
     n_pred, n_gt = int(pred.sum()), int(gt.sum())
     if n_pred == 0 or n_gt == 0:
         return np.array([0, n_gt, 0, n_pred], dtype=np.int64)
+    if _RESEED is not None:
+        _RESEED(MATCH_SEED)
     m_pred, m_gt, _, _ = correspond_pixels(pred.astype(np.float64), gt.astype(np.float64), max_dist)
     return np.array([int((m_gt > 0).sum()), n_gt, int((m_pred > 0).sum()), n_pred], dtype=np.int64)
 
