@@ -50,7 +50,9 @@ def collect(sweep_dir: Path) -> tuple[str, dict[str, float], list[str]]:
     """Reads every job of ``sweep_dir`` → (file name stem, metrics, job folders)."""
     jobs = sorted(p.parent for p in Path(sweep_dir).glob("*/metrics.json"))
     if not jobs:
-        raise FileNotFoundError(f"no <job>/metrics.json under '{sweep_dir}' (is it the sweep folder of a multirun?)")
+        raise FileNotFoundError(
+            f"no <job>/metrics.json under '{sweep_dir}' (is it the hydra.sweep.dir of a multirun?)"
+        )
     merged: dict[str, float] = {}
     names, seen = set(), {}
     for job in jobs:
