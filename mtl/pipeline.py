@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.adapters.report import parameter_counts, parameter_report
 from mtl.data.datamodule import MTLDataModule
+from mtl.metrics.seism import MAX_DIST
 from mtl.module import MTLModule
+from mtl.report import write_results
 from mtl.tasks import Task, build_tasks
-from mtl.visualise import denormalise, save_pictures
+from mtl.visualise import denormalise, log_pictures, prediction_panel, save_pictures
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,39 @@ def build_module(cfg: DictConfig, datamodule: MTLDataModule) -> MTLModule:
         grad_clip=module_cfg.get("grad_clip"),
         no_decay_1d=module_cfg.get("no_decay_1d", True),
         log_images=module_cfg.get("log_images", True),
+        baseline=(_container(cfg.get("baseline")) or {}).get("metrics"),
     )
+
+
+def dataset_key(cfg: DictConfig) -> str:
+    """``nyud``, ``pascal_context`` or ``synthetic``, from the dataset class of ``cfg.data``."""
+    target = str(cfg.data.get("dataset", {}).get("_target_", ""))
+    if target.endswith("NYUDv2"):
+        return "nyud"
+    if target.endswith("PASCALContext"):
+        return "pascal_context"
+    return "synthetic"
+
+
+def eval_metric_options(cfg: DictConfig, task: str) -> dict:
+    """Keyword arguments of ``Task.eval_metric`` from ``cfg.eval.<task>``.
+
+    The edge matching tolerance defaults to the dataset's (NYUD-v2 0.011, PASCAL-Context
+    0.0075; synthetic scenes use NYUD-v2's), the worker count to min(4, CPUs).
+    """
+    opts = _container((cfg.get("eval") or {}).get(task))
+    if task == "edge":
+        if opts.get("max_dist") is None:
+            opts["max_dist"] = MAX_DIST.get(dataset_key(cfg), MAX_DIST["nyud"])
+        if opts.get("workers") is None:
+            opts["workers"] = min(4, os.cpu_count() or 1)
+    return opts
+
+
+def use_eval_metrics(module: MTLModule, cfg: DictConfig) -> None:
+    """Gives the test stage the evaluation protocol's metrics (exact SEISM odsF for edges)."""
+    for t, task in module.tasks.items():
+        module.metrics["test"][t] = task.eval_metric(**eval_metric_options(cfg, t))
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list:
@@ -143,6 +178,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = _to_float(trainer.callback_metrics)
     if cfg.get("test") and not trainer.fast_dev_run:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        use_eval_metrics(module, cfg)
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics.update(_to_float(trainer.callback_metrics))
     table = format_table(metrics, module.tasks, "val")
@@ -153,10 +189,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluates ``cfg.ckpt_path`` on the validation split and writes ``results.{json,md}``.
+    """Evaluates ``cfg.ckpt_path`` on the validation split with the published protocols.
+
+    Writes ``results.json``, ``results.csv`` and ``results.md`` (see :mod:`mtl.report`) and
+    ``pictures/sample_<i>.png`` panels for ``cfg.eval.pictures`` samples, which are also sent
+    to the configured loggers.
 
     Returns:
-        The test metrics (``test/{task}/{metric}``) and the objects built.
+        The test metrics (``test/{task}/{metric}``, ``test/delta_m`` with a baseline) and the
+        objects built.
     """
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = _resolve_ckpt(cfg, output_dir)
@@ -173,21 +214,49 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             f"checkpoint '{ckpt_path}' does not match the configured model: missing keys {missing[:5]}…, "
             f"unexpected keys {unexpected[:5]}… (same experiment/model overrides as in training?)"
         )
+    use_eval_metrics(module, cfg)
     trainer = build_trainer(cfg)
     trainer.test(module, datamodule=datamodule)
     metrics = _to_float(trainer.callback_metrics)
-    table = format_table(metrics, module.tasks, "test")
+    eval_cfg = cfg.get("eval") or {}
+    name = eval_cfg.get("name") or Path(ckpt_path).resolve().parent.parent.name
+    table = write_results(
+        output_dir,
+        metrics,
+        module.tasks,
+        stage="test",
+        name=name,
+        dataset=dataset_key(cfg),
+        headline=bool(eval_cfg.get("headline", True)),
+    )
     print(table)
-    _write_results(output_dir, metrics, table, "results")
-    n_pics = int(cfg.get("eval", {}).get("pictures", 0))
+    n_pics = int(eval_cfg.get("pictures", 0))
     if n_pics:
-        module.eval()
-        batch = next(iter(datamodule.test_dataloader()))
-        with torch.no_grad():
-            for i in range(min(n_pics, batch["image"].shape[0])):
-                one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
-                preds = module(one["image"])
-                pictures = {"input": denormalise(one["image"][0])}
-                pictures.update({t: task.visualise(preds[t], one) for t, task in module.tasks.items()})
-                save_pictures(pictures, output_dir / "pictures", prefix=f"{i:03d}_")
+        panels = prediction_panels(module, datamodule, n_pics)
+        for key, img in panels.items():
+            save_pictures({key: img}, output_dir / "pictures")
+        log_pictures(trainer.loggers, {f"eval/{k}": v for k, v in panels.items()}, step=0)
     return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}
+
+
+def prediction_panels(module: MTLModule, datamodule: MTLDataModule, n: int) -> dict[str, Any]:
+    """``sample_<i>`` → panel (image | prediction | ground truth per task) of the first ``n``
+    validation samples."""
+    module.eval()
+    panels: dict[str, Any] = {}
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            preds = module(batch["image"])
+            for i in range(batch["image"].shape[0]):
+                if len(panels) == n:
+                    return panels
+                one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
+                rows = {
+                    t: (
+                        task._to_rgb(task.postprocess(preds[t][i : i + 1].float())[0].cpu()),
+                        task._to_rgb(task.target_for_display(one).cpu()),
+                    )
+                    for t, task in module.tasks.items()
+                }
+                panels[f"sample_{len(panels):03d}"] = prediction_panel(denormalise(one["image"][0]), rows)
+    return panels
