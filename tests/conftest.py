@@ -41,6 +41,7 @@ def fast_real(data_dir: Path) -> list[str]:
         "data.num_workers=0",
         "data.pin_memory=false",
         "data.input_size=[64,80]",
+        "++data.resize=null",  # fixed-size recipes (MTLoRA's 448×448) would exceed the pad size
         "extras.print_config=false",
     ]
 
@@ -55,13 +56,35 @@ TINY_VIT = [
     "model.backbone.out_indices=[0,1,2,3]",
 ]
 CPU_TRAINER = ["trainer=cpu", "trainer.precision=32"]
+TINY_MTLORA_SWIN = [
+    "model.backbone.pretrained=false",
+    "++model.backbone.embed_dim=16",
+    "++model.backbone.depths=[1,1,2,1]",
+    "++model.backbone.num_heads=[1,2,2,4]",
+    "++model.backbone.window_size=4",
+    "model.backbone.rank=4",
+    "model.decoder.channels=8",
+]
+TINY_MTLORA_VIT = [
+    "model.backbone.pretrained=false",
+    "model.backbone.name=vit_tiny_patch16_224",
+    "+model.backbone.depth=4",
+    "+model.backbone.embed_dim=32",
+    "+model.backbone.num_heads=2",
+    "model.backbone.out_indices=[0,1,2,3]",
+    "model.backbone.rank=4",
+    "model.decoder.channels=8",
+]
 
 
 def cpu_tiny(cfg: DictConfig) -> list[str]:
     """Overrides for a composed config that would download weights or need GPUs."""
     backbone = cfg.get("model", {}).get("backbone", {}) or {}
     out = []
-    if backbone.get("pretrained") or backbone.get("checkpoint_path"):
+    target = str(backbone.get("_target_", ""))
+    if target.endswith(("MTLoRASwin", "MTLoRAViT")):  # no model/backbone group: shrink in place
+        out += TINY_MTLORA_SWIN if target.endswith("MTLoRASwin") else TINY_MTLORA_VIT
+    elif backbone.get("pretrained") or backbone.get("checkpoint_path"):
         out += TINY_VIT
     if str(cfg.get("trainer", {}).get("accelerator", "cpu")) not in ("cpu", "auto"):
         out += CPU_TRAINER
