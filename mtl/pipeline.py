@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.adapters.lora import merge_lora
 from mtl.adapters.report import parameter_counts, parameter_report
 from mtl.data.datamodule import MTLDataModule
 from mtl.metrics.seism import MAX_DIST
@@ -214,6 +215,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             f"checkpoint '{ckpt_path}' does not match the configured model: missing keys {missing[:5]}…, "
             f"unexpected keys {unexpected[:5]}… (same experiment/model overrides as in training?)"
         )
+    if (cfg.get("adapter") or {}).get("merge"):
+        n_merged = merge_lora(module.model)
+        log.info("folded %d LoRA layers into their base weights (adapter.merge=true)", n_merged)
     use_eval_metrics(module, cfg)
     trainer = build_trainer(cfg)
     trainer.test(module, datamodule=datamodule)
