@@ -39,7 +39,8 @@ def _fake_sweep(root, data="synthetic_nyud", backbone="swin_mini"):
         (job / "metrics.json").write_text(json.dumps(metrics))
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"tasks": [task]}}))
         choices = {"data": data, "model/backbone": backbone}
-        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+        hydra_yaml = {"hydra": {"runtime": {"choices": choices}}}
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra_yaml))
 
 
 def test_baseline_collector_prefers_test_metrics(tmp_path):
@@ -56,11 +57,13 @@ def test_baseline_collector_prefers_test_metrics(tmp_path):
 def test_single_task_experiments_compose(make_cfg, fake_data_dir):
     cfg = make_cfg(["experiment=synthetic_single_task", "task=depth"])
     assert list(cfg.data.tasks) == ["depth"] and cfg.test is True
-    for exp, task, key in (("nyud_single_task", "depth", "nyud"), ("pascal_single_task", "saliency", "pascal_context")):
+    cases = (("nyud_single_task", "depth", "nyud"), ("pascal_single_task", "saliency", "pascal_context"))
+    for exp, task, key in cases:
         cfg = make_cfg([f"experiment={exp}", f"task={task}", "trainer=cpu"])
         assert list(cfg.data.tasks) == [task] and dataset_key(cfg) == key
         assert cfg.optimizer.lr == pytest.approx(2e-5) and cfg.trainer.max_steps == 40000
-    assert eval_metric_options(make_cfg(["data=pascal_context"], config_name="eval"), "edge")["max_dist"] == 0.0075
+    pascal = make_cfg(["data=pascal_context"], config_name="eval")
+    assert eval_metric_options(pascal, "edge")["max_dist"] == 0.0075
     assert eval_metric_options(make_cfg([], config_name="eval"), "edge")["max_dist"] == 0.011
 
 
@@ -89,16 +92,18 @@ def test_eval_end_to_end_writes_tables_pictures_and_delta_m(make_cfg, tmp_path):
     cfg.paths.output_dir = str(tmp_path / "eval")
     results, _ = evaluate(cfg)
     out = tmp_path / "eval"
-    for key in ("test/edge/odsf", "test/edge/oisf", "test/edge/ap", "test/depth/abs_rel", "test/normals/median"):
-        assert key in results
+    for key in ("edge/odsf", "edge/oisf", "edge/ap", "depth/abs_rel", "normals/median", "semseg/iou_0"):
+        assert f"test/{key}" in results
     assert 0.0 <= results["test/edge/odsf"] <= 1.0
-    assert json.loads((out / "results.json").read_text())["test/delta_m"] == pytest.approx(results["test/delta_m"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test/delta_m"] == pytest.approx(results["test/delta_m"])
     rows = list(csv.reader((out / "results.csv").open()))
     assert rows[1][0] == "tiny" and float(rows[1][rows[0].index("test/edge/odsf")]) == pytest.approx(
         results["test/edge/odsf"], rel=1e-5
     )
     md = (out / "results.md").read_text()
-    assert md.splitlines()[0].startswith("| model | semseg mIoU ↑ | depth RMSE ↓ | normals mErr ↓ | edge odsF ↑ |")
+    head = "| model | semseg mIoU ↑ | depth RMSE ↓ | normals mErr ↓ | edge odsF ↑ | Δm (%) ↑ |"
+    assert md.splitlines()[0] == head
     assert f"{results['test/delta_m']:+.2f}" in md and "| **tiny** |" in md
     pictures = sorted((out / "pictures").glob("*.png"))
     assert [p.name for p in pictures] == ["sample_000.png", "sample_001.png"]
