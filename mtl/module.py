@@ -156,7 +156,7 @@ class MTLModule(L.LightningModule):
                 continue
             for k, v in metric.compute().items():
                 values[f"{stage}/{t}/{k}"] = float(v)
-                if k.startswith("iou_"):  # per-class IoU: eval.py reports them
+                if k.startswith("iou_") and stage == "val":  # per-class IoU: in eval.py's test results
                     continue
                 self.log(
                     f"{stage}/{t}/{k}",
