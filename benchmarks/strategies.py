@@ -1,0 +1,212 @@
+"""Per-step time and peak memory of every optimisation strategy, relative to EW.
+
+Same model (the multi-head baseline on a small Swin), same batch, same initial weights for
+every strategy; 2, 4 and 5 tasks (NYUD-like semseg/depth; + normals/edge; PASCAL-like
+semseg/human_parts/saliency/normals/edge). A step is forward + ``strategy.backward`` (+ the
+optimiser step and, for FAMO, its look-ahead forward), driven by a bare loop so that only the
+strategy differs; EW is measured in the same run as the baseline.
+
+Time: median over ``--steps`` steps after the first one; on CUDA wall-clock time (synchronised),
+on CPU the process's CPU time with one intra-op thread (``torch.set_num_threads(1)``), which
+other jobs on a shared machine barely perturb. Memory: the peak of tensor memory allocated
+during the first step (which also creates everything a strategy keeps: the ``k × n`` buffer,
+the optimiser state, retained graphs) above what was allocated before it (model and batch);
+on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of the CPU allocator's
+alloc/free events recorded by ``torch.profiler`` (``profile_memory=True``): exact tensor
+bytes, not the noisy resident set size.
+
+    python benchmarks/strategies.py [--tasks 2,4,5] [--steps 3] [--resolution 64] [--batch 4]
+                                     [--only ew,cagrad]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtl.backbones import TimmBackbone  # noqa: E402
+from mtl.decoders.multihead import MultiHeadDecoder  # noqa: E402
+from mtl.model import MultiTaskNet  # noqa: E402
+from mtl.tasks import build_tasks  # noqa: E402
+
+TASK_SETS = {
+    2: ["semseg", "depth"],
+    4: ["semseg", "depth", "normals", "edge"],
+    5: ["semseg", "human_parts", "saliency", "normals", "edge"],
+}
+CLASSES = {"semseg": 9, "human_parts": 7}
+
+
+class BenchModule:
+    """What a strategy uses of ``MTLModule``, without Lightning (fp32, single process)."""
+
+    def __init__(self, model, tasks) -> None:
+        self.model, self.tasks = model, tasks
+
+    def __call__(self, x, **kwargs):
+        return self.model(x, **kwargs)
+
+    def task_losses(self, preds, batch):
+        return {t: task.loss(preds[t], batch) for t, task in self.tasks.items()}
+
+    def manual_backward(self, loss):
+        loss.backward()
+
+    def grad_scale(self) -> float:
+        return 1.0
+
+
+def make_batch(tasks: list[str], bs: int, res: int, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    normals = torch.nn.functional.normalize(torch.randn(bs, 3, res, res, generator=g), dim=1)
+    full = {
+        "image": torch.randn(bs, 3, res, res, generator=g),
+        "semseg": torch.randint(0, 9, (bs, res, res), generator=g),
+        "human_parts": torch.randint(0, 7, (bs, res, res), generator=g),
+        "saliency": (torch.rand(bs, 1, res, res, generator=g) > 0.5).float(),
+        "depth": torch.rand(bs, 1, res, res, generator=g) * 4 + 0.5,
+        "normals": normals,
+        "edge": (torch.rand(bs, 1, res, res, generator=g) > 0.9).float(),
+    }
+    return {k: v.to(device) for k, v in full.items() if k == "image" or k in tasks}
+
+
+def build_model(tasks, res: int, device) -> MultiTaskNet:
+    torch.manual_seed(0)
+    backbone = TimmBackbone(
+        name="swin_tiny_patch4_window7_224",
+        img_size=(res, res),
+        out_indices=[0, 1, 2, 3],
+        embed_dim=48,
+        depths=[2, 2, 2, 2],
+        num_heads=[2, 4, 8, 16],
+        window_size=4,
+    )
+    decoder = functools.partial(MultiHeadDecoder, channels=64)
+    return MultiTaskNet(
+        backbone=backbone, decoder=decoder, tasks={t: k.out_channels for t, k in tasks.items()}
+    )
+
+
+def strategy_configs(only: list[str] | None) -> dict:
+    names = sorted(p.stem for p in (ROOT / "configs" / "strategy").glob("*.yaml"))
+    names = [n for n in names if n != "fixed"]  # the same computation as ew
+    names.sort(key=lambda n: n != "ew")  # EW first: the baseline
+    if only:
+        names = [n for n in names if n in only or n == "ew"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return {n: compose(config_name="train", overrides=[f"strategy={n}"]).strategy for n in names}
+
+
+def cpu_peak_bytes(prof) -> int:
+    """Peak of the running sum of the CPU allocator's alloc (+) / free (−) events of a profile."""
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    peak = total = 0
+    for _, nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return peak
+
+
+def bench(name: str, cfg, k: int, args, device) -> tuple[float, float]:
+    tasks = build_tasks(TASK_SETS[k], num_classes={t: c for t, c in CLASSES.items() if t in TASK_SETS[k]})
+    model = build_model(tasks, args.resolution, device).to(device)
+    module = BenchModule(model, tasks)
+    strategy = instantiate(cfg, _convert_="all")
+    strategy.setup(tasks=tasks, module=module)
+    strategy.to(device)
+    batch = make_batch(TASK_SETS[k], args.batch, args.resolution, device)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad] + list(strategy.parameters()), lr=1e-4
+    )
+    cuda = device.type == "cuda"
+
+    def one_step() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter() if cuda else time.process_time()
+        opt.zero_grad(set_to_none=True)
+        _, losses, aux = strategy.forward(batch, module=module)
+        strategy.backward(losses, module=module, extra=aux, batch=batch)
+        opt.step()
+        strategy.after_step(batch, module=module, losses=losses)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() if cuda else time.process_time()) - t0
+
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        one_step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            one_step()
+        peak = cpu_peak_bytes(prof)
+    times = [one_step() for _ in range(args.steps)]
+    return statistics.median(times), peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", default="2,4,5")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--only", default=None, help="comma-separated strategy names (EW is always run)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    configs = strategy_configs(args.only.split(",") if args.only else None)
+    ks = [int(k) for k in args.tasks.split(",")]
+    results = {}
+    for k in ks:
+        for name, cfg in configs.items():
+            results[name, k] = bench(name, cfg, k, args, device)
+            t, m = results[name, k]
+            print(
+                f"  {name:12s} k={k}: {t * 1e3:8.1f} ms/step  peak +{m:8.1f} MiB", file=sys.stderr, flush=True
+            )
+    if device.type == "cuda":
+        kind = "wall time; memory: CUDA max_memory_allocated"
+    else:
+        kind = "CPU time, 1 thread; memory: CPU allocator events (torch.profiler)"
+    print(
+        f"\ndevice {device}, {args.resolution}px, batch {args.batch}, median of {args.steps} steps, {kind}\n"
+    )
+    head = " | ".join(f"time k={k} | mem k={k}" for k in ks)
+    print(f"| strategy | {head} |")
+    print("|---|" + "---:|" * (2 * len(ks)))
+    for name in configs:
+        cells = []
+        for k in ks:
+            t, m = results[name, k]
+            t0, m0 = results["ew", k]
+            cells += [f"{t / t0:.2f}×", f"{m / m0:.2f}×"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    base = " · ".join(f"k={k}: {results['ew', k][0] * 1e3:.0f} ms, {results['ew', k][1]:.0f} MiB" for k in ks)
+    print(f"\nEW (= 1.00×): {base}")
+
+
+if __name__ == "__main__":
+    main()
