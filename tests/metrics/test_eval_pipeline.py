@@ -67,6 +67,7 @@ def test_single_task_experiments_compose(make_cfg, fake_data_dir):
     assert eval_metric_options(make_cfg([], config_name="eval"), "edge")["max_dist"] == 0.011
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_writes_tables_pictures_and_delta_m(make_cfg, tmp_path):
     train(make_cfg([TASKS, "trainer.max_epochs=1", "logger=none", "callbacks=default"]))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
