@@ -65,12 +65,11 @@ def main_columns(tasks: Mapping[str, Any], metrics: Mapping[str, float], stage: 
     return cols
 
 
-def _fmt(metric: str, value: float | None) -> str:
+def _fmt(task: str, metric: str, value: float | None) -> str:
     if value is None:
         return "—"
     v = display(metric, value)
-    four = metric in ("rmse", "abs_rel", "log_rmse") or metric.startswith("delta")
-    return f"{v:.4f}" if four else f"{v:.2f}"
+    return f"{v:.4f}" if task == "depth" else f"{v:.2f}"  # metres and δ fractions: 4 digits
 
 
 def published_table(
@@ -96,7 +95,7 @@ def published_table(
             digits = 4 if (t, m) == ("depth", "rmse") else 2
             vals.append("—" if v is None else f"{v:.{digits}f}{note}")
         lines.append(f"| {row['model']} ({row['backbone']}, published) | " + " | ".join(vals) + " | — |")
-    vals = [_fmt(m, metrics.get(f"{stage}/{t}/{m}")) for t, m in cols]
+    vals = [_fmt(t, m, metrics.get(f"{stage}/{t}/{m}")) for t, m in cols]
     lines.append(f"| **{name}** | " + " | ".join(vals) + f" | {'—' if dm is None else f'{dm:+.2f}'} |")
     return "\n".join(lines)
 
@@ -111,7 +110,7 @@ def all_metrics_table(metrics: Mapping[str, float], tasks: Mapping[str, Any], st
             if m == "loss" or m.startswith("iou_"):
                 continue
             unit = " (%)" if m in PERCENT else ""
-            lines.append(f"| {t} | {LABELS.get(m, m)}{unit}{_arrow(task, m)} | {_fmt(m, metrics[k])} |")
+            lines.append(f"| {t} | {LABELS.get(m, m)}{unit}{_arrow(task, m)} | {_fmt(t, m, metrics[k])} |")
     return "\n".join(lines)
 
 
