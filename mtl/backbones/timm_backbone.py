@@ -104,7 +104,8 @@ class TimmBackbone(nn.Module):
         if bad:
             raise ValueError(f"out_indices {bad} out of range for '{name}' ({n_levels} levels)")
         self.out_indices = idx
-        model.prune_intermediate_layers(indices=max(idx) + 1, prune_norm=not norm, prune_head=True)
+        # a list of indices: timm drops every block after the last tap (an int n would mean "the last n")
+        model.prune_intermediate_layers(indices=idx, prune_norm=not norm, prune_head=True)
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model
