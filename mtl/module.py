@@ -7,6 +7,7 @@ precision scaling and DDP gradient synchronisation (via ``manual_backward``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import lightning as L
@@ -166,8 +167,12 @@ class MTLModule(L.LightningModule):
                 )
             metric.reset()
         if self.baseline and len(values):
-            dm = delta_m(values, self.baseline, self.tasks, stage=stage)
-            self.log(f"{stage}/delta_m", dm, sync_dist=False)
+            try:
+                dm = delta_m(values, self.baseline, self.tasks, stage=stage)
+            except ValueError as err:  # e.g. a baseline with only the approximate edge F, tested with odsF
+                warnings.warn(f"{stage}/delta_m not logged: {err}", stacklevel=1)
+            else:
+                self.log(f"{stage}/delta_m", dm, sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
