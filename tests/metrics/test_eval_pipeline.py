@@ -69,14 +69,16 @@ def test_single_task_experiments_compose(make_cfg, fake_data_dir):
 
 @pytest.mark.slow
 def test_eval_end_to_end_writes_tables_pictures_and_delta_m(make_cfg, tmp_path):
-    train(make_cfg([TASKS, "trainer.max_epochs=1", "logger=none", "callbacks=default"]))
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
     baseline = tmp_path / "configs" / "baselines"
     baseline.mkdir(parents=True)
     (baseline / "tiny.yaml").write_text(
         "# @package baseline\nmetrics:\n  semseg/miou: 0.1\n  depth/rmse: 2.0\n  normals/mean: 40.0\n"
         "  edge/odsf: 0.2\n  edge/f: 0.2\n"
     )
+    use_baseline = [f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "baselines=tiny"]
+    trained, _ = train(make_cfg([TASKS, "trainer.max_epochs=1", "logger=none", *use_baseline]))
+    assert "val/delta_m" in trained  # logged at validation epoch end when a baseline is configured
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
     cfg = make_cfg(
         [
             TASKS,
@@ -85,8 +87,7 @@ def test_eval_end_to_end_writes_tables_pictures_and_delta_m(make_cfg, tmp_path):
             "eval.edge.workers=0",
             "eval.name=tiny",
             "logger=tensorboard",
-            f"hydra.searchpath=[file://{tmp_path / 'configs'}]",
-            "baselines=tiny",
+            *use_baseline,
         ],
         config_name="eval",
     )

@@ -34,6 +34,13 @@ def test_thin_hand_cases_and_agreement_with_pyedgeeval():
     line[2:5, 1:11] = True  # 3-px thick bar → 1-px line, same length order
     out = thin(line)
     assert out.sum(axis=0).max() == 1 and 7 <= out.sum() <= 10
+    # the documented bwmorph('thin') example (a 5×3 block with a diagonal tail) → a bent 1-px stroke
+    block = np.zeros((7, 7), dtype=bool)
+    block[1:-1, 2:-2] = True
+    block[0, 1] = True
+    expected = np.zeros((7, 7), dtype=bool)
+    expected[[0, 1, 2, 3, 4], [1, 2, 3, 3, 3]] = True
+    assert (thin(block) == expected).all()
     one_px = np.zeros((8, 8), dtype=bool)
     one_px[3, 1:7] = True
     assert (thin(one_px) == one_px).all()  # already thin: unchanged (idempotent)
