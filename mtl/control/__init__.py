@@ -1,0 +1,1 @@
+"""Controllable multi-task models: width configurations, their cost, training and search."""
