@@ -65,6 +65,15 @@ TINY_MTLORA_SWIN = [
     "model.backbone.rank=4",
     "model.decoder.channels=8",
 ]
+TINY_SLIMMABLE = [
+    "model.backbone.pretrained=false",
+    "model.backbone.name=vit_tiny_patch16_224",
+    "++model.backbone.depth=4",
+    "++model.backbone.embed_dim=32",
+    "++model.backbone.num_heads=2",
+    "model.backbone.out_indices=[0,1,2,3]",
+    "model.decoder.channels=16",
+]
 TINY_MTLORA_VIT = [
     "model.backbone.pretrained=false",
     "model.backbone.name=vit_tiny_patch16_224",
@@ -84,6 +93,8 @@ def cpu_tiny(cfg: DictConfig) -> list[str]:
     target = str(backbone.get("_target_", ""))
     if target.endswith(("MTLoRASwin", "MTLoRAViT")):  # no model/backbone group: shrink in place
         out += TINY_MTLORA_SWIN if target.endswith("MTLoRASwin") else TINY_MTLORA_VIT
+    elif target.endswith("SlimmableViT") and backbone.get("pretrained"):
+        out += TINY_SLIMMABLE
     elif backbone.get("pretrained") or backbone.get("checkpoint_path"):
         out += TINY_VIT
     if str(cfg.get("trainer", {}).get("accelerator", "cpu")) not in ("cpu", "auto"):
