@@ -6,7 +6,8 @@ semseg/human_parts/saliency/normals/edge). A step is forward + ``strategy.backwa
 optimiser step and, for FAMO, its look-ahead forward), driven by a bare loop so that only the
 strategy differs; EW is measured in the same run as the baseline.
 
-Time: median over ``--steps`` steps after the first one; on CUDA wall-clock time (synchronised),
+Time: median over ``--steps`` steps after the first one (and after one discarded warm-up run
+per task count); on CUDA wall-clock time (synchronised),
 on CPU the process's CPU time with one intra-op thread (``torch.set_num_threads(1)``), which
 other jobs on a shared machine barely perturb. Memory: the peak of tensor memory allocated
 during the first step (which also creates everything a strategy keeps: the ``k × n`` buffer,
@@ -15,7 +16,7 @@ on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of the CPU a
 alloc/free events recorded by ``torch.profiler`` (``profile_memory=True``): exact tensor
 bytes, not the noisy resident set size.
 
-    python benchmarks/strategies.py [--tasks 2,4,5] [--steps 3] [--resolution 64] [--batch 4]
+    python benchmarks/strategies.py [--tasks 2,4,5] [--steps 5] [--resolution 64] [--batch 4]
                                      [--only ew,cagrad]
 """
 
@@ -169,7 +170,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", default="2,4,5")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--only", default=None, help="comma-separated strategy names (EW is always run)")
@@ -181,6 +182,7 @@ def main() -> None:
     ks = [int(k) for k in args.tasks.split(",")]
     results = {}
     for k in ks:
+        bench("ew", configs["ew"], k, args, device)  # warm-up (allocator, caches, lazy imports): discarded
         for name, cfg in configs.items():
             results[name, k] = bench(name, cfg, k, args, device)
             t, m = results[name, k]

@@ -95,18 +95,19 @@ class DynamicWeightAverage(_LossWeighting):
         self.temperature = float(temperature)
         self.register_buffer("loss_sum", torch.zeros(0))
         self.register_buffer("count", torch.zeros(()))
-        self.register_buffer("history", torch.zeros(0, 0))  # (epochs kept ≤ 2, k)
+        self.register_buffer("history", torch.zeros(0, 0))  # (2, k): the last two epoch means
+        self.register_buffer("epochs", torch.zeros((), dtype=torch.long))
 
     def setup(self, *, tasks: Mapping, module) -> None:
         super().setup(tasks=tasks, module=module)
         self.loss_sum = torch.zeros(len(tasks), dtype=torch.float64)
-        self.history = torch.zeros(0, len(tasks), dtype=torch.float64)
+        self.history = torch.zeros(2, len(tasks), dtype=torch.float64)  # fixed shape: checkpoints load
 
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         k = losses.numel()
-        if self.history.shape[0] < 2:
+        if int(self.epochs) < 2:
             return torch.ones(k, device=losses.device)
-        ratio = self.history[-1] / self.history[-2].clamp_min(1e-12)
+        ratio = self.history[1] / self.history[0].clamp_min(1e-12)
         return (k * torch.softmax(ratio / self.temperature, dim=0)).to(losses.device, losses.dtype)
 
     def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
@@ -120,8 +121,9 @@ class DynamicWeightAverage(_LossWeighting):
             return
         sums = torch.cat([self.loss_sum, self.count.reshape(1).double()])
         all_reduce_sum_(sums)
-        mean = (sums[:-1] / sums[-1]).reshape(1, -1).to(self.history.device)
-        self.history = torch.cat([self.history, mean])[-2:]
+        mean = (sums[:-1] / sums[-1]).to(self.history.device)
+        self.history = torch.stack([self.history[1], mean])
+        self.epochs += 1
         self.loss_sum = torch.zeros_like(self.loss_sum)
         self.count = torch.zeros_like(self.count)
 

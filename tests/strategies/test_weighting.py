@@ -139,3 +139,21 @@ def test_one_backward_strategies_log_diagnostics_every_n_steps(make):
     module, batch = setup(strategy, k=3)
     logs = step(strategy, module, batch)
     assert {"grad/t0/norm", "grad/cos/t0-t1", "grad/conflicts", "grad/t2/weight"} <= set(logs)
+
+
+@pytest.mark.parametrize(
+    "make", [UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting, GradNorm, FAMO]
+)
+def test_strategy_state_survives_a_checkpoint(make):
+    """State lives in fixed-shape buffers/parameters, so a resumed run loads it strictly."""
+    a = make()
+    module, batch = setup(a, k=3)
+    for _ in range(3):
+        step(a, module, batch)
+        a.after_step(batch, module=module, losses={})
+        a.epoch_end()
+    b = make()
+    setup(b, k=3)
+    b.load_state_dict(a.state_dict())
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
