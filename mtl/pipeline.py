@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.adapters.lora import merge_lora
 from mtl.adapters.report import parameter_counts, parameter_report
+from mtl.control.run import apply_control
 from mtl.data.datamodule import MTLDataModule
 from mtl.metrics.seism import MAX_DIST
 from mtl.module import MTLModule
@@ -218,6 +219,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if (cfg.get("adapter") or {}).get("merge"):
         n_merged = merge_lora(module.model)
         log.info("folded %d LoRA layers into their base weights (adapter.merge=true)", n_merged)
+    control = _container(cfg.get("control"))
+    control_report = apply_control(control, module, datamodule, list(cfg.data.input_size), output_dir)
     use_eval_metrics(module, cfg)
     trainer = build_trainer(cfg)
     trainer.test(module, datamodule=datamodule)
@@ -240,7 +243,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for key, img in panels.items():
             save_pictures({key: img}, output_dir / "pictures")
         log_pictures(trainer.loggers, {f"eval/{k}": v for k, v in panels.items()}, step=0)
-    return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}
+    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "control": control_report}
+    return metrics, objects
 
 
 def prediction_panels(module: MTLModule, datamodule: MTLDataModule, n: int) -> dict[str, Any]:
