@@ -93,3 +93,39 @@ def test_synthetic_slimmable_trains(make_cfg):
     metrics, objects = train(cfg)
     assert objects["trainer"].state.finished
     assert "train/strategy/ci_kd" in metrics and metrics["train/strategy/ci_kd"] >= 0
+
+
+@pytest.mark.slow
+def test_eval_with_budget_and_sweep(make_cfg, tmp_path):
+    import json
+
+    from mtl.pipeline import build_datamodule, build_module, evaluate
+
+    overrides = [
+        "experiment=synthetic_slimmable",
+        "data.tasks=[semseg,depth]",
+        "model.backbone.widths=[0.5,1.0]",
+    ]
+    cfg = make_cfg(overrides, config_name="eval")
+    module = build_module(cfg, build_datamodule(cfg))
+    ckpt = tmp_path / "slim.ckpt"
+    torch.save({"state_dict": module.state_dict()}, ckpt)
+    cfg.ckpt_path, cfg.eval.pictures = str(ckpt), 0
+    cfg.control.sweep = True
+    cfg.paths.output_dir = str(tmp_path / "sweep")
+    _, objects = evaluate(cfg)
+    out = tmp_path / "sweep"
+    for name in ("control_table.json", "controllability.json", "controllability.md", "controllability.png"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "controllability.json").read_text())["rows"]
+    assert rows and all(r["gflops"] <= r["budget"] + 1e-9 for r in rows)
+    # one request: the chosen sub-network is within budget and is the one evaluated
+    budget = sorted({r["budget"] for r in rows})[-2]  # below the full model's cost
+    cfg.control.sweep, cfg.control.budget, cfg.control.preference = False, budget, [0.8, 0.2]
+    cfg.control.table = str(out / "control_table.json")
+    cfg.paths.output_dir = str(tmp_path / "one")
+    metrics, objects = evaluate(cfg)
+    report = objects["control"]
+    assert report["gflops"] <= budget and report["decoders"]["semseg"] >= report["decoders"]["depth"]
+    assert objects["module"].model.backbone.width == report["encoder"]
+    assert "test/semseg/miou" in metrics

@@ -1,0 +1,120 @@
+"""``eval.py ... control.budget=… control.preference=[…]`` and ``control.sweep=true``.
+
+Before evaluating a slimmable checkpoint, :func:`apply_control` measures (or loads) the
+performance table on the validation split, then either picks the configuration for one
+(budget, preference) request — the evaluation then runs that sub-network — or sweeps
+budgets × preferences and writes ``controllability.json``, ``controllability.md`` and
+``controllability.png`` (see :mod:`mtl.control.evaluate` for the score).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mtl.control.cost import CostModel, WidthConfig, apply_config
+from mtl.control.evaluate import measure_table, plot_sweep, sweep, table_from_json, table_to_json
+from mtl.control.search import search
+
+log = logging.getLogger(__name__)
+
+
+def _preference(value, tasks: Sequence[str]) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        return {t: float(value[t]) for t in tasks}
+    values = list(value)
+    if len(values) != len(tasks):
+        raise ValueError(f"control.preference has {len(values)} values; expected one per task {list(tasks)}")
+    return dict(zip(tasks, map(float, values), strict=True))
+
+
+def default_preferences(tasks: Sequence[str]) -> list[dict[str, float]]:
+    """Equal preference, then each task favoured at 0.5 / 0.7 / 0.9 with the rest shared equally."""
+    prefs = [dict.fromkeys(tasks, 1.0 / len(tasks))]
+    for t in tasks:
+        for hi in (0.5, 0.7, 0.9):
+            prefs.append({u: hi if u == t else (1 - hi) / (len(tasks) - 1) for u in tasks})
+    return prefs
+
+
+def apply_control(control: Mapping, module, datamodule, input_size: Sequence[int], output_dir: Path) -> dict:
+    """Runs the requested control step; returns what to report (empty when nothing was asked)."""
+    budget, sweep_on = control.get("budget"), bool(control.get("sweep"))
+    if budget is None and not sweep_on:
+        return {}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = module.model
+    if not hasattr(model.backbone, "set_width") or not hasattr(model.decoder, "set_widths"):
+        raise ValueError("control.* needs a slimmable model (model=slimmable)")
+    widths = list(model.backbone.widths)
+    tasks = list(module.tasks)
+    hib = {t: task.higher_is_better for t, task in module.tasks.items()}
+    table_path = Path(control.get("table") or output_dir / "control_table.json")
+    if table_path.is_file():
+        table = table_from_json(table_path.read_text())
+    else:
+        datamodule.setup("validate")
+        table = measure_table(module, datamodule.val_dataloader(), widths)
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        table_path.write_text(table_to_json(table))
+    cost = CostModel(model, input_size)
+    report: dict = {"table": str(table_path)}
+    if sweep_on:
+        lo = cost(WidthConfig(widths[0], dict.fromkeys(tasks, widths[0])))[0]
+        hi = cost(WidthConfig(1.0, dict.fromkeys(tasks, 1.0)))[0]
+        budgets = control.get("budgets") or [lo + (hi - lo) * k / 5 for k in range(6)]
+        rows, score = sweep(
+            table=table,
+            cost=cost,
+            widths=widths,
+            budgets=budgets,
+            preferences=default_preferences(tasks),
+            higher_is_better=hib,
+        )
+        (output_dir / "controllability.json").write_text(
+            json.dumps({"controllability": score, "rows": rows}, indent=1)
+        )
+        lines = [
+            f"controllability (mean Spearman, preference vs score): **{score:.3f}**",
+            "",
+            "| budget (GFLOPs) | preference | encoder | decoders | GFLOPs | scores |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            pref = ", ".join(f"{t}={v:.2f}" for t, v in r["preference"].items())
+            dec = ", ".join(f"{t}={v}" for t, v in r["decoders"].items())
+            sc = ", ".join(f"{t}={v:.3f}" for t, v in r["scores"].items())
+            lines.append(
+                f"| {r['budget']:.4g} | {pref} | {r['encoder']} | {dec} | {r['gflops']:.4g} | {sc} |"
+            )
+        (output_dir / "controllability.md").write_text("\n".join(lines) + "\n")
+        plot_sweep(rows, output_dir / "controllability.png")
+        report["controllability"] = score
+        log.info("controllability %.3f over %d requests", score, len(rows))
+    if budget is not None:
+        pref = _preference(control.get("preference") or dict.fromkeys(tasks, 1.0), tasks)
+        config, rep = search(
+            budget=float(budget),
+            preference=pref,
+            widths=widths,
+            table=table,
+            cost=lambda c: cost(c)[0],
+            higher_is_better=hib,
+        )
+        apply_config(model, config)
+        report.update(
+            {
+                "encoder": config.encoder,
+                "decoders": dict(config.decoders),
+                "gflops": rep["cost"],
+                "active_params": cost(config)[1],
+                "predicted_scores": rep["scores"],
+            }
+        )
+        log.info(
+            "control: budget %.4g GFLOPs, preference %s → %s (%.4g GFLOPs)", budget, pref, config, rep["cost"]
+        )
+        (output_dir / "control.json").write_text(json.dumps(report, indent=1))
+    return report
