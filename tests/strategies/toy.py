@@ -50,9 +50,9 @@ class ToyNet(nn.Module):
 class ToyModule:
     """Stands in for ``MTLModule``: ``model``, ``task_losses``, ``manual_backward``, ``grad_scale``."""
 
-    def __init__(self, model: ToyNet, scale: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, scale: float = 1.0, tasks: dict | None = None) -> None:
         self.model = model
-        self.tasks = {t: ToyTask(t) for t in model.tasks}
+        self.tasks = tasks if tasks is not None else {t: ToyTask(t) for t in model.tasks}
         self.scale = scale
 
     def __call__(self, x, **kwargs):
