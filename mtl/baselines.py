@@ -1,8 +1,11 @@
 """Writes ``configs/baselines/<dataset>_<backbone>.yaml`` from a multirun of single-task runs.
 
-    python train.py -m experiment=synthetic_single_task task=semseg,depth,normals,edge \\
-        hydra.sweep.dir=logs/single_task/synthetic_nyud
-    python -m mtl.baselines logs/single_task/synthetic_nyud
+    python train.py -m experiment=synthetic_single_task task=semseg,depth,normals,edge
+    python -m mtl.baselines logs/single_task/multiruns/<date>_<time>      # (again, by hand)
+
+The single-task experiments register :class:`WriteBaseline` as a Hydra callback, so the
+multirun writes the file by itself when its last job ends; the command line does the same
+for any finished sweep folder.
 
 Every job folder of the sweep holds ``metrics.json`` (written by ``train``) and
 ``.hydra/{config,hydra}.yaml``. Each run must have exactly one task; all runs must share the
@@ -83,6 +86,30 @@ def write_baseline(sweep_dir: Path, out_dir: Path = CONFIG_DIR, name: str | None
     lines += [f"  {k}: {v:.6g}" for k, v in sorted(metrics.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+class WriteBaseline:
+    """Hydra callback (``hydra.callbacks``): writes the baseline file when a multirun ends.
+
+    Duck-typed (Hydra calls the ``on_*`` hooks by name), so this module does not import Hydra.
+
+    Args:
+        out_dir: folder of the baseline files (default ``configs/baselines``).
+        name: file name (default ``<data>_<backbone>``).
+    """
+
+    def __init__(self, *, out_dir: str | None = None, name: str | None = None) -> None:
+        self.out_dir = Path(out_dir) if out_dir else CONFIG_DIR
+        self.name = name
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = write_baseline(Path(config.hydra.sweep.dir), self.out_dir, self.name)
+        print(f"single-task baseline written to {path}")
+
+    def __getattr__(self, hook: str):
+        if hook.startswith("on_"):  # every other Hydra hook: nothing to do
+            return lambda *args, **kwargs: None
+        raise AttributeError(hook)
 
 
 def main(argv: list[str] | None = None) -> None:

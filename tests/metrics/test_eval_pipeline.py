@@ -6,8 +6,9 @@ import json
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from mtl.baselines import write_baseline
+from mtl.baselines import WriteBaseline, write_baseline
 from mtl.metrics.delta_m import delta_m, delta_m_terms
 from mtl.pipeline import dataset_key, eval_metric_options, evaluate, train
 from mtl.tasks import build_tasks
@@ -52,6 +53,11 @@ def test_baseline_collector_prefers_test_metrics(tmp_path):
     assert yaml.safe_load(text)["metrics"] == {"semseg/miou": 0.4, "edge/odsf": 0.5, "edge/f": 0.6}
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         write_baseline(tmp_path / "nothing", tmp_path / "out")
+    # the Hydra callback of the single-task experiments does the same at the end of the multirun
+    hook = WriteBaseline(out_dir=str(tmp_path / "hook"), name="mine")
+    hook.on_job_start(config=None)  # other hooks: no-ops
+    hook.on_multirun_end(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    assert yaml.safe_load((tmp_path / "hook" / "mine.yaml").read_text())["name"] == "mine"
 
 
 def test_single_task_experiments_compose(make_cfg, fake_data_dir):
