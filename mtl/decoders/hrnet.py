@@ -28,12 +28,16 @@ class _TaskBranch(nn.Module):
         super().__init__()
         self.proj = nn.ModuleList([nn.Conv2d(c, channels, 1) for c in in_channels])
         width = channels * len(in_channels)
-        self.fuse = nn.Sequential(nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         ups = [
-            F.interpolate(p(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size else p(f)
+            F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+            if f.shape[-2:] != size
+            else p(f)
             for p, f in zip(self.proj, feats, strict=True)
         ]
         return self.fuse(torch.cat(ups, dim=1))
