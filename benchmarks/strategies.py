@@ -103,7 +103,12 @@ def build_model(tasks, res: int, device) -> MultiTaskNet:
 
 def strategy_configs(only: list[str] | None) -> dict:
     names = sorted(p.stem for p in (ROOT / "configs" / "strategy").glob("*.yaml"))
-    names = [n for n in names if n != "fixed"]  # the same computation as ew
+
+    def ours(n: str) -> bool:  # other modules' strategies (e.g. sandwich) need their own model
+        text = (ROOT / "configs" / "strategy" / f"{n}.yaml").read_text()
+        return "_target_: mtl.strategies." in text or "defaults:" in text
+
+    names = [n for n in names if n != "fixed" and ours(n)]  # fixed: the same computation as ew
     names.sort(key=lambda n: n != "ew")  # EW first: the baseline
     if only:
         names = [n for n in names if n in only or n == "ew"]

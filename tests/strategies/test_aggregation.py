@@ -20,7 +20,7 @@ from torchjd.aggregation import (
     PCGrad,
     UPGrad,
 )
-from toy import setup, step
+from toy import one_torch_thread, setup, step  # noqa: F401
 
 from mtl.strategies import GradientAggregation, weights_from_gramian
 from mtl.strategies.grads import gramian_stats

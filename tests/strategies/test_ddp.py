@@ -11,6 +11,7 @@ from pathlib import Path
 import ddp_worker
 import pytest
 import torch
+from toy import one_torch_thread  # noqa: F401
 
 STRATEGIES = ["ew", "uw", "cagrad", "upgrad", "mgda_ub", "fmtl"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torchjd.aggregation import IMTLG, UPGrad
-from toy import ToyModule, ToyNet, setup, step
+from toy import ToyModule, ToyNet, one_torch_thread, setup, step  # noqa: F401
 
 from mtl.strategies import SAM, FlatMTL, GradientAggregation, weights_from_gramian
 from mtl.strategies.grads import frozen_bn_stats

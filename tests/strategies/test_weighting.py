@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from toy import setup, step
+from toy import one_torch_thread, setup, step  # noqa: F401
 
 from mtl.strategies import (
     DBMTL,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -88,3 +89,13 @@ def step(strategy, module, batch) -> dict:
         p.grad = None
     _, losses, aux = strategy.forward(batch, module=module)
     return strategy.backward(losses, module=module, extra=aux, batch=batch)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: one torch thread avoids the intra-op threading overhead that dominates at
+    this size on a shared CPU (restored after each test). Imported by every strategy test module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
