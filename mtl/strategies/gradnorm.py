@@ -52,7 +52,8 @@ class GradNorm(Strategy):
         diagnostics_every: see :class:`Strategy`.
     """
 
-    needs_task_grads = True
+    # needs only the last shared layer's per-task gradients: last_shared_layer() checks it in setup
+    needs_task_grads = False
 
     def __init__(
         self, *, alpha: float = 1.5, lr: float = 0.025, layer: str | None = None, diagnostics_every: int = 0
