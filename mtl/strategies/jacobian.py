@@ -203,7 +203,7 @@ class PerTaskGradients(Strategy):
             else:
                 all_reduce_mean_(flat[n_shared:])
         else:
-            dz = torch.empty(rows.shape[1], device=rows.device, dtype=rows.dtype)
+            dz = torch.empty(rows.shape[-1], device=rows.device, dtype=rows.dtype)  # rows: J, or a direction
             self.shared_direction(weights, rows, dz)
             dz.mul_(scale)
             shapes = self._jac.shapes

@@ -59,12 +59,21 @@ def tiny_setup(tmp_path_factory):
     return cfg, dm, next(iter(dm.train_dataloader()))
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+AGGREGATORS = ["mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac",
+               "graddrop", "dualproj", "config", "fairgrad"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", STRATEGIES + [f"{a}:rep" for a in AGGREGATORS if a != "mgda"])
 def test_every_strategy_trains_without_nan(tiny_setup, tmp_path, name):
-    """Three optimiser steps of the real model under each config (no Lightning: only the strategy varies)."""
+    """Three optimiser steps of the real model under each config (no Lightning: only the strategy
+    varies); ``<aggregator>:rep`` is its representation-level variant (``strategy.rep_grad=true``)."""
     from conftest import FAST, compose_cfg
 
-    cfg = compose_cfg(FAST + TINY + [f"strategy={name}", "strategy.diagnostics_every=1"], tmp_path)
+    name, _, rep = name.partition(":")
+    overrides = [f"strategy={name}", "strategy.diagnostics_every=1"] + (
+        ["strategy.rep_grad=true"] if rep else []
+    )
+    cfg = compose_cfg(FAST + TINY + overrides, tmp_path)
     _, dm, batch = tiny_setup
     L.seed_everything(0, verbose=False)
     real = build_module(cfg, dm)  # sets the strategy up exactly as training does
