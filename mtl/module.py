@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from mtl.metrics import SEISMEdgeF
 from mtl.metrics.delta_m import delta_m
 from mtl.model import MultiTaskNet
 from mtl.optim import build_scheduler, param_groups
@@ -138,7 +139,11 @@ class MTLModule(L.LightningModule):
         bs = batch["image"].shape[0]
         for t, loss in losses.items():
             self.log(f"{stage}/{t}/loss", loss, batch_size=bs, sync_dist=True)
-            self.metrics[stage][t].update(preds[t], batch[t])
+            metric = self.metrics[stage][t]
+            if t == "edge" and "edge_labelmap" in batch and isinstance(metric, SEISMEdgeF):
+                metric.update(preds[t], batch[t], label_map=batch["edge_labelmap"])  # PASCAL: LabelMap GT
+            else:
+                metric.update(preds[t], batch[t])
         self.log(
             f"{stage}/loss",
             self.weighted_total(losses),

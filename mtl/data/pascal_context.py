@@ -180,5 +180,8 @@ class PASCALContext(FolderDataset):
             if arr.shape[:2] != hw:
                 raise BadSampleError(sample_id, p, f"size {arr.shape[:2]} differs from the image's {hw}")
             sample[task] = arr
+        if "edge" in self.tasks and self.split != "train":
+            # SEISM's ground truth for PASCAL-Context is seg2bmap of the LabelMap itself (eval.py)
+            sample["edge_labelmap"] = label_map.astype(np.int16)
         sample["meta"] = {"id": sample_id, "size": hw}
         return sample

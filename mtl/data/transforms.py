@@ -115,6 +115,8 @@ class ToTensor:
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.int64))
             elif key in BINARY_TASKS:
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))[None]
+            elif key == "edge_labelmap":  # full context labels for the exact PASCAL edge evaluation
+                out[key] = torch.from_numpy(np.asarray(value, dtype=np.int64))
             elif key == "depth":
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))[None]
             elif key == "normals":
@@ -157,7 +159,11 @@ class Pad:
         out = {}
         for key, value in sample.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 2:
-                fill = 255 if key in LABEL_TASKS or key in BINARY_TASKS else 0
+                fill = (
+                    255
+                    if key in LABEL_TASKS or key in BINARY_TASKS
+                    else (-1 if key == "edge_labelmap" else 0)
+                )
                 value = F.pad(value, (0, pw, 0, ph), value=fill)
             out[key] = value
         return out

@@ -163,8 +163,15 @@ class SEISMEdgeF(Metric):
         return state
 
     # ---------------------------------------------------------------- metric
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Adds ``B × 1 × H × W`` logits and binary (0/1, 255 = padding) targets."""
+    def update(
+        self, logits: torch.Tensor, target: torch.Tensor, label_map: torch.Tensor | None = None
+    ) -> None:
+        """Adds ``B × 1 × H × W`` logits and binary (0/1, 255 = padding) targets.
+
+        ``label_map`` (``B × H × W``, optional): the label map the ground-truth boundaries are
+        drawn from (PASCAL-Context's full LabelMap); without it the binary target is read as
+        the label map (the NYUD-v2 rule).
+        """
         if logits.dim() != 4 or logits.shape[1] != 1:
             raise ValueError(f"edge logits must be B × 1 × H × W, got {tuple(logits.shape)}")
         prob = torch.sigmoid(logits.detach().float())[:, 0]
@@ -176,7 +183,12 @@ class SEISMEdgeF(Metric):
             if p.size == 0:
                 continue
             t = target[b, rs, cs]
-            gt = torch.where(t == self.ignore_index, 0, (t > 0.5).to(torch.uint8)).numpy().astype(np.uint8)
+            if label_map is not None:
+                gt = label_map[b].detach().cpu()[rs, cs].numpy().astype(np.int32)
+            else:
+                gt = (
+                    torch.where(t == self.ignore_index, 0, (t > 0.5).to(torch.uint8)).numpy().astype(np.uint8)
+                )
             if self.workers == 0:
                 self._add(evaluate_pair(p, gt, self.max_dist))
             else:

@@ -189,3 +189,25 @@ def test_pascal_semseg_out_of_range(pascal):
     _png(pascal / "semseg" / "pascal-context" / "2008_000001.png", np.full((12, 14), 21))
     with pytest.raises(BadSampleError, match="2008_000001.png: expected a single-channel map of 0..20"):
         PASCALContext(root=pascal, split="train", tasks=["semseg"])[1]
+
+
+def test_pascal_val_carries_the_label_map_for_exact_edge_evaluation(pascal):
+    import torch
+
+    from mtl.data.transforms import build_transform
+    from mtl.metrics import SEISMEdgeF
+    from mtl.metrics.seism import evaluate_pair
+
+    assert "edge_labelmap" not in PASCALContext(root=pascal, split="train")[0]
+    raw = PASCALContext(root=pascal, split="val")[0]
+    lm = scipy.io.loadmat(pascal / "pascal-context" / "trainval" / f"{raw['meta']['id']}.mat")["LabelMap"]
+    np.testing.assert_array_equal(raw["edge_labelmap"], lm)
+    s = build_transform(train=False, pad_to=(16, 16))(raw)
+    assert s["edge_labelmap"].dtype == torch.int64 and (s["edge_labelmap"][12:] == -1).all()
+    # the exact metric draws PASCAL's ground truth from the LabelMap, not from the thinned edge map
+    logits = torch.randn(1, 1, 16, 16)
+    metric = SEISMEdgeF(max_dist=0.0075)
+    metric.update(logits, s["edge"][None], label_map=s["edge_labelmap"][None])
+    pred_u8 = torch.floor(torch.sigmoid(logits[0, 0, :12, :14]) * 255 + 0.5).to(torch.uint8).numpy()
+    expected = evaluate_pair(pred_u8, lm.astype(np.int32), 0.0075)
+    np.testing.assert_array_equal(metric.counts.numpy(), expected)
