@@ -8,9 +8,9 @@ import torch
 from conftest import FAST_SYNTHETIC, compose_cfg
 from omegaconf import OmegaConf
 
-from mtl.pipeline import job_config, train
+from mtl.pipeline import train
 
-#: 2 training steps of a tiny Swin on 32 px scenes (checkpoints in the real format, with fingerprints)
+#: a tiny Swin on 32 px scenes (train and eval configs alike)
 TINY = [
     *FAST_SYNTHETIC,
     "data.dataset.resolution=[32,32]",
@@ -21,6 +21,9 @@ TINY = [
     "++model.backbone.num_heads=[1,1,2,2]",
     "++model.backbone.window_size=2",
     "model.decoder.channels=8",
+]
+#: 2 training steps (checkpoints in the real format, with the initial-weight fingerprint)
+TRAIN = [
     "trainer.max_steps=2",
     "trainer.max_epochs=1",
     "+trainer.enable_progress_bar=false",
@@ -35,8 +38,13 @@ def train_single_task(task: str, run_dir: Path, extra: list[str] | None = None) 
     """Trains ``experiment=synthetic_single_task task=<task>`` for 2 steps into ``run_dir``; saves the
     composed config where Hydra does (``.hydra/config.yaml``); returns ``last.ckpt``."""
     torch.set_num_threads(1)
-    cfg = compose_cfg(["experiment=synthetic_single_task", f"task={task}", *TINY, *(extra or [])], run_dir)
+    cfg = compose_cfg(
+        ["experiment=synthetic_single_task", f"task={task}", *TINY, *TRAIN, *(extra or [])], run_dir
+    )
     train(cfg)
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(job_config(cfg)), run_dir / ".hydra" / "config.yaml")
+    # as Hydra writes it: unresolved (``${hydra:runtime.output_dir}`` and all), without the hydra node
+    OmegaConf.save(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), run_dir / ".hydra" / "config.yaml"
+    )
     return run_dir / "checkpoints" / "last.ckpt"

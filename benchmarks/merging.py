@@ -1,0 +1,167 @@
+"""The merging experiment on synthetic NYUD-like scenes: merged single-task models versus the
+single-task models themselves and joint multi-task training, all from one pretrained backbone.
+
+Steps (each a real command line, skipped when its output exists, so the script resumes):
+
+1. pretrain: ``train.py experiment=synthetic_pascal_baseline data.tasks=[human_parts,saliency]``
+   on other scenes (``data.dataset.seed=1``): the shared "pretrained" backbone, exported as a
+   timm weight file (``backbone.pth``) for ``model.backbone.checkpoint_path``;
+2. single-task fine-tuning from it: ``train.py -m experiment=synthetic_single_task
+   task=semseg,depth,normals,edge +model.backbone.checkpoint_path=backbone.pth``;
+3. joint multi-task training from it for the same number of steps (``experiment=synthetic_baseline``);
+4. ``merge.py method=<m> ckpts=[…4 single-task checkpoints…] evaluate=true`` for every method;
+5. the table: main metric per task (eval protocol: exact odsF for edges) and Δm (%) against the
+   single-task models and against joint training, written to ``<root>/results.md``.
+
+Usage::
+
+    python benchmarks/merging.py --root logs/merging_experiment --epochs 1 --lr 3e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from mtl.data.synthetic import SyntheticScenes
+from mtl.metrics.delta_m import delta_m
+from mtl.report import display
+from mtl.tasks import build_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["semseg", "depth", "normals", "edge"]
+MAIN = {"semseg": ("miou", "mIoU ↑"), "depth": ("rmse", "RMSE ↓"), "normals": ("mean", "mErr ↓"),
+        "edge": ("odsf", "odsF ↑")}  # fmt: skip
+#: name → merge.py overrides
+METHODS = {
+    "weight averaging": ["method=average"],
+    "task arithmetic λ=0.3": ["method=task_arithmetic", "method.lam=0.3"],
+    "task arithmetic λ=0.5": ["method=task_arithmetic", "method.lam=0.5"],
+    "task arithmetic λ=1.0": ["method=task_arithmetic", "method.lam=1.0"],
+    "TIES k=0.2 λ=1.0": ["method=ties"],
+    "TIES k=0.2 λ=0.5": ["method=ties", "method.lam=0.5"],
+    "Breadcrumbs β=0.85 γ=0.01 λ=0.5": ["method=breadcrumbs"],
+    "Breadcrumbs β=0.85 γ=0.01 λ=1.0": ["method=breadcrumbs", "method.lam=1.0"],
+    "AdaMerging (layer-wise, 50 steps)": ["method=adamerging"],
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Runs ``python <cmd>`` in the repository root; returns its wall time; raises on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        print("$ python " + " ".join(cmd), flush=True)
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def export_backbone(ckpt: Path, out: Path) -> None:
+    """The backbone of a train.py checkpoint as a full timm state dict (pruned parts freshly initialised)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    cfg = OmegaConf.load(ckpt.parent.parent / ".hydra" / "config.yaml")
+    bb = OmegaConf.to_container(cfg.model.backbone, resolve=False)
+    wrapper_keys = ("_target_", "name", "img_size", "pretrained", "out_indices", "checkpoint_path",
+                    "grad_checkpointing")  # fmt: skip
+    kwargs = {k: v for k, v in bb.items() if k not in wrapper_keys}
+    full = timm.create_model(
+        bb["name"], pretrained=False, img_size=tuple(cfg.data.dataset.resolution), **kwargs
+    )
+    sd = full.state_dict()
+    prefix = "model.backbone.model."
+    trained = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    unknown = sorted(set(trained) - set(sd))
+    if unknown:
+        raise ValueError(f"backbone keys not in {bb['name']}: {unknown[:3]}")
+    sd.update(trained)
+    torch.save(sd, out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=ROOT / "logs" / "merging_experiment")
+    ap.add_argument("--pretrain-epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (130 steps of batch 8 each)")
+    ap.add_argument(
+        "--lr", type=float, default=3e-4, help="fine-tuning learning rate (single-task and joint)"
+    )
+    args = ap.parse_args()
+    root = args.root.resolve()
+    times: dict[str, float] = {}
+    common = ["logger=csv", "scheduler.warmup_steps=20"]
+
+    pre = root / "pretrain"
+    if not (pre / "checkpoints" / "last.ckpt").is_file():
+        times["pretrain"] = run(["train.py", "experiment=synthetic_pascal_baseline",
+                                 "data.tasks=[human_parts,saliency]", "data.dataset.seed=1",
+                                 f"trainer.max_epochs={args.pretrain_epochs}", *common,
+                                 f"hydra.run.dir={pre}"], root / "logs" / "pretrain.log")  # fmt: skip
+    backbone = root / "backbone.pth"
+    if not backbone.is_file():
+        export_backbone(pre / "checkpoints" / "last.ckpt", backbone)
+    finetune = [f"+model.backbone.checkpoint_path={backbone}", f"trainer.max_epochs={args.epochs}",
+                f"optimizer.lr={args.lr}", *common]  # fmt: skip
+
+    single = root / "single"
+    if not all((single / t / "metrics.json").is_file() for t in TASKS):
+        times["single-task ×4"] = run(["train.py", "-m", "experiment=synthetic_single_task",
+                                       f"task={','.join(TASKS)}", *finetune, f"hydra.sweep.dir={single}",
+                                       f"hydra.callbacks.write_baseline.out_dir={root}",
+                                       "hydra.callbacks.write_baseline.name=baseline"],
+                                      root / "logs" / "single.log")  # fmt: skip
+    joint = root / "joint"
+    if not (joint / "metrics.json").is_file():
+        times["joint"] = run(["train.py", "experiment=synthetic_baseline", *finetune, "test=true",
+                              f"hydra.run.dir={joint}"], root / "logs" / "joint.log")  # fmt: skip
+    ckpts = ",".join(str(single / t / "checkpoints" / "best.ckpt") for t in TASKS)
+    results: dict[str, dict[str, float]] = {}
+    for name, overrides in METHODS.items():
+        out = root / "merge" / name.split(" (")[0].replace(" ", "_").replace("=", "")
+        if not (out / "eval" / "results.json").is_file():
+            times[name] = run(["merge.py", *overrides, f"ckpts=[{ckpts}]", "evaluate=true",
+                               f"hydra.run.dir={out}"], root / "logs" / f"{out.name}.log")  # fmt: skip
+        results[name] = json.loads((out / "eval" / "results.json").read_text())
+
+    tasks = build_tasks(TASKS, num_classes=SyntheticScenes.NUM_CLASSES)
+    st = {}
+    for t in TASKS:
+        m = json.loads((single / t / "metrics.json").read_text())
+        st.update({k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"test/{t}/")})
+    jt = json.loads((joint / "metrics.json").read_text())
+    jt_base = {k.split("/", 1)[1]: v for k, v in jt.items() if k.startswith("test/")}
+    rows = {
+        "single-task models (4 backbones)": {f"test/{k}": v for k, v in st.items()},
+        "joint multi-task": jt,
+    }
+    rows.update(results)
+    head = (
+        "| model | "
+        + " | ".join(f"{t} {MAIN[t][1]}" for t in TASKS)
+        + " | Δm vs single-task (%) | Δm vs joint (%) |"
+    )
+    lines = [head, "|" + "---|" * (len(TASKS) + 3)]
+    for name, m in rows.items():
+        cells = [f"{display(MAIN[t][0], m[f'test/{t}/{MAIN[t][0]}']):.2f}" if MAIN[t][0] != "rmse"
+                 else f"{m[f'test/{t}/rmse']:.4f}" for t in TASKS]  # fmt: skip
+        dst = delta_m(m, st, tasks, stage="test")
+        djt = delta_m(m, jt_base, tasks, stage="test")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {dst:+.2f} | {djt:+.2f} |")
+    table = "\n".join(lines)
+    (root / "results.md").write_text(table + "\n")
+    (root / "times.json").write_text(json.dumps(times, indent=2))
+    print(table)
+    print("wall times of this invocation (s):", json.dumps({k: round(v, 1) for k, v in times.items()}))
+
+
+if __name__ == "__main__":
+    main()
