@@ -106,10 +106,12 @@ class AdaMerging(MergeMethod):
         states: Sequence[Mapping[str, torch.Tensor]],
         keys: Sequence[str],
         context: Mapping[str, Any] | None = None,
+        out: Any = None,
     ) -> dict[str, torch.Tensor]:
         """Learns λ on ``context["images"]`` with ``context["module"]`` (the merged MTLModule,
         task branches loaded); ``context["tasks_of"][t]`` lists the tasks of ``states[t]`` and
-        ``context["shared_keys"]`` every shared key (parameters and buffers)."""
+        ``context["shared_keys"]`` every shared key (parameters and buffers). ``out`` is not used:
+        the method holds θ0 and all task vectors anyway."""
         if not context or "module" not in context or "images" not in context:
             raise ValueError("AdaMerging needs the merged module and unlabelled images (context)")
         module, images = context["module"], context["images"][: self.images]

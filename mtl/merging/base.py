@@ -13,7 +13,7 @@ one task vector at a time. Methods that learn from data (AdaMerging) override :m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -57,20 +57,26 @@ class MergeMethod(ABC):
         states: Sequence[Mapping[str, torch.Tensor]],
         keys: Sequence[str],
         context: Mapping[str, Any] | None = None,
-    ) -> dict[str, torch.Tensor]:
+        out: MutableMapping[str, torch.Tensor] | None = None,
+    ) -> MutableMapping[str, torch.Tensor]:
         """Merged weights of ``keys``; ``states[t][key]`` is model t's value, ``base[key]`` θ0's.
 
         ``context`` carries what data-driven methods need (the merged module, the data, which
-        tasks each state serves); the per-parameter methods ignore it.
+        tasks each state serves); the per-parameter methods ignore it. With ``out`` (e.g. the
+        merged module's own state dict) each result is copied into ``out[key]`` as soon as it is
+        computed, so no second full model is allocated for the output.
         """
         self.prepare(base=base, states=states, keys=keys)
-        out = {}
+        result: MutableMapping[str, torch.Tensor] = out if out is not None else {}
         for k in keys:
             thetas = [s[k] for s in states]
             b = base[k] if base is not None and self.needs_base else None
             merged = self.merge_tensor(k, b, thetas)
-            out[k] = merged.to(thetas[0].dtype)
-        return out
+            if out is not None:
+                out[k].copy_(merged)
+            else:
+                result[k] = merged.to(thetas[0].dtype)
+        return result
 
     def describe(self) -> dict[str, Any]:
         """Name and hyper-parameters, stored in the merged checkpoint."""

@@ -179,8 +179,13 @@ def merge_checkpoints(
         if hasattr(method, "images")
         else None,
     }
-    merged = method.merge(base=base, states=[r.state for r in runs], keys=float_params, context=context)
-    state.update({k: v.detach().contiguous() for k, v in merged.items()})
+    # written into the module's own (detached) tensors: ``state`` shares their storage
+    merged = method.merge(
+        base=base, states=[r.state for r in runs], keys=float_params, context=context, out=state
+    )
+    for k in float_params:
+        if merged[k] is not state[k]:  # methods that return their own tensors (AdaMerging)
+            state[k].copy_(merged[k].detach())
     info = {
         **method.describe(),
         "ckpts": [str(r.path) for r in runs],

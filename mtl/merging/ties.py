@@ -57,7 +57,12 @@ class TIESMerging(MergeMethod):
             if self.k >= 1.0:
                 self._thresholds.append(0.0)
                 continue
-            flat = torch.cat([task_vector(base[k], s[k]).reshape(-1) for k in keys])
+            flat = torch.empty(sum(base[k].numel() for k in keys))
+            offset = 0
+            for k in keys:  # |τ_t| of one parameter at a time into one flat buffer
+                n = base[k].numel()
+                flat[offset : offset + n] = task_vector(base[k], s[k]).reshape(-1)
+                offset += n
             self._thresholds.append(magnitude_threshold(flat, self.k))
             del flat
 
