@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.objective import objective
 from mtl.pipeline import train
 
 
@@ -11,7 +12,9 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.get("extras", {}).get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=False))
     metrics, _ = train(cfg)
-    return metrics.get("val/loss")
+    if not any(k.startswith("val/") for k in metrics):  # e.g. debug runs without validation
+        return None
+    return objective(metrics, cfg.get("optimized_metric"))  # what a sweeper (Optuna) optimises
 
 
 if __name__ == "__main__":

@@ -62,3 +62,52 @@ class GateMapWriter(L.Callback):
     ) -> None:
         if "val" in self.stages:
             self._write(trainer, pl_module, batch)
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`CrashAt`."""
+
+
+class CrashAt(L.Callback):
+    """Kills the run right before optimiser step ``step`` runs, as a crash would.
+
+    For checking that a training setup resumes exactly (the tests use it; so can a user before
+    launching a week-long job): ``+callbacks.crash._target_=mtl.callbacks.CrashAt
+    +callbacks.crash.step=100``, then rerun with ``ckpt_path=last``.
+    """
+
+    def __init__(self, *, step: int) -> None:
+        super().__init__()
+        self.step = int(step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise SimulatedCrash(f"simulated crash at step {trainer.global_step} (mtl.callbacks.CrashAt)")
+
+
+class PeriodicCheckpoint(L.Callback):
+    """Writes ``<dirpath>/last.ckpt`` every ``every_n_steps`` optimiser steps (atomically).
+
+    The model checkpoint callback saves at validation ends; this bounds the work a crash can
+    lose in between (``ckpt_path=last`` resumes exactly, mid-epoch included). Lightning's own
+    ``every_n_train_steps`` defers saving to the next validation under manual optimisation
+    when a monitored metric is missing, so the framework does not rely on it.
+
+    Args:
+        dirpath: checkpoint folder.
+        every_n_steps: save period in optimiser steps (0 disables).
+    """
+
+    def __init__(self, *, dirpath: str, every_n_steps: int = 500) -> None:
+        super().__init__()
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = int(every_n_steps)
+        self._saved_at = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved_at:
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            self._saved_at = step

@@ -7,6 +7,7 @@ precision scaling and DDP gradient synchronisation (via ``manual_backward``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -14,10 +15,12 @@ import lightning as L
 import torch
 from torch import nn
 
+from mtl.checkpoint import gather_rng_states, restore_rank_rng_state
+from mtl.guards import NonFiniteLossError, nonfinite_message, nonfinite_tasks, stop_message
 from mtl.metrics import SEISMEdgeF
 from mtl.metrics.delta_m import delta_m
 from mtl.model import MultiTaskNet
-from mtl.optim import build_scheduler, param_groups
+from mtl.optim import build_scheduler, param_groups, restore_grads, stash_grads
 from mtl.strategies import FixedWeights, Strategy
 from mtl.tasks import Task
 from mtl.visualise import log_images
@@ -41,6 +44,12 @@ class MTLModule(L.LightningModule):
         baseline: single-task reference metrics ``{task}/{metric}`` (``configs/baselines/``);
             when given, ``{stage}/delta_m`` (percent, positive = better) is logged at every
             validation / test epoch end.
+        accumulate_grad_batches: micro-batches per optimiser step (``trainer.accumulate_grad_batches``
+            is read by the pipeline; Lightning's own flag does not apply to manual optimisation).
+            The strategy runs on every micro-batch and the step takes the mean of their updates:
+            for loss weighting this is the gradient of the large batch.
+        nonfinite: ``{"max_skips": K}``: skip up to K batches with a NaN/inf loss over the run,
+            then save ``last.ckpt`` and stop (0: stop at the first).
     """
 
     def __init__(
@@ -55,6 +64,8 @@ class MTLModule(L.LightningModule):
         no_decay_1d: bool = True,
         log_images: bool = True,
         baseline: Mapping[str, float] | None = None,
+        accumulate_grad_batches: int = 1,
+        nonfinite: Mapping | None = None,
     ) -> None:
         super().__init__()
         if list(tasks) != list(model.tasks):
@@ -74,6 +85,17 @@ class MTLModule(L.LightningModule):
             if not any(f"{t}/{m}" in self.baseline for m in task.delta_m_metrics):
                 wanted = [f"{t}/{m}" for m in task.delta_m_metrics]
                 raise ValueError(f"baseline has none of {wanted}; it holds {sorted(self.baseline)}")
+        if int(accumulate_grad_batches) < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.accumulate = int(accumulate_grad_batches)
+        self._micro = 0  # micro-batches accumulated towards the next optimiser step
+        nonfinite = dict(nonfinite or {})
+        unknown = set(nonfinite) - {"max_skips"}
+        if unknown or int(nonfinite.get("max_skips", 10)) < 0:
+            raise ValueError(f"module.nonfinite expects {{max_skips: int >= 0}}, got {nonfinite}")
+        self.max_skips = int(nonfinite.get("max_skips", 10))
+        self.skipped = 0
+        self._resume_rng: list | None = None
         self.metrics = nn.ModuleDict(
             {s: nn.ModuleDict({t: task.metric() for t, task in self.tasks.items()}) for s in STAGES}
         )
@@ -103,11 +125,56 @@ class MTLModule(L.LightningModule):
         scaler.scale(torch.zeros((), device=self.device))  # creates the scale lazily (unscale_ needs it)
         return float(scaler.get_scale())
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def _step_boundary(self, batch_idx: int) -> tuple[bool, bool]:
+        """Whether this micro-batch starts / ends an accumulation group."""
+        if self.accumulate == 1:
+            return True, True
+        last = (batch_idx + 1) % self.accumulate == 0 or bool(getattr(self.trainer, "is_last_batch", False))
+        return self._micro == 0, last
+
+    def _skip_nonfinite(self, losses: Mapping[str, torch.Tensor], aux, batch_idx: int) -> bool:
+        bad = nonfinite_tasks(losses, aux)
+        if not bad:
+            return False
+        msg = nonfinite_message(bad, step=self.global_step, epoch=self.current_epoch, batch_idx=batch_idx)
+        if self.skipped >= self.max_skips:
+            ckpt = self._save_last_good()
+            raise NonFiniteLossError(stop_message(msg, max_skips=self.max_skips, ckpt=ckpt))
+        self.skipped += 1
+        warnings.warn(f"{msg}: batch skipped ({self.skipped}/{self.max_skips})", stacklevel=1)
+        self.log("train/skipped_batches", float(self.skipped))
+        return True
+
+    def _save_last_good(self) -> str:
+        cb = getattr(self.trainer, "checkpoint_callback", None)
+        folder = getattr(cb, "dirpath", None) or f"{self.trainer.default_root_dir}/checkpoints"
+        path = f"{folder}/last.ckpt"
+        self.trainer.save_checkpoint(path)
+        return path
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
+        self.strategy.start_epoch(self.current_epoch)
+        first, last = self._step_boundary(batch_idx)
+        if first:
+            opt.zero_grad(set_to_none=True)
         _, losses, aux = self.strategy.forward(batch, module=self)
-        logs = self.strategy.backward(losses, module=self, extra=aux, batch=batch)
+        if self._skip_nonfinite(losses, aux, batch_idx):
+            if not (last and self._micro > 0):
+                return None
+            logs = {}  # the group's last micro-batch is bad: step with the ones accumulated
+        else:
+            stash = stash_grads(self.parameters()) if not first else {}
+            logs = self.strategy.backward(losses, module=self, extra=aux, batch=batch)
+            restore_grads(stash)
+            self._micro += 1
+        if not last:
+            return self.weighted_total(losses)
+        if self._micro > 1:  # mean of the micro-batch updates
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self._micro)
+        self._micro = 0
         if self.grad_clip:
             # .grad is still at the fp16 loss scale here (the scaler unscales inside opt.step()):
             # clipping the scaled gradients to grad_clip·scale is clipping the true ones to grad_clip.
@@ -128,9 +195,6 @@ class MTLModule(L.LightningModule):
         for k, v in logs.items():  # grad/... diagnostics → train/grad/..., the rest → train/strategy/...
             self.log(f"train/{k}" if k.startswith("grad/") else f"train/strategy/{k}", v, batch_size=bs)
         return total
-
-    def on_train_epoch_end(self) -> None:
-        self.strategy.epoch_end()
 
     # -------------------------------------------------------------- evaluation
     def _eval_step(self, stage: str, batch: dict, batch_idx: int) -> None:
@@ -205,6 +269,23 @@ class MTLModule(L.LightningModule):
         self._eval_epoch_end("test")
         self._log_model_stats("test")
 
+    # ------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Adds every rank's RNG states and the skipped-batch count (exact resume)."""
+        checkpoint["rng_states"] = gather_rng_states()
+        checkpoint["nonfinite_skipped"] = self.skipped
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.strategy.materialise_buffers(checkpoint.get("state_dict", {}), prefix="strategy.")
+        self._resume_rng = checkpoint.get("rng_states")
+        self.skipped = int(checkpoint.get("nonfinite_skipped", 0))
+
+    def on_train_start(self) -> None:
+        # after the loaders exist, right before the first resumed batch: the random stream continues
+        if self._resume_rng:
+            restore_rank_rng_state(self._resume_rng)
+            self._resume_rng = None
+
     # ------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -214,7 +295,13 @@ class MTLModule(L.LightningModule):
         optimizer = self.optimizer_fn(param_groups(self, wd, self.no_decay_1d))
         if self.scheduler_cfg is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        total = int(self.trainer.estimated_stepping_batches)  # batches (Lightning's accumulation is 1)
+        if self.accumulate > 1:  # optimiser steps
+            trainer = self.trainer
+            by_epochs = float("inf")
+            if trainer.max_epochs not in (None, -1):
+                by_epochs = math.ceil(trainer.num_training_batches / self.accumulate) * trainer.max_epochs
+            total = int(min(by_epochs, trainer.max_steps if trainer.max_steps > 0 else float("inf")))
         scheduler = build_scheduler(optimizer, total_steps=total, **self.scheduler_cfg)
         return {
             "optimizer": optimizer,

@@ -7,7 +7,7 @@ Poly decay ``(1 − t/T)^power`` is the schedule of the multi-task dense-predict
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -84,3 +84,19 @@ def build_scheduler(
 def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     """The parameters that require gradients."""
     return [p for p in params if p.requires_grad]
+
+
+def stash_grads(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Takes the gradients accumulated so far out of ``.grad`` (a strategy then writes fresh ones)."""
+    stash = {}
+    for p in params:
+        if p.grad is not None:
+            stash[p] = p.grad
+            p.grad = None
+    return stash
+
+
+def restore_grads(stash: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
+    """Adds the stashed gradients back: ``.grad`` then holds the sum over the micro-batches."""
+    for p, g in stash.items():
+        p.grad = g if p.grad is None else p.grad.add_(g)

@@ -6,6 +6,7 @@ Nothing above this file imports Hydra except ``hydra.utils.instantiate`` here; t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,10 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.adapters.lora import merge_lora
 from mtl.adapters.report import parameter_counts, parameter_report
+from mtl.config_check import check_config
 from mtl.control.run import apply_control
 from mtl.data.datamodule import MTLDataModule
+from mtl.guards import oom_message
 from mtl.metrics.seism import MAX_DIST
 from mtl.module import MTLModule
+from mtl.objective import score
 from mtl.report import write_results
 from mtl.tasks import Task, build_tasks
 from mtl.visualise import denormalise, log_pictures, prediction_panel, save_pictures
@@ -64,6 +68,8 @@ def build_module(cfg: DictConfig, datamodule: MTLDataModule) -> MTLModule:
         no_decay_1d=module_cfg.get("no_decay_1d", True),
         log_images=module_cfg.get("log_images", True),
         baseline=(_container(cfg.get("baseline")) or {}).get("metrics"),
+        accumulate_grad_batches=int((cfg.get("trainer") or {}).get("accumulate_grad_batches") or 1),
+        nonfinite=_container(module_cfg.get("nonfinite")) or None,
     )
 
 
@@ -112,6 +118,8 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
         for c in _instantiate_dict(cfg.get("callbacks"))
         if loggers or not isinstance(c, LearningRateMonitor)  # it needs a logger to write to
     ]
+    if "accumulate_grad_batches" in cfg.trainer:  # done by MTLModule (manual optimisation)
+        overrides.setdefault("accumulate_grad_batches", 1)
     return instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **overrides
     )
@@ -158,6 +166,23 @@ def _write_results(output_dir: Path, metrics: dict[str, float], table: str, stem
     (output_dir / f"{stem}.md").write_text(table + "\n")
 
 
+@contextlib.contextmanager
+def _explain_oom(cfg: DictConfig):
+    """Re-raises an out-of-memory error with the batch size, resolution and the knobs that help."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+        msg = oom_message(
+            err,
+            batch_size=data.get("batch_size"),
+            input_size=data.get("input_size"),
+            precision=trainer.get("precision"),
+            devices=trainer.get("devices"),
+        )
+        raise torch.OutOfMemoryError(msg) from err
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Trains the configured experiment.
 
@@ -165,6 +190,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         The final validation metrics (``{stage}/{task}/{metric}``) and the objects built
         (``datamodule``, ``module``, ``trainer``).
     """
+    check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -176,8 +202,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for logger in trainer.loggers:
         logger.log_hyperparams({**job_config(cfg), "trainable_params": params})
     ckpt_path = _resolve_ckpt(cfg, output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with _explain_oom(cfg):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _to_float(trainer.callback_metrics)
+    try:
+        metrics["val/score"] = score(metrics, list(module.tasks))
+    except KeyError:  # e.g. no validation ran (limit_val_batches=0)
+        pass
     if cfg.get("test") and not trainer.fast_dev_run:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         use_eval_metrics(module, cfg)
@@ -205,12 +236,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = _resolve_ckpt(cfg, output_dir)
     if ckpt_path is None:
         raise ValueError("evaluate needs ckpt_path=<checkpoint file>")
+    check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     missing, unexpected = module.load_state_dict(state["state_dict"], strict=False)
+    # the strategy's training state (UW's log-variances, DWA's history, …) does not affect evaluation
+    missing = [k for k in missing if not k.startswith("strategy.")]
+    unexpected = [k for k in unexpected if not k.startswith("strategy.")]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint '{ckpt_path}' does not match the configured model: missing keys {missing[:5]}…, "

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# The tests' models are tiny: one thread each is faster than fighting over the shared cores.
+torch.set_num_threads(1)
 
 # Small and quick: 64 px synthetic scenes, few samples, no image logging.
 FAST_SYNTHETIC = [

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mtl.data.base import FolderDataset
+from mtl.data.resumable import ResumableLoader, ResumableSampler, SeededAugmentation, private_generator
 from mtl.data.transforms import build_transform
 
 
@@ -52,6 +53,9 @@ class MTLDataModule(L.LightningDataModule):
         input_size: ``(h, w)`` the network sees (backbone configs read it as ``data.input_size``).
         split_kwargs: per-split keyword overrides of the dataset constructor, keyed by split
             name (e.g. ``{"val": {"length": 200}}`` for a smaller synthetic validation set).
+        seed: seeds the training order (per epoch) and every sample's augmentation (per epoch
+            and sample), so that the batch stream does not depend on the worker count and a
+            resumed run sees exactly the batches an uninterrupted one would (``None``: random).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class MTLDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         split_kwargs: Mapping[str, Mapping] | None = None,
         input_size: Sequence[int] | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__()
         self.dataset_fn = dataset
@@ -102,13 +107,16 @@ class MTLDataModule(L.LightningDataModule):
         self.skip_bad_samples = skip_bad_samples
         self.pin_memory = pin_memory
         self.split_kwargs = {k: dict(v) for k, v in (split_kwargs or {}).items()}
+        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        self._train_loader: ResumableLoader | None = None
+        self._pending_state: dict | None = None  # a checkpoint's loader position, for the next loader
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             train_tf = build_transform(train=True, pad_to=self.pad_to, resize=self.resize, **self.augment)
-            self.train_set = self._make(self.train_split, train_tf)
+            self.train_set = SeededAugmentation(self._make(self.train_split, train_tf), seed=self.seed)
         if self.val_set is None:
             test_tf = build_transform(train=False, pad_to=self.pad_to, resize=self.resize)
             self.val_set = self._make(self.val_split, test_tf)
@@ -119,20 +127,58 @@ class MTLDataModule(L.LightningDataModule):
             kwargs["skip_bad_samples"] = True  # on-disk datasets only: rendered samples cannot be bad
         return self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
 
+    def _loader_kwargs(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "collate_fn": collate,
+            "generator": private_generator(self.seed),
+        }
+
     def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train and len(ds) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            collate_fn=collate,
+            **self._loader_kwargs(),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+    def _progress(self) -> int:
+        """Batches of the current epoch trained on (-1 once it is finished), for checkpoints."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return -1 if done >= trainer.num_training_batches else int(done)
+
+    def train_dataloader(self) -> ResumableLoader:
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, seed=self.seed)
+        loader = ResumableLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(sampler) >= self.batch_size,
+            progress=self._progress,
+            **self._loader_kwargs(),
+        )
+        if self._pending_state is not None:
+            loader.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training loader's position (epoch, batches trained on), saved in every checkpoint."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Lightning restores this before the loaders are built: the next training loader resumes there."""
+        if "train_loader" in state:
+            self._pending_state = dict(state["train_loader"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

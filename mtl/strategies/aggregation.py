@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
+from torch import nn
 from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, WeightedAggregator
 
 from mtl.strategies.jacobian import PerTaskGradients, sync_weights
@@ -86,9 +88,57 @@ class GradientAggregation(PerTaskGradients):
         if not isinstance(self.aggregator, Aggregator):
             raise ValueError(f"strategy aggregator must build a torchjd Aggregator, got {self.aggregator!r}")
 
+    def extra_state(self) -> dict:
+        return {"solver": solver_state(self.aggregator)} if self.aggregator is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.aggregator is not None and "solver" in state:
+            load_solver_state(self.aggregator, state["solver"])
+
     def combine(self, jac: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         if isinstance(self.aggregator, GradDrop):
             direction = self.aggregator(jac)
             return None, direction if self.rep_grad else sync_weights(direction)
         weights = weights_from_gramian(self.aggregator, gram.double()).to(jac.device, jac.dtype)
         return sync_weights(weights), jac
+
+
+_MODULE_ATTRS = frozenset(vars(nn.Module()))
+_SCALARS = (int, float, bool, str, type(None), torch.dtype)
+
+
+def _is_plain(v) -> bool:
+    if isinstance(v, tuple):
+        return all(_is_plain(x) for x in v)
+    return isinstance(v, _SCALARS) or (torch.is_tensor(v) and not isinstance(v, nn.Parameter))
+
+
+def solver_state(aggregator: nn.Module) -> dict[str, dict]:
+    """The running state torchjd solvers keep in plain attributes, for checkpoints.
+
+    E.g. GradVac's EMA of pairwise cosine targets, Nash-MTL's previous weights, normalisation
+    and step counter. Hyperparameters (attributes behind a property of the same name) and
+    solver objects (cvxpy problems) are left out; NumPy arrays are stored as tensors.
+    """
+    out: dict[str, dict] = {}
+    for path, mod in aggregator.named_modules():
+        cls = type(mod)
+        for key, value in vars(mod).items():
+            if key in _MODULE_ATTRS or isinstance(getattr(cls, key.lstrip("_"), None), property):
+                continue
+            if isinstance(value, np.ndarray):
+                out[f"{path}:{key}"] = {"ndarray": torch.from_numpy(np.array(value))}
+            elif _is_plain(value):
+                out[f"{path}:{key}"] = {"value": value}
+    return out
+
+
+def load_solver_state(aggregator: nn.Module, state: dict[str, dict]) -> None:
+    """Restores :func:`solver_state` into an aggregator of the same kind."""
+    modules = dict(aggregator.named_modules())
+    for name, entry in state.items():
+        path, key = name.rsplit(":", 1)
+        if path not in modules:
+            continue
+        value = entry["ndarray"].numpy().copy() if "ndarray" in entry else entry["value"]
+        setattr(modules[path], key, value)

@@ -7,7 +7,11 @@ the module calls, in this order::
     logs = strategy.backward(losses, module=module, extra=aux, batch=batch)
     # module: gradient clipping, optimiser step (with the fp16 scaler's unscale/skip)
     strategy.after_step(batch, module=module, losses=losses)        # e.g. FAMO's look-ahead
-    strategy.epoch_end()                                            # at each training epoch end, e.g. DWA
+    strategy.epoch_end()                                            # after each training epoch, e.g. DWA
+
+``epoch_end`` runs at the first step of the next epoch (``start_epoch``), from the epoch number
+the strategy itself keeps in its checkpointed state: a run resumed anywhere, even from a
+checkpoint written after an epoch's last batch, closes every epoch exactly once.
 
 ``backward`` leaves the final gradient in every trainable parameter's ``.grad`` **at the
 precision plugin's loss scale** (``module.grad_scale()``, 1 except under fp16), exactly as
@@ -61,6 +65,7 @@ class Strategy(nn.Module):
             raise ValueError(f"strategy diagnostics_every must be >= 0, got {diagnostics_every}")
         self.diagnostics_every = int(diagnostics_every)
         self.steps = 0
+        self.epoch = -1  # the training epoch of the last step (see start_epoch)
         self.task_names: list[str] = []
 
     def setup(self, *, tasks: Mapping, module: nn.Module) -> None:
@@ -109,8 +114,40 @@ class Strategy(nn.Module):
     def after_step(self, batch: dict, *, module, losses: Mapping[str, torch.Tensor]) -> None:
         """Called after the optimiser step (default: nothing)."""
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the module before every training step; closes the previous epoch once."""
+        if self.epoch >= 0 and epoch != self.epoch:
+            self.epoch_end()
+        self.epoch = int(epoch)
+
     def epoch_end(self) -> None:
         """Called at the end of every training epoch (default: nothing)."""
+
+    # -------------------------------------------------------------- checkpoints
+    def get_extra_state(self) -> dict:
+        """Training state that is not a parameter or buffer (saved in checkpoints for exact resume)."""
+        return {"steps": self.steps, "epoch": self.epoch, **self.extra_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = int(state.get("steps", 0))
+        self.epoch = int(state.get("epoch", -1))
+        self.load_extra_state(state)
+
+    def materialise_buffers(self, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
+        """Gives buffers that are still ``None`` (created lazily, e.g. torchjd's GradVac EMA) the
+        saved tensor's shape, so that a checkpoint loads strictly into a fresh strategy."""
+        for name, mod in self.named_modules():
+            for key, buf in list(mod._buffers.items()):
+                full = f"{prefix}{name + '.' if name else ''}{key}"
+                if buf is None and full in state_dict:
+                    mod._buffers[key] = torch.empty_like(state_dict[full])
+
+    def extra_state(self) -> dict:
+        """Subclasses: further state to checkpoint (tensors, numbers, NumPy arrays)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Subclasses: restore what :meth:`extra_state` returned."""
 
     # ------------------------------------------------------------------ helpers
     def diagnose_now(self) -> bool:

@@ -37,7 +37,14 @@ class DBMTL(PerTaskGradients):
         if not 0 <= beta < 1:
             raise ValueError(f"DB-MTL beta must be in [0, 1), got {beta}")
         self.beta, self.gamma, self.eps = float(beta), float(gamma), float(eps)
-        self.register_buffer("ema", torch.zeros(0), persistent=False)
+        self.register_buffer("ema", torch.zeros(0), persistent=False)  # its shape is known at step 1
+
+    def extra_state(self) -> dict:
+        return {"ema": self.ema}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "ema" in state:
+            self.ema = state["ema"].to(self.ema.device)
 
     def task_objective(self, task: str, loss: torch.Tensor) -> torch.Tensor:
         return torch.log(loss.clamp_min(self.eps))

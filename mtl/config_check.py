@@ -1,0 +1,133 @@
+"""Config validation before any data is touched: unknown keys and wrong types, with their paths.
+
+Hydra refuses overrides of keys that do not exist, but a typo inside an experiment file, or a
+value of the wrong type, would otherwise surface minutes later as a ``TypeError`` deep inside
+a constructor. :func:`check_config` walks every node with a ``_target_``, imports the target and
+checks its keys against the signature and its values against the annotations (simple types:
+``int``, ``float``, ``bool``, ``str``, sequences, mappings, ``Optional``/unions, ``Literal``).
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import os
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import PurePath
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+class ConfigError(ValueError):
+    """One or more config values do not fit the classes they configure."""
+
+
+def _nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for k in node:
+            if k == "hydra":
+                continue
+            yield from _nodes(node._get_node(k), f"{path}.{k}" if path else str(k))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _nodes(node._get_node(i), f"{path}[{i}]")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a (resolved, plain) config value fits a type hint; unknown hints always match."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, dict) and "_target_" in value:
+        return True  # an object built from the config: its own node is checked separately
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    base = origin or hint
+    if base in (list, tuple, Sequence, typing.Sequence):
+        return isinstance(value, list | tuple)
+    if base in (dict, Mapping, typing.Mapping):
+        return isinstance(value, dict)
+    if inspect.isclass(base) and isinstance(value, str | int | float | bool):
+        if issubclass(base, os.PathLike | PurePath | enum.Enum):
+            return isinstance(value, str)
+        return isinstance(value, base)  # e.g. a string where a tensor or a module is expected
+    return True
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_node(path: str, node: DictConfig) -> list[str]:
+    """Problems of one ``_target_`` node: keys the target does not accept, values of the wrong type."""
+    target = node["_target_"]
+    try:
+        obj = get_object(target)
+    except Exception as err:  # noqa: BLE001 — any import failure is a config problem to report
+        return [f"{path}._target_: cannot import '{target}' ({type(err).__name__}: {err})"]
+    func = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return []
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 — unresolvable annotations: check names only
+        hints = {}
+    params = {k: p for k, p in sig.parameters.items() if k not in ("self", "cls")}
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    problems = []
+    for key in node:
+        if key in _HYDRA_KEYS:
+            continue
+        where = f"{path}.{key}" if path else str(key)
+        if key not in params:
+            if not open_kwargs:
+                accepted = ", ".join(k for k, p in params.items() if p.kind is not p.VAR_POSITIONAL)
+                problems.append(f"{where}: '{target}' has no parameter '{key}' (it accepts: {accepted})")
+            continue
+        if OmegaConf.is_missing(node, key):
+            continue
+        try:
+            value = OmegaConf.to_container(node, resolve=True)[key]
+        except Exception:  # noqa: BLE001 — interpolations that need runtime context
+            continue
+        if key in hints and not _matches(value, hints[key]):
+            problems.append(f"{where} = {value!r}: '{target}' expects {_describe(hints[key])}")
+    return problems
+
+
+def check_config(cfg: DictConfig, groups: Sequence[str] | None = None) -> None:
+    """Raises :class:`ConfigError` listing every problem in ``cfg``'s ``_target_`` nodes.
+
+    Args:
+        cfg: the composed config.
+        groups: top-level keys to check (default: all but ``hydra``).
+    """
+    problems: list[str] = []
+    for key in groups or [k for k in cfg if k != "hydra"]:
+        if key in cfg:
+            for path, node in _nodes(cfg._get_node(key), str(key)):
+                problems.extend(check_node(path, node))
+    if problems:
+        raise ConfigError("config errors (nothing was loaded or trained):\n  " + "\n  ".join(problems))
