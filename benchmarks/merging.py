@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,7 +131,8 @@ def main() -> None:
     ckpts = ",".join(str(single / t / "checkpoints" / "best.ckpt") for t in TASKS)
     results: dict[str, dict[str, float]] = {}
     for name, overrides in METHODS.items():
-        out = root / "merge" / name.split(" (")[0].replace(" ", "_").replace("=", "")
+        slug = name.split(" (")[0].replace("λ", "lam").replace("β", "beta").replace("γ", "gamma")
+        out = root / "merge" / re.sub(r"[^A-Za-z0-9.]+", "_", slug)  # Hydra overrides: ASCII paths
         if not (out / "eval" / "results.json").is_file():
             times[name] = run(["merge.py", *overrides, f"ckpts=[{ckpts}]", "evaluate=true",
                                f"hydra.run.dir={out}"], root / "logs" / f"{out.name}.log")  # fmt: skip
