@@ -99,13 +99,22 @@ def main() -> None:
     ap.add_argument(
         "--lr", type=float, default=5e-4, help="fine-tuning learning rate (single-task and joint)"
     )
+    ap.add_argument(
+        "--init",
+        choices=("backbone", "full"),
+        default="full",
+        help="what the fine-tuning runs start from: the pretrained backbone file (backbone.pth via "
+        "model.backbone.checkpoint_path; the decoder's shared part randomly initialised) or every "
+        "matching weight of the pretraining checkpoint (InitWeights callback)",
+    )
+    ap.add_argument("--pretrain-dir", type=Path, default=None, help="reuse this pretraining run")
     args = ap.parse_args()
     root = args.root.resolve()
     times: dict[str, float] = {}
     common = ["logger=csv", "scheduler.warmup_steps=20", f"data.dataset.resolution=[{args.size},{args.size}]"]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
-    pre = root / "pretrain"
+    pre = (args.pretrain_dir or root / "pretrain").resolve()
     if not (pre / "checkpoints" / "last.ckpt").is_file():
         times["pretrain"] = run(["train.py", "experiment=synthetic_pascal_baseline",
                                  "data.tasks=[human_parts,saliency]", "data.dataset.seed=1",
@@ -114,8 +123,13 @@ def main() -> None:
     backbone = root / "backbone.pth"
     if not backbone.is_file():
         export_backbone(pre / "checkpoints" / "last.ckpt", backbone)
-    finetune = [f"+model.backbone.checkpoint_path={backbone}", f"trainer.max_epochs={args.epochs}",
-                f"optimizer.lr={args.lr}", *common]  # fmt: skip
+    init = (
+        [f"+model.backbone.checkpoint_path={backbone}"]
+        if args.init == "backbone"
+        else ["+callbacks.init_weights._target_=mtl.merging.init_weights.InitWeights",
+              f"+callbacks.init_weights.path={pre / 'checkpoints' / 'last.ckpt'}"]
+    )  # fmt: skip
+    finetune = [*init, f"trainer.max_epochs={args.epochs}", f"optimizer.lr={args.lr}", *common]
 
     single = root / "single"
     if not all((single / t / "metrics.json").is_file() for t in TASKS):

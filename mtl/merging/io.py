@@ -140,12 +140,16 @@ def check_runs(runs: Sequence[Run], shared_keys: Sequence[str]) -> None:
 
 def backbone_source(cfg: DictConfig) -> dict[str, Any]:
     """Where the backbone's initial weights come from: timm name, pretrained flag, checkpoint file."""
+    from mtl.merging.init_weights import init_weights_paths
+
     bb = cfg.model.get("backbone") or {}
     ckpt = bb.get("checkpoint_path")
+    init = [str(Path(p).expanduser().resolve()) for p in init_weights_paths(cfg.get("callbacks"))]
     return {
         "name": bb.get("name"),
-        "pretrained": bool(bb.get("pretrained")) or ckpt is not None,
+        "pretrained": bool(bb.get("pretrained")) or ckpt is not None or bool(init),
         "checkpoint_path": str(Path(ckpt).expanduser().resolve()) if ckpt else None,
+        "init_weights": init,
     }
 
 

@@ -8,7 +8,8 @@
    same initialisation (stored fingerprints, :mod:`mtl.merging.fingerprint`).
 3. θ0 (:func:`initial_weights`): ``base_ckpt`` where given, else the initial model rebuilt from
    the training config exactly as ``train`` built it (pretrained backbone file or timm weights,
-   seeded initialisation of the rest), checked against the stored fingerprint.
+   seeded initialisation of the rest, then the :class:`~mtl.merging.init_weights.InitWeights`
+   checkpoint if the run had one), checked against the stored fingerprint.
 4. Merge the shared float parameters with the method; average the shared float buffers
    (BatchNorm statistics); write a normal checkpoint that ``eval.py`` evaluates.
 """
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.merging.base import MergeMethod
 from mtl.merging.fingerprint import first_mismatch, state_fingerprint
+from mtl.merging.init_weights import init_weights_paths, load_init_weights
 from mtl.merging.io import (
     Run,
     backbone_source,
@@ -59,6 +61,8 @@ def rebuild_initial_state(cfg: DictConfig) -> dict[str, torch.Tensor]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, build_datamodule(cfg))
+    for path in init_weights_paths(cfg.get("callbacks")):  # what the InitWeights callback loaded
+        load_init_weights(module, path)
     return module.state_dict()
 
 

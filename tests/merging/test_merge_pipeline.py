@@ -167,3 +167,20 @@ def evaluate_module_of(ckpt: Path):
     run = load_run(ckpt)
     cfg = merged_config([run], ckpt.parent)
     return build_module(cfg, build_datamodule(cfg))
+
+
+def test_runs_started_from_init_weights_merge_against_that_initialisation(ckpts, tmp_path):
+    pre = ckpts["semseg"]  # any train.py checkpoint serves as the "pretrained" model
+    init = [
+        "+callbacks.init_weights._target_=mtl.merging.init_weights.InitWeights",
+        f"+callbacks.init_weights.path={pre}",
+    ]
+    runs = [train_single_task(t, tmp_path / t, extra=init) for t in ("depth", "normals")]
+    fp = load_run(runs[0]).fingerprint
+    pre_state = load_run(pre).state
+    for key in ("model.backbone.model.patch_embed.proj.weight", "model.decoder.fuse.0.weight"):
+        assert fp[key] == state_fingerprint({key: pre_state[key]})[key]  # θ0 = the pretrained weights
+    path, _ = merge_checkpoints(
+        ckpts=[str(p) for p in runs], method=TaskArithmetic(), output_dir=tmp_path / "m"
+    )
+    assert path.is_file()  # θ0 rebuilt with the InitWeights checkpoint and verified by the fingerprint
