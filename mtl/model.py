@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from mtl.backbones.m3vit import decode_passes
 from mtl.heads import TaskHeads
 
 
@@ -20,6 +21,9 @@ class MultiTaskNet(nn.Module):
         backbone: a module with ``forward(x) -> list[Tensor]`` and ``feature_info``.
         decoder: a partial decoder constructor, completed with ``in_channels`` and ``tasks``.
         tasks: task name → output channels of its prediction.
+        tasks_at_inference: the tasks an eval-mode forward predicts when no ``task_subset`` is
+            given (``None``: all). Only their backbone passes (task-conditioned backbones such as
+            M³ViT), decoder branches and heads run; training always predicts every task.
     """
 
     def __init__(
@@ -28,9 +32,21 @@ class MultiTaskNet(nn.Module):
         backbone: nn.Module,
         decoder: Callable[..., nn.Module],
         tasks: Mapping[str, int],
+        tasks_at_inference: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
+        unknown = [t for t in tasks_at_inference or () if t not in self.tasks]
+        if unknown:
+            raise ValueError(
+                f"model.tasks_at_inference has unknown task(s) {unknown}; the tasks are {self.tasks}"
+            )
+        self.tasks_at_inference = list(tasks_at_inference) if tasks_at_inference else None
+        if hasattr(backbone, "forward_tasks") and list(backbone.tasks) != self.tasks:
+            raise ValueError(
+                f"backbone tasks {list(backbone.tasks)} differ from the model's tasks {self.tasks}"
+            )
+        self._passes: dict | None = None  # decoder state merged over a task-conditioned backbone's passes
         self.backbone = backbone
         in_channels = [f["channels"] for f in backbone.feature_info]
         self.decoder = decoder(in_channels=in_channels, tasks=self.tasks)
@@ -40,6 +56,13 @@ class MultiTaskNet(nn.Module):
         self, x: torch.Tensor, *, task_subset: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
         """Returns task → raw prediction at the input resolution."""
+        if task_subset is None and not self.training:
+            task_subset = self.tasks_at_inference
+        if hasattr(self.backbone, "forward_tasks"):  # task-conditioned (M³ViT): features per task
+            tasks = list(task_subset or self.tasks)
+            per_task = self.backbone.forward_tasks(x, tasks)
+            task_feats, self._passes = decode_passes(self.decoder, per_task, tasks)
+            return self.heads(task_feats, size=tuple(x.shape[-2:]))
         feats = self.backbone(x)
         task_feats = self.decoder(feats, task_subset=task_subset)
         return self.heads(task_feats, size=tuple(x.shape[-2:]))
@@ -68,6 +91,12 @@ class MultiTaskNet(nn.Module):
 
     def representation_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters below :meth:`encode`'s output: the backbone and the decoder's shared part."""
+        if getattr(self.backbone, "task_conditioned", False):
+            raise ValueError(
+                f"the {type(self.backbone).__name__} backbone gives every task its own features, so there is "
+                "no shared representation for rep_grad=true (representation-level '-UB' strategies); use the "
+                "parameter-level variant (rep_grad=false) or one shared pass (model.backbone.task_groups)"
+            )
         yield from self.backbone.parameters()
         if callable(getattr(self.decoder, "encode", None)):
             shared = getattr(self.decoder, "shared_parameters", None)
@@ -78,9 +107,16 @@ class MultiTaskNet(nn.Module):
             yield from shared()
 
     def aux_loss(self) -> torch.Tensor | None:
-        """The decoder's auxiliary loss of the last forward pass, if it has one."""
-        fn = getattr(self.decoder, "aux_loss", None)
-        return fn() if callable(fn) else None
+        """The backbone's and the decoder's auxiliary losses of the last forward pass (summed), if any."""
+        fn = getattr(self.backbone, "aux_loss", None)
+        parts = [fn() if callable(fn) else None]
+        if self._passes is not None and hasattr(self.backbone, "forward_tasks"):
+            parts.append(self._passes["aux"])
+        else:
+            fn = getattr(self.decoder, "aux_loss", None)
+            parts.append(fn() if callable(fn) else None)
+        parts = [p for p in parts if p is not None]
+        return sum(parts[1:], parts[0]) if parts else None
 
     def intermediate_losses(self, tasks: Mapping, batch: dict) -> dict[str, torch.Tensor]:
         """Weighted losses of the decoder's intermediate task features (deep supervision), if any.
@@ -90,6 +126,8 @@ class MultiTaskNet(nn.Module):
         """
         fn = getattr(self.decoder, "intermediate_features", None)
         levels = fn() if callable(fn) else []
+        if self._passes is not None and hasattr(self.backbone, "forward_tasks"):
+            levels = self._passes["intermediate"]
         if not levels:
             return {}
         weight = float(getattr(self.decoder, "intermediate_weight", 1.0))
@@ -101,14 +139,19 @@ class MultiTaskNet(nn.Module):
         return out
 
     def validation_stats(self) -> dict[str, torch.Tensor]:
-        """Decoder statistics gathered by eval-mode forwards since the last reset (e.g. gate means)."""
-        fn = getattr(self.decoder, "validation_stats", None)
-        return fn() if callable(fn) else {}
+        """Backbone and decoder statistics gathered by eval-mode forwards since the last reset
+        (e.g. M³ViT's expert usage, TaskExpert's gate means)."""
+        stats = {}
+        for part in (self.backbone, self.decoder):
+            fn = getattr(part, "validation_stats", None)
+            stats.update(fn() if callable(fn) else {})
+        return stats
 
     def reset_validation_stats(self) -> None:
-        fn = getattr(self.decoder, "reset_validation_stats", None)
-        if callable(fn):
-            fn()
+        for part in (self.backbone, self.decoder):
+            fn = getattr(part, "reset_validation_stats", None)
+            if callable(fn):
+                fn()
 
     def visual_maps(self, index: int = 0, *, size: tuple[int, int]) -> dict:
         """Extra pictures of the decoder's last eval forward (e.g. gate maps), name → H×W×3 uint8."""

@@ -104,8 +104,9 @@ class MTLModule(L.LightningModule):
         return self.model(x, **kwargs)
 
     def task_losses(self, preds: Mapping[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        """Unweighted loss of every task (while training, plus the decoder's intermediate supervision)."""
-        losses = {t: task.loss(preds[t], batch) for t, task in self.tasks.items()}
+        """Unweighted loss of every predicted task (while training, plus the decoder's intermediate
+        supervision); an eval forward may predict a subset (``model.tasks_at_inference``)."""
+        losses = {t: task.loss(preds[t], batch) for t, task in self.tasks.items() if t in preds}
         if self.training:
             for t, extra in self.model.intermediate_losses(self.tasks, batch).items():
                 losses[t] = losses[t] + extra
@@ -216,7 +217,7 @@ class MTLModule(L.LightningModule):
             prog_bar=True,
         )
         if batch_idx == 0 and self.log_images_enabled and not self.trainer.sanity_checking:
-            pictures = {t: task.visualise(preds[t], batch) for t, task in self.tasks.items()}
+            pictures = {t: task.visualise(preds[t], batch) for t, task in self.tasks.items() if t in preds}
             log_images(self.loggers, stage, pictures, step=self.global_step)
 
     def _eval_epoch_end(self, stage: str) -> None:

@@ -6,7 +6,6 @@ Nothing above this file imports Hydra except ``hydra.utils.instantiate`` here; t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -21,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl.adapters.lora import merge_lora
 from mtl.adapters.report import parameter_counts, parameter_report
+from mtl.backbones.routing_report import write_routing_report
 from mtl.config_check import check_config
 from mtl.control.run import apply_control
 from mtl.data.datamodule import MTLDataModule
-from mtl.guards import oom_message
+from mtl.guards import explain_oom
+from mtl.loggers import code_version
 from mtl.metrics.seism import MAX_DIST
 from mtl.module import MTLModule
 from mtl.objective import score
@@ -166,23 +167,6 @@ def _write_results(output_dir: Path, metrics: dict[str, float], table: str, stem
     (output_dir / f"{stem}.md").write_text(table + "\n")
 
 
-@contextlib.contextmanager
-def _explain_oom(cfg: DictConfig):
-    """Re-raises an out-of-memory error with the batch size, resolution and the knobs that help."""
-    try:
-        yield
-    except torch.OutOfMemoryError as err:
-        data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
-        msg = oom_message(
-            err,
-            batch_size=data.get("batch_size"),
-            input_size=data.get("input_size"),
-            precision=trainer.get("precision"),
-            devices=trainer.get("devices"),
-        )
-        raise torch.OutOfMemoryError(msg) from err
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Trains the configured experiment.
 
@@ -199,10 +183,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("parameters:\n%s", parameter_report(module.model))
     trainer = build_trainer(cfg)
     params = {g: c["trainable"] for g, c in parameter_counts(module.model).items()}
+    code = code_version()
     for logger in trainer.loggers:
-        logger.log_hyperparams({**job_config(cfg), "trainable_params": params})
+        logger.log_hyperparams({**job_config(cfg), "trainable_params": params, "code": code})
+    if trainer.is_global_zero:  # the resolved config next to the run (.hydra/ holds the unresolved one)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create({**job_config(cfg), "code": code}), output_dir / "config.yaml")
     ckpt_path = _resolve_ckpt(cfg, output_dir)
-    with _explain_oom(cfg):
+    data, trainer_cfg = cfg.get("data") or {}, cfg.get("trainer") or {}
+    with explain_oom(
+        batch_size=data.get("batch_size"),
+        input_size=data.get("input_size"),
+        precision=trainer_cfg.get("precision"),
+        devices=trainer_cfg.get("devices"),
+    ):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _to_float(trainer.callback_metrics)
     try:
@@ -272,6 +266,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         headline=bool(eval_cfg.get("headline", True)),
     )
     print(table)
+    # task-conditioned MoE backbones (M³ViT): expert shares, routing matrix, GFLOPs of the evaluated tasks
+    write_routing_report(module.model, output_dir, input_size=tuple(cfg.data.input_size))
     n_pics = int(eval_cfg.get("pictures", 0))
     if n_pics:
         panels = prediction_panels(module, datamodule, n_pics)
@@ -300,6 +296,7 @@ def prediction_panels(module: MTLModule, datamodule: MTLDataModule, n: int) -> d
                         task._to_rgb(task.target_for_display(one).cpu()),
                     )
                     for t, task in module.tasks.items()
+                    if t in preds  # model.tasks_at_inference: the evaluated subset
                 }
                 panels[f"sample_{len(panels):03d}"] = prediction_panel(denormalise(one["image"][0]), rows)
     return panels

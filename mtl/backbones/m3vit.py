@@ -1,0 +1,307 @@
+"""M³ViT: a ViT whose MLPs in every other block are task-conditioned mixtures of experts.
+
+Liang et al., "M³ViT: Mixture-of-Experts Vision Transformer for Efficient Multi-task Learning
+with Model-Accelerator Co-design", NeurIPS 2022. The MoE layer (routers, noisy top-k gating,
+balancing loss, sparse dispatch) is :mod:`mtl.backbones.moe_mlp`; this file builds the backbone
+on a timm ViT (Dosovitskiy et al., ICLR 2021), so timm's pretrained weights load under timm's
+names, and runs it per task.
+
+* Training runs the backbone **once per task with that task's routing** (the paper), giving
+  per-task feature lists (:meth:`M3ViT.forward_tasks`); the blocks before the first MoE block do
+  not depend on the task and run once. Tasks listed together in ``task_groups`` share a router
+  (``router=per_task``) or a task embedding (``router=task_embedding``); with ``shared_pass``
+  (default) a group costs one pass instead of one per task — ``task_groups=[[all tasks]]`` is the
+  cheapest (one pass, a task-agnostic MoE ViT, the shared representation "-UB" strategies need).
+* Inference for a task subset runs only those tasks' passes (``model.tasks_at_inference``).
+* Expert initialisation (``expert_init``): the paper does not say how its MoE layers start from the
+  pretrained ViT. ``"upcycle"`` (sparse upcycling, Komatsuzaki et al., ICLR 2023) copies the
+  pretrained MLP into the experts — with M³ViT's expert hidden width = embedding width each expert
+  takes one ``C``-wide slice of the ``4C`` hidden units, slices assigned round-robin;
+  ``"random"``: timm's ViT initialisation. ``"auto"``: upcycle when weights are pretrained.
+* The balancing loss ``balance_weight · (cv²(importance) + cv²(load))`` (0.01, as the paper) is
+  summed over MoE layers and averaged over the passes of a training forward (:meth:`aux_loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mtl.backbones.moe_mlp import MoEMlp
+from mtl.backbones.timm_backbone import TimmBackbone
+
+EXPERT_INIT = ("auto", "upcycle", "random")
+
+
+class M3ViT(TimmBackbone):
+    """A :class:`TimmBackbone` ViT with task-conditioned MoE MLPs (module docstring).
+
+    Args:
+        tasks: the model's tasks (one route per task or group).
+        num_experts: experts per MoE layer ``E`` (16).
+        top_k: experts per token ``k`` (4).
+        expert_hidden: hidden width of each expert (``None``: the embedding width, as the paper).
+        moe_every: replace the MLP of every ``moe_every``-th block (blocks ``moe_every−1``,
+            ``2·moe_every−1``, …), ignored when ``moe_blocks`` is given.
+        moe_blocks: explicit block indices whose MLP becomes an MoE.
+        router: ``"per_task"`` (a router per task) or ``"task_embedding"`` (one router fed the
+            token plus a learned task embedding).
+        task_groups: lists of tasks sharing a route (``None``: every task its own).
+        shared_pass: one backbone pass per group instead of per task (same result, cheaper).
+        noisy_gating: learned noise on the router logits while training (Shazeer et al.).
+        balance_weight: weight of the load-balancing loss.
+        expert_init: ``"auto"``, ``"upcycle"`` or ``"random"``.
+        dispatch: ``"sparse"`` or ``"dense"`` (see :class:`~mtl.backbones.moe_mlp.MoEMlp`).
+        **kwargs: :class:`TimmBackbone` arguments (a timm ``vit_*`` name, taps, ``img_size``, …).
+    """
+
+    def __init__(
+        self,
+        *,
+        tasks: Sequence[str],
+        num_experts: int = 16,
+        top_k: int = 4,
+        expert_hidden: int | None = None,
+        moe_every: int = 2,
+        moe_blocks: Sequence[int] | None = None,
+        router: str = "per_task",
+        task_groups: Sequence[Sequence[str]] | None = None,
+        shared_pass: bool = True,
+        noisy_gating: bool = True,
+        balance_weight: float = 0.01,
+        expert_init: str = "auto",
+        dispatch: str = "sparse",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        blocks = getattr(self.model, "blocks", None)
+        if blocks is None or not all(hasattr(b, "mlp") and hasattr(b, "ls2") for b in blocks):
+            raise ValueError(f"M3ViT needs a timm ViT (blocks with .mlp), got '{self.name}'")
+        if expert_init not in EXPERT_INIT:
+            raise ValueError(f"M3ViT expert_init={expert_init!r}; expected one of {EXPERT_INIT}")
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("M3ViT needs at least one task")
+        self.groups = self._check_groups(task_groups)
+        self.route_key = {t: g[0] for g in self.groups for t in g}  # task → its group's router key
+        self.shared_pass = bool(shared_pass)
+        self.balance_weight = float(balance_weight)
+        n = len(blocks)
+        if moe_blocks is None:
+            if moe_every < 1:
+                raise ValueError(f"M3ViT moe_every must be >= 1, got {moe_every}")
+            moe_blocks = list(range(moe_every - 1, n, moe_every))
+        self.moe_blocks = sorted({int(i) for i in moe_blocks})
+        if not self.moe_blocks or any(not 0 <= i < n for i in self.moe_blocks):
+            raise ValueError(
+                f"M3ViT moe_blocks {list(moe_blocks)} must be non-empty indices of the {n} blocks kept "
+                f"(the last tap is block {n - 1})"
+            )
+        if expert_init == "auto":
+            expert_init = "upcycle" if kwargs.get("pretrained") or kwargs.get("checkpoint_path") else "random"
+        dim = int(self.model.embed_dim)
+        for i in self.moe_blocks:
+            old = blocks[i].mlp
+            moe = MoEMlp(
+                dim=dim,
+                keys=[g[0] for g in self.groups],
+                num_experts=num_experts,
+                hidden=expert_hidden,
+                top_k=top_k,
+                router=router,
+                noisy_gating=noisy_gating,
+                dispatch=dispatch,
+                act_layer=type(old.act),
+                drop=float(getattr(old.drop1, "p", 0.0)),
+            )
+            moe.upcycle(old) if expert_init == "upcycle" else moe.reset_random()
+            blocks[i].mlp = moe
+        self.expert_init = expert_init
+        self.finished_counts: dict[int, dict[str, torch.Tensor]] = {}
+        self._aux: torch.Tensor | None = None
+
+    def _check_groups(self, task_groups) -> list[list[str]]:
+        if task_groups is None:
+            return [[t] for t in self.tasks]
+        groups = [list(g) for g in task_groups]
+        flat = [t for g in groups for t in g]
+        if sorted(flat) != sorted(self.tasks) or any(not g for g in groups):
+            raise ValueError(
+                f"M3ViT task_groups {groups} must list every task {self.tasks} exactly once, "
+                "in non-empty groups"
+            )
+        return groups
+
+    # ------------------------------------------------------------------ structure
+    def moe_layers(self) -> dict[int, MoEMlp]:
+        """Block index → its MoE MLP."""
+        return {i: self.model.blocks[i].mlp for i in self.moe_blocks}
+
+    def passes(self, tasks: Sequence[str]) -> list[list[str]]:
+        """The backbone passes that serve ``tasks``: one per task, or per group with ``shared_pass``."""
+        unknown = [t for t in tasks if t not in self.route_key]
+        if unknown:
+            raise ValueError(f"M3ViT has no route for task(s) {unknown}; its tasks are {self.tasks}")
+        if not self.shared_pass:
+            return [[t] for t in tasks]
+        out: dict[str, list[str]] = {}
+        for t in tasks:
+            out.setdefault(self.route_key[t], []).append(t)
+        return list(out.values())
+
+    @property
+    def task_conditioned(self) -> bool:
+        """Whether tasks see different features (more than one pass for all tasks)."""
+        return len(self.passes(self.tasks)) > 1
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The task's own router (or task embedding) in every MoE layer, when no other task shares it."""
+        key = self.route_key[task]
+        if sum(1 for t in self.tasks if self.route_key[t] == key) > 1:
+            return
+        for moe in self.moe_layers().values():
+            yield from moe.router.key_parameters(key)
+
+    # ------------------------------------------------------------------ forward
+    def _block(self, i: int, x: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        blk = self.model.blocks[i]
+        if not isinstance(blk.mlp, MoEMlp):
+            return blk(x), None
+        x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+        y, balance = blk.mlp(blk.norm2(x), key=key)
+        return x + blk.drop_path2(blk.ls2(y)), balance
+
+    def _run(self, i: int, x: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.model.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._block, i, x, key, use_reentrant=False)
+        return self._block(i, x, key)
+
+    def _to_map(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        m = self.model
+        tokens = m.norm(tokens) if self.norm else tokens
+        h, w = m.patch_embed.dynamic_feat_size(size)
+        return rearrange(tokens[:, m.num_prefix_tokens :], "b (h w) c -> b c h w", h=h, w=w)
+
+    def forward_tasks(
+        self, x: torch.Tensor, tasks: Sequence[str] | None = None
+    ) -> dict[str, list[torch.Tensor]]:
+        """Task → tapped feature maps (``B × C × H/16 × W/16`` each) under that task's routing.
+
+        Tasks served by the same pass get the same list object.
+        """
+        tasks = list(tasks or self.tasks)
+        m, size = self.model, tuple(x.shape[-2:])
+        z = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # (B, N, C)
+        first = self.moe_blocks[0]
+        shared_taps = {}
+        for i in range(first):  # task-independent blocks: once for every pass
+            z, _ = self._run(i, z, None)
+            if i in self.out_indices:
+                shared_taps[i] = z
+        out: dict[str, list[torch.Tensor]] = {}
+        balance: list[torch.Tensor] = []
+        for group in self.passes(tasks):
+            key, h, taps, terms = self.route_key[group[0]], z, dict(shared_taps), []
+            for i in range(first, len(m.blocks)):
+                h, b = self._run(i, h, key)
+                if b is not None:
+                    terms.append(b)
+                if i in self.out_indices:
+                    taps[i] = h
+            if terms:
+                balance.append(torch.stack(terms).sum())
+            feats = [self._to_map(taps[i], size) for i in self.out_indices]
+            out.update({t: feats for t in group})
+        self._aux = (
+            self.balance_weight * torch.stack(balance).mean() if balance and self.balance_weight else None
+        )
+        return out
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped maps when one pass serves every task (``task_groups=[[all tasks]]``)."""
+        if self.task_conditioned:
+            raise ValueError(
+                f"M3ViT routes per task ({len(self.passes(self.tasks))} passes for {self.tasks}): it has no "
+                "single task-independent feature list. Use forward_tasks(x, tasks) (MultiTaskNet does), or "
+                "task_groups=[[all tasks]] for one shared pass"
+            )
+        return self.forward_tasks(x)[self.tasks[0]]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the last training forward (``None`` in eval or when off)."""
+        return self._aux if self.training else None
+
+    # ------------------------------------------------------------------ routing statistics
+    def routing_counts(self, *, finished: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+        """Block → task → eval-mode token assignments per expert (``finished``: of the last closed epoch)."""
+        if finished:
+            return self.finished_counts
+        out = {}
+        for i, moe in self.moe_layers().items():
+            per_task = {
+                t: moe.counts[self.route_key[t]] for t in self.tasks if self.route_key[t] in moe.counts
+            }
+            if per_task:
+                out[i] = per_task
+        return out
+
+    def validation_stats(self) -> dict[str, torch.Tensor]:
+        """``experts/<task>/layer<i>/{entropy,max_share}``: usage entropy / log E (1 = uniform) and the
+        largest expert's share of the task's assignments, per MoE block ``i``."""
+        stats = {}
+        for i, per_task in self.routing_counts().items():
+            for t, counts in per_task.items():
+                share = counts / counts.sum().clamp_min(1)
+                ent = -(share * share.clamp_min(1e-12).log()).sum() / torch.log(
+                    torch.tensor(float(len(share)))
+                )
+                stats[f"experts/{t}/layer{i}/entropy"] = ent.float() if len(share) > 1 else ent.new_zeros(())
+                stats[f"experts/{t}/layer{i}/max_share"] = share.max().float()
+        return stats
+
+    def reset_validation_stats(self) -> None:
+        """Clears the counts; the closed epoch's stay readable: ``routing_counts(finished=True)``."""
+        current = self.routing_counts()
+        if current:
+            self.finished_counts = current
+        for moe in self.moe_layers().values():
+            moe.counts = {}
+
+
+def decode_passes(
+    decoder: nn.Module, per_task: Mapping[str, list[torch.Tensor]], tasks: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Runs ``decoder`` once per backbone pass, each on that pass's features and tasks.
+
+    Decoders keep per-forward state (TaskExpert: its aux loss, intermediate features and gate
+    maps); it is merged over the passes so that it reads as one multi-task forward: aux losses
+    averaged, intermediate features and ``last_gates`` joined per task.
+
+    Returns:
+        Task → decoder feature, and ``{"aux": Tensor | None, "intermediate": list[dict]}``.
+    """
+    groups: dict[int, tuple[list[torch.Tensor], list[str]]] = {}
+    for t in tasks:
+        groups.setdefault(id(per_task[t]), (per_task[t], []))[1].append(t)
+    out: dict[str, torch.Tensor] = {}
+    aux, intermediate, gates = [], [], {}
+    for feats, group in groups.values():
+        out.update(decoder(feats, task_subset=group))
+        fn = getattr(decoder, "aux_loss", None)
+        value = fn() if callable(fn) else None
+        if value is not None:
+            aux.append(value)
+        fn = getattr(decoder, "intermediate_features", None)
+        for level, feats_t in enumerate(fn() if callable(fn) else []):
+            if level == len(intermediate):
+                intermediate.append({})
+            intermediate[level].update(feats_t)
+        gates.update(getattr(decoder, "last_gates", None) or {})
+    if gates:
+        decoder.last_gates = gates
+    state = {"aux": torch.stack(aux).mean() if aux else None, "intermediate": intermediate}
+    return {t: out[t] for t in tasks}, state

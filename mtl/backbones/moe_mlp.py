@@ -1,0 +1,248 @@
+"""Task-conditioned sparse mixture-of-experts MLP for ViT blocks, as in M³ViT.
+
+Liang et al., "M³ViT: Mixture-of-Experts Vision Transformer for Efficient Multi-task Learning
+with Model-Accelerator Co-design", NeurIPS 2022: the MLP of a transformer block becomes ``E``
+expert MLPs (hidden width = embedding width), and a task-conditioned router sends every token
+to ``k`` of them. Gating and balancing follow Shazeer et al., "Outrageously Large Neural
+Networks: The Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017:
+
+* gates: a softmax over **all** ``E`` router logits, then the ``k`` largest kept **without
+  renormalisation** (M³ViT's order; Shazeer keeps the top-k logits first). With
+  ``noisy_gating``, training adds ``N(0, 1) · softplus(x W_noise)`` to the logits (the noise
+  scale is learned per token and expert; no noise in eval mode).
+* load balancing: ``cv²(importance) + cv²(load)``, where importance is the sum over tokens of the
+  gate values and load is, with noisy gating, Shazeer's smooth estimator
+  ``Σ_x Φ((clean_i(x) − threshold_i(x)) / noise_std_i(x))`` (differentiable), otherwise the
+  number of tokens routed to each expert (a count: only the importance term has a gradient).
+* dispatch: tokens are sorted by expert and each expert runs only on its own tokens
+  (``index_select`` → expert MLP → gate-weighted ``index_add_``), so the expert FLOPs are
+  ``k/E`` of evaluating every expert on every token. ``dispatch="dense"`` evaluates every expert
+  and masks: the same result at full cost (a reference for tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp
+from torch import nn
+
+ROUTERS = ("per_task", "task_embedding")
+DISPATCH = ("sparse", "dense")
+
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation ``Var(x) / mean(x)²`` (population variance); 0 when uniform."""
+    x = x.float()
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var(correction=0) / (x.mean() ** 2 + 1e-10)
+
+
+def smooth_load(
+    clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """Shazeer et al.'s differentiable load: expected tokens per expert under re-drawn noise.
+
+    Args:
+        clean: router logits without noise, ``N × E``.
+        noisy: the logits the routing used, ``N × E``.
+        noise_std: the noise scale, ``N × E`` (> 0).
+        top_k: experts per token (< E).
+
+    Returns:
+        ``E`` values: ``Σ_x P(expert i in the top k of x)``.
+    """
+    top = noisy.topk(top_k + 1, dim=-1).values  # (N, k+1)
+    in_top = noisy >= top[:, top_k - 1 : top_k]  # expert currently selected
+    # selected: it stays in if its logit beats the (k+1)-th; otherwise it must beat the k-th
+    threshold = torch.where(in_top, top[:, top_k : top_k + 1], top[:, top_k - 1 : top_k])
+    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+    return normal.cdf((clean - threshold) / noise_std).sum(dim=0)
+
+
+class TaskRouter(nn.Module):
+    """Router logits per route key: one linear router per key, or one shared router fed the
+    token plus a learned per-key embedding.
+
+    Args:
+        dim: token width.
+        num_experts: experts ``E``.
+        keys: route keys (task names, or a group's first task when tasks share a router).
+        mode: ``"per_task"`` or ``"task_embedding"``.
+        noisy: learn a noise scale per token and expert (Shazeer's ``W_noise``).
+    """
+
+    def __init__(self, *, dim: int, num_experts: int, keys: Sequence[str], mode: str, noisy: bool) -> None:
+        super().__init__()
+        if mode not in ROUTERS:
+            raise ValueError(f"router={mode!r}; expected one of {ROUTERS}")
+        self.mode = mode
+
+        def linear(std: float) -> nn.Linear:
+            layer = nn.Linear(dim, num_experts, bias=False)
+            nn.init.normal_(layer.weight, std=std) if std else nn.init.zeros_(layer.weight)
+            return layer
+
+        # router weights: small random (distinct experts per token at the start); noise weights: zero,
+        # so the initial noise scale is softplus(0) ≈ 0.69 everywhere (Shazeer initialises both at 0)
+        if mode == "per_task":
+            self.gate = nn.ModuleDict({k: linear(0.02) for k in keys})
+            self.noise = nn.ModuleDict({k: linear(0.0) for k in keys}) if noisy else None
+            self.task_embed = None
+        else:
+            self.gate = linear(0.02)
+            self.noise = linear(0.0) if noisy else None
+            self.task_embed = nn.ParameterDict({k: nn.Parameter(torch.randn(dim) * 0.02) for k in keys})
+
+    def forward(self, tokens: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clean logits ``N × E`` and the noise scale ``N × E`` (``None`` without noisy gating), fp32."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            x = tokens.float()
+            if self.mode == "per_task":
+                gate, noise = self.gate[key], self.noise[key] if self.noise is not None else None
+            else:
+                gate, noise = self.gate, self.noise
+                x = x + self.task_embed[key].float()  # (N, C): the token plus the task embedding
+            clean = F.linear(x, gate.weight.float())
+            std = F.softplus(F.linear(x, noise.weight.float())) + 1e-2 if noise is not None else None
+        return clean, std
+
+    def key_parameters(self, key: str) -> Iterator[nn.Parameter]:
+        """Parameters that only route key ``key`` uses."""
+        if self.mode == "per_task":
+            yield from self.gate[key].parameters()
+            if self.noise is not None:
+                yield from self.noise[key].parameters()
+        else:
+            yield self.task_embed[key]
+
+
+class MoEMlp(nn.Module):
+    """Sparse mixture-of-experts MLP with task-conditioned top-k routing (module docstring).
+
+    Args:
+        dim: token width ``C``.
+        keys: route keys (see :class:`TaskRouter`).
+        num_experts: experts ``E``.
+        hidden: hidden width of every expert (M³ViT: ``C``).
+        top_k: experts per token ``k``.
+        router: ``"per_task"`` or ``"task_embedding"``.
+        noisy_gating: Shazeer's learned noise on the router logits while training.
+        dispatch: ``"sparse"`` (each expert on its tokens only) or ``"dense"`` (every expert on
+            every token, masked; same result).
+        act_layer: expert activation.
+        drop: dropout inside the experts.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        keys: Sequence[str],
+        num_experts: int = 16,
+        hidden: int | None = None,
+        top_k: int = 4,
+        router: str = "per_task",
+        noisy_gating: bool = True,
+        dispatch: str = "sparse",
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"MoE needs num_experts >= 1 and 1 <= top_k <= num_experts; got {num_experts}, {top_k}"
+            )
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch={dispatch!r}; expected one of {DISPATCH}")
+        self.num_experts, self.top_k, self.dispatch = int(num_experts), int(top_k), dispatch
+        self.hidden = int(hidden or dim)
+        self.experts = nn.ModuleList(
+            Mlp(dim, self.hidden, act_layer=act_layer, drop=drop) for _ in range(num_experts)
+        )
+        self.router = TaskRouter(dim=dim, num_experts=num_experts, keys=keys, mode=router, noisy=noisy_gating)
+        self.counts: dict[str, torch.Tensor] = {}  # eval-mode routing counts per key (plain tensors)
+
+    def route(self, tokens: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Top-k gate values and expert indices (``N × k``) and the balancing terms (training)."""
+        clean, std = self.router(tokens, key)
+        noisy = self.training and std is not None
+        logits = clean + torch.randn_like(clean) * std if noisy else clean
+        probs = logits.softmax(dim=-1)  # over all experts, then top-k without renormalisation
+        values, index = probs.topk(self.top_k, dim=-1)
+        balance = None
+        if self.training:
+            importance = torch.zeros_like(probs).scatter(1, index, values).sum(dim=0)
+            if noisy and self.top_k < self.num_experts:
+                load = smooth_load(clean, logits, std, self.top_k)
+            else:
+                load = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
+            balance = cv_squared(importance) + cv_squared(load)
+        return values, index, balance
+
+    def forward(self, x: torch.Tensor, *, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``B × N × C`` tokens routed with key ``key`` → (output, balance loss or ``None`` in eval)."""
+        b = x.shape[0]
+        tokens = rearrange(x, "b n c -> (b n) c")
+        values, index, balance = self.route(tokens, key)
+        if not self.training:
+            self.record(key, index)
+        mix = self._sparse if self.dispatch == "sparse" else self._dense
+        return rearrange(mix(tokens, values, index), "(b n) c -> b n c", b=b), balance
+
+    def _sparse(self, tokens: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        flat = index.reshape(-1)  # (N·k,) expert of every assignment
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        source = order // self.top_k  # token of every assignment, grouped by expert
+        gates = values.reshape(-1)[order].to(tokens.dtype)
+        chunks = tokens.index_select(0, source).split(counts)
+        # every expert runs (on 0 rows when idle): all parameters stay in the graph (DDP)
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks, strict=True)])
+        return torch.zeros_like(tokens).index_add_(0, source, y * gates[:, None])
+
+    def _dense(self, tokens: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        gates = torch.zeros(tokens.shape[0], self.num_experts, device=tokens.device, dtype=tokens.dtype)
+        gates.scatter_(1, index, values.to(tokens.dtype))
+        return sum(gates[:, e : e + 1] * expert(tokens) for e, expert in enumerate(self.experts))
+
+    @torch.no_grad()
+    def record(self, key: str, index: torch.Tensor) -> None:
+        """Adds eval-mode token-to-expert assignments to :attr:`counts`."""
+        c = torch.bincount(index.reshape(-1), minlength=self.num_experts).double().cpu()
+        self.counts[key] = self.counts.get(key, 0) + c
+
+    def upcycle(self, mlp: nn.Module) -> None:
+        """Initialises the experts from a (pretrained) dense timm ``Mlp`` (sparse upcycling).
+
+        Expert ``j`` copies hidden units ``[s·H, (s+1)·H)`` of the dense MLP, ``s = j mod (H_mlp / H)``
+        (with ``H = H_mlp`` every expert is a full copy), and the dense output bias.
+        """
+        h_mlp = mlp.fc1.out_features
+        if h_mlp % self.hidden:
+            raise ValueError(
+                f"expert_init=upcycle needs the MLP hidden width {h_mlp} to be a multiple of the expert "
+                f"hidden width {self.hidden}; use expert_init=random or expert_hidden={h_mlp}"
+            )
+        slices = h_mlp // self.hidden
+        with torch.no_grad():
+            for j, expert in enumerate(self.experts):
+                part = slice((j % slices) * self.hidden, (j % slices + 1) * self.hidden)
+                expert.fc1.weight.copy_(mlp.fc1.weight[part])
+                expert.fc2.weight.copy_(mlp.fc2.weight[:, part])
+                if expert.fc1.bias is not None and mlp.fc1.bias is not None:
+                    expert.fc1.bias.copy_(mlp.fc1.bias[part])
+                if expert.fc2.bias is not None and mlp.fc2.bias is not None:
+                    expert.fc2.bias.copy_(mlp.fc2.bias)
+
+    def reset_random(self) -> None:
+        """timm's ViT initialisation of every expert: truncated normal (std 0.02) weights, zero biases."""
+        for expert in self.experts:
+            for layer in (expert.fc1, expert.fc2):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
