@@ -88,6 +88,18 @@ TINY_MTLORA_VIT = [
     "model.decoder.channels=8",
 ]
 
+TINY_M3VIT = [  # M³ViT keeps its MoE blocks: a 2-block ViT, 4 experts, top-2
+    "model.backbone.pretrained=false",
+    "model.backbone.name=vit_tiny_patch16_224",
+    "++model.backbone.depth=2",
+    "++model.backbone.embed_dim=32",
+    "++model.backbone.num_heads=2",
+    "model.backbone.out_indices=[0,1]",
+    "model.backbone.num_experts=4",
+    "model.backbone.top_k=2",
+    "model.decoder.channels=16",
+]
+
 
 def cpu_tiny(cfg: DictConfig) -> list[str]:
     """Overrides for a composed config that would download weights or need GPUs."""
@@ -98,6 +110,8 @@ def cpu_tiny(cfg: DictConfig) -> list[str]:
         out += TINY_MTLORA_SWIN if target.endswith("MTLoRASwin") else TINY_MTLORA_VIT
     elif target.endswith("SlimmableViT") and backbone.get("pretrained"):
         out += TINY_SLIMMABLE
+    elif target.endswith("M3ViT") and backbone.get("pretrained"):
+        out += TINY_M3VIT
     elif backbone.get("pretrained") or backbone.get("checkpoint_path"):
         out += TINY_VIT
     if str(cfg.get("trainer", {}).get("accelerator", "cpu")) not in ("cpu", "auto"):

@@ -66,7 +66,10 @@ class PerTaskGradients(Strategy):
     def setup(self, *, tasks: Mapping, module) -> None:
         super().setup(tasks=tasks, module=module)
         if self.rep_grad:
-            self._rep_split(module.model)
+            try:
+                self._rep_split(module.model)
+            except ValueError as err:
+                raise ValueError(f"strategy {type(self).__name__} (rep_grad=true): {err}") from err
         self._ready = False
 
     @staticmethod
