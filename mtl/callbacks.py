@@ -111,3 +111,52 @@ class PeriodicCheckpoint(L.Callback):
         if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved_at:
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
             self._saved_at = step
+
+
+class Throughput(L.Callback):
+    """Training throughput over all ranks, excluding the first ``warmup`` steps.
+
+    Logs ``train/images_per_sec`` (batch size × world size / step time) and, at the end of
+    training, writes ``<output_dir>/throughput.json`` on rank 0 (used by
+    ``benchmarks/ddp_scaling.py``).
+
+    Args:
+        output_dir: where ``throughput.json`` goes (``None``: not written).
+        warmup: steps left out of the average (compilation, allocator warm-up, worker start).
+    """
+
+    def __init__(self, *, output_dir: str | None = None, warmup: int = 2) -> None:
+        super().__init__()
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.warmup = int(warmup)
+        self._t0: float | None = None
+        self._images = 0
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        self._steps += 1
+        if self._steps == self.warmup:
+            self._t0, self._images = time.perf_counter(), 0
+        elif self._t0 is not None:
+            self._images += batch["image"].shape[0] * trainer.world_size
+            rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
+            pl_module.log("train/images_per_sec", rate, rank_zero_only=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        import time
+
+        if self.output_dir is None or not trainer.is_global_zero or self._t0 is None:
+            return
+        seconds = time.perf_counter() - self._t0
+        report = {
+            "world_size": trainer.world_size,
+            "images": self._images,
+            "seconds": seconds,
+            "images_per_sec": self._images / max(seconds, 1e-9),
+            "steps_timed": self._steps - self.warmup,
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "throughput.json").write_text(json.dumps(report, indent=2))

@@ -7,7 +7,8 @@ saves the last good state as ``last.ckpt`` and stops with :class:`NonFiniteLossE
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -64,3 +65,12 @@ def oom_message(
         "(model.backbone.grad_checkpointing=true), lower data.input_size / data.resize, or spread the "
         f"batch over more GPUs (trainer=ddp). Original error: {first_line}"
     )
+
+
+@contextlib.contextmanager
+def explain_oom(**context) -> Iterator[None]:
+    """Re-raises an out-of-memory error with :func:`oom_message` (same exception type)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(oom_message(err, **context)) from err

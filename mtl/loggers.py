@@ -26,3 +26,35 @@ def wandb_logger(*, offline: bool | None = None, **kwargs) -> WandbLogger:
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not _has_wandb_key()
     return WandbLogger(offline=offline, **kwargs)
+
+
+def code_version() -> dict[str, str | bool]:
+    """The code a run used: the git commit of the ``mtl`` checkout and whether it had local changes.
+
+    Falls back to the installed package version outside a git checkout.
+    """
+    import subprocess
+
+    import mtl
+
+    root = Path(mtl.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        return {"commit": commit, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"version": version("mtl")}
+        except PackageNotFoundError:
+            return {"version": "unknown"}
