@@ -65,7 +65,7 @@ def test_optuna_sweep_two_trials(tmp_path):
             "-m",
             "hparams_search=optuna",
             "hydra.sweeper.n_trials=2",
-            "trainer.max_steps=2",
+            "trainer.max_epochs=1",  # 4 steps, then one validation: the objective
             "+trainer.limit_val_batches=1",
         ],
         tmp_path,
