@@ -69,7 +69,10 @@ class PerTaskGradients(Strategy):
             try:
                 self._rep_split(module.model)
             except ValueError as err:
-                raise ValueError(f"strategy {type(self).__name__} (rep_grad=true): {err}") from err
+                agg = getattr(self, "aggregator", None) or getattr(self, "_make", None)
+                agg = getattr(agg, "func", agg)  # a partial constructor (Nash-MTL)
+                name = getattr(agg, "__name__", type(agg).__name__) if agg else type(self).__name__
+                raise ValueError(f"strategy {name} (rep_grad=true): {err}") from err
         self._ready = False
 
     @staticmethod

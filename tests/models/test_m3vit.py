@@ -1,0 +1,262 @@
+"""M³ViT: the MoE layer (routing, dense equivalence, balancing, sparse dispatch), the backbone's
+per-task passes, single-task inference, training with decoders and strategies, eval outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from timm.layers import Mlp
+from torch.utils.flop_counter import FlopCounterMode
+
+from mtl.backbones.m3vit import M3ViT
+from mtl.backbones.moe_mlp import MoEMlp, cv_squared
+from mtl.backbones.timm_backbone import TimmBackbone
+from mtl.decoders.multihead import MultiHeadDecoder
+from mtl.decoders.taskexpert import TaskExpertDecoder
+from mtl.model import MultiTaskNet
+from mtl.pipeline import evaluate, train
+
+TASKS = {"semseg": 5, "depth": 1, "normals": 3}
+TINY = dict(name="vit_tiny_patch16_224", img_size=(32, 32), depth=4, embed_dim=32, num_heads=2)
+
+
+def tiny_backbone(**kw) -> M3ViT:
+    args = dict(TINY, tasks=list(TASKS), out_indices=[1, 3], num_experts=4, top_k=2) | kw
+    return M3ViT(**args)
+
+
+def tiny_model(decoder=MultiHeadDecoder, **kw) -> MultiTaskNet:
+    torch.manual_seed(0)
+    dec = (
+        (lambda **a: decoder(channels=8, **a))
+        if decoder is MultiHeadDecoder
+        else (lambda **a: decoder(channels=8, num_experts=2, **a))
+    )
+    return MultiTaskNet(backbone=tiny_backbone(**kw), decoder=dec, tasks=TASKS)
+
+
+# ---------------------------------------------------------------------------- the MoE layer
+@pytest.mark.parametrize("router", ["per_task", "task_embedding"])
+def test_top_k_picks_exactly_k_experts_with_softmax_gates(router):
+    torch.manual_seed(0)
+    moe = MoEMlp(dim=16, keys=["a", "b"], num_experts=8, top_k=3, router=router).eval()
+    tokens = torch.randn(50, 16)
+    values, index, _ = moe.route(tokens, "a")
+    assert index.shape == (50, 3)
+    assert all(len(set(row.tolist())) == 3 for row in index)  # k distinct experts per token
+    clean, _ = moe.router(tokens, "a")
+    probs = clean.softmax(-1)
+    # softmax over all experts, then the top k without renormalisation
+    assert torch.allclose(values, probs.gather(1, index))
+    assert (values.sum(-1) < 1).all() and (probs.gather(1, index) >= probs.topk(3, -1).values[:, -1:]).all()
+    moe(tokens[None], key="a")
+    assert moe.counts["a"].sum() == 50 * 3  # every token dispatched to exactly k experts
+    assert not torch.equal(moe.route(tokens, "b")[1], index)  # the other task routes differently
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_single_expert_equals_dense_mlp(train_mode):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    moe = MoEMlp(dim=16, keys=["a"], num_experts=1, top_k=1, hidden=64)
+    moe.upcycle(mlp)
+    moe.train(train_mode)  # noisy gating while training: softmax over one expert is still 1
+    x = torch.randn(2, 10, 16)
+    y, balance = moe(x, key="a")
+    assert torch.allclose(y, mlp(x), atol=1e-6)
+    assert (balance == 0).all() if train_mode else balance is None
+
+
+def test_m3vit_with_one_expert_equals_the_dense_vit():
+    torch.manual_seed(0)
+    dense = TimmBackbone(**TINY, out_indices=[1, 3]).eval()
+    torch.manual_seed(0)  # same timm weights; the one expert copies each pretrained-like MLP whole
+    moe = M3ViT(
+        **TINY,
+        tasks=["a", "b"],
+        out_indices=[1, 3],
+        num_experts=1,
+        top_k=1,
+        expert_hidden=128,
+        expert_init="upcycle",
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for a, b in zip(dense(x), moe.forward_tasks(x)["b"], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_balance_loss_zero_for_uniform_routing_and_larger_otherwise():
+    assert cv_squared(torch.full((8,), 3.0)) == 0
+    assert cv_squared(torch.tensor([4.0, 0, 0, 0])) > cv_squared(torch.tensor([2.0, 1, 1, 0])) > 0
+    moe = MoEMlp(dim=8, keys=["a"], num_experts=4, top_k=4, noisy_gating=False).train()
+    torch.nn.init.zeros_(moe.router.gate["a"].weight)  # uniform softmax: every expert equally used
+    _, _, balance = moe.route(torch.randn(64, 8), "a")
+    assert balance.abs() < 1e-6
+    moe = MoEMlp(dim=8, keys=["a"], num_experts=4, top_k=1, noisy_gating=False).train()
+    with torch.no_grad():
+        moe.router.gate["a"].weight.zero_()
+        moe.router.gate["a"].weight[0, 0] = 5.0  # tokens with x_0 > 0 all go to expert 0
+    _, _, skewed = moe.route(torch.randn(64, 8), "a")
+    assert skewed > 0.5
+
+
+def test_noisy_gating_load_estimator_has_a_gradient():
+    torch.manual_seed(0)
+    moe = MoEMlp(dim=8, keys=["a"], num_experts=6, top_k=2, noisy_gating=True).train()
+    _, _, balance = moe.route(torch.randn(40, 8), "a")
+    balance.backward()
+    assert moe.router.noise["a"].weight.grad.abs().sum() > 0  # through Shazeer's smooth load
+
+
+def test_sparse_dispatch_equals_dense_and_cuts_flops():
+    torch.manual_seed(0)
+    sparse = MoEMlp(dim=32, keys=["a"], num_experts=16, top_k=4, noisy_gating=False).eval()
+    dense = MoEMlp(dim=32, keys=["a"], num_experts=16, top_k=4, noisy_gating=False, dispatch="dense").eval()
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(2, 64, 32)
+    assert torch.allclose(sparse(x, key="a")[0], dense(x, key="a")[0], atol=1e-5)
+    flops = {}
+    for name, m in (("sparse", sparse), ("dense", dense)):
+        with FlopCounterMode(display=False) as counter:
+            m(x, key="a")
+        flops[name] = counter.get_total_flops()
+    expert = 2 * 2 * 128 * 32 * 32  # two matmuls per token-expert pair
+    router = 2 * 128 * 32 * 16
+    assert flops["sparse"] == 4 * expert + router  # k experts per token, not E
+    assert flops["dense"] == 16 * expert + router
+
+
+# ---------------------------------------------------------------------------- the backbone
+def test_single_task_inference_equals_the_multi_task_forward():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    full = model(x)
+    assert set(full) == set(TASKS)
+    only = model(x, task_subset=["depth"])
+    assert set(only) == {"depth"} and torch.allclose(only["depth"], full["depth"], atol=1e-6)
+    model.tasks_at_inference = ["normals"]
+    assert torch.allclose(model(x)["normals"], full["normals"], atol=1e-6)
+    with FlopCounterMode(display=False) as one:
+        model(x)
+    model.tasks_at_inference = None
+    with FlopCounterMode(display=False) as every:
+        model(x)
+    # blocks 1-3 run once instead of three times (block 0 and the patch embedding are shared)
+    assert every.get_total_flops() / 3 < one.get_total_flops() < 0.6 * every.get_total_flops()
+
+
+def test_shared_pass_for_grouped_tasks_equals_separate_passes():
+    groups = [["semseg", "normals"], ["depth"]]
+    shared = tiny_model(task_groups=groups).eval()
+    separate = tiny_model(task_groups=groups, shared_pass=False).eval()
+    separate.load_state_dict(shared.state_dict())
+    assert shared.backbone.passes(list(TASKS)) == [["semseg", "normals"], ["depth"]]
+    assert len(separate.backbone.passes(list(TASKS))) == 3
+    x = torch.randn(2, 3, 32, 32)
+    a, b = shared(x), separate(x)
+    assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in TASKS)
+    # a shared router is not task-specific: only the single-task group's router is
+    assert not list(shared.backbone.task_parameters("semseg"))
+    assert len(list(shared.backbone.task_parameters("depth"))) == 2 * len(shared.backbone.moe_blocks)
+
+
+def test_training_forward_aux_loss_and_task_parameters():
+    model = tiny_model(decoder=TaskExpertDecoder).train()
+    preds = model(torch.randn(2, 3, 32, 32))
+    aux = model.aux_loss()
+    assert set(preds) == set(TASKS) and aux is not None and aux.requires_grad
+    (sum(p.mean() for p in preds.values()) + aux).backward()
+    for t in TASKS:
+        routers = list(model.backbone.task_parameters(t))
+        assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers), t
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in shared for p in model.backbone.moe_layers()[1].experts.parameters())
+    model.eval()
+    model(torch.randn(2, 3, 32, 32))
+    stats = model.validation_stats()
+    assert {"experts/depth/layer1/entropy", "experts/depth/layer3/max_share"} <= set(stats)
+    assert any(k.startswith("gates/") for k in stats)  # TaskExpert's gate statistics still there
+    assert model.aux_loss() is None
+
+
+def test_bad_configuration_errors():
+    with pytest.raises(ValueError, match="task_groups .* must list every task"):
+        tiny_backbone(task_groups=[["semseg"], ["depth"]])
+    with pytest.raises(ValueError, match="moe_blocks \\[7\\]"):
+        tiny_backbone(moe_blocks=[7])
+    with pytest.raises(ValueError, match="top_k <= num_experts"):
+        tiny_backbone(top_k=5)
+    with pytest.raises(ValueError, match="router='shared'"):
+        tiny_backbone(router="shared")
+    with pytest.raises(ValueError, match="tasks_at_inference has unknown task"):
+        MultiTaskNet(
+            backbone=tiny_backbone(), decoder=MultiHeadDecoder, tasks=TASKS, tasks_at_inference=["x"]
+        )
+    with pytest.raises(ValueError, match="no single task-independent feature list"):
+        tiny_backbone()(torch.randn(1, 3, 32, 32))
+
+
+# ---------------------------------------------------------------------------- training and eval
+TINY_CFG = [
+    "experiment=synthetic_m3vit",
+    "data.dataset.resolution=[32,32]",
+    "++model.backbone.depth=2",
+    "++model.backbone.embed_dim=32",
+    "++model.backbone.num_heads=2",
+    "model.backbone.out_indices=[0,1]",
+    "model.backbone.num_experts=4",
+    "model.backbone.top_k=2",
+    "model.decoder.channels=8",
+    "data.tasks=[semseg,depth]",
+    "logger=none",
+    "callbacks=none",
+]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["strategy=ew"], ["strategy=uw"], ["strategy=pcgrad"], ["model=taskexpert", "strategy=pcgrad"]],
+    ids=["ew", "uw", "pcgrad", "taskexpert-pcgrad"],
+)
+def test_training_step_with_decoders_and_strategies(make_cfg, extra):
+    overrides = TINY_CFG + extra
+    if "model=taskexpert" in extra:
+        overrides += ["model/backbone=m3vit_tiny", "model.decoder.num_experts=2"]
+    cfg = make_cfg(overrides + ["debug=fdr"])
+    metrics, objects = train(cfg)
+    model = objects["module"].model
+    assert isinstance(model.backbone, M3ViT) and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert "train/aux_loss" in metrics and "val/experts/semseg/layer1/entropy" in metrics
+
+
+def test_representation_level_strategy_refused_with_its_name(make_cfg):
+    cfg = make_cfg(TINY_CFG + ["strategy=mgda_ub", "debug=fdr"])
+    with pytest.raises(
+        (ValueError, InstantiationException), match="strategy MGDA.*rep_grad=true.*own features"
+    ):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_eval_of_a_task_subset_writes_metrics_routing_and_cost(make_cfg, tmp_path):
+    cfg = make_cfg(TINY_CFG + ["trainer.max_steps=2", "trainer.max_epochs=1", "callbacks=default"])
+    train(cfg)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(
+        TINY_CFG + [f"ckpt_path={ckpt}", "model.tasks_at_inference=[depth]", "eval.pictures=1"],
+        config_name="eval",
+    )
+    metrics, objects = evaluate(cfg)
+    assert any(k.startswith("test/depth/") for k in metrics)
+    assert not any(k.startswith("test/semseg/") for k in metrics)  # only the subset ran
+    shares = json.loads((tmp_path / "experts.json").read_text())
+    assert set(shares) == {"1"} and set(shares["1"]) == {"depth"}
+    assert abs(sum(shares["1"]["depth"]) - 1) < 1e-6
+    assert (tmp_path / "routing.png").stat().st_size > 0 and "| depth |" in (
+        tmp_path / "experts.md"
+    ).read_text()
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["tasks"] == ["depth"] and cost["gflops"] > 0
