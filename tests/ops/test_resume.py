@@ -43,7 +43,14 @@ def _run(make_cfg, tmp_path, name: str, extra: list[str]):
 
 @pytest.mark.parametrize(
     ("strategy", "crash"),
-    [("uw", 3), ("dwa", 4), ("famo", 3), ("gradvac", 5), ("dbmtl", 3), ("rlw", 2)],
+    [
+        ("uw", 3),
+        ("dwa", 4),  # the checkpoint right after the epoch's last batch
+        pytest.param("famo", 3, marks=pytest.mark.slow),
+        pytest.param("gradvac", 5, marks=pytest.mark.slow),
+        pytest.param("dbmtl", 3, marks=pytest.mark.slow),
+        pytest.param("rlw", 2, marks=pytest.mark.slow),
+    ],
 )
 def test_crash_and_resume_equals_uninterrupted(make_cfg, tmp_path, strategy, crash):
     """Model, optimiser, scheduler, strategy state, RNG and epoch position all come back."""
