@@ -218,7 +218,12 @@ TINY_CFG = [
 
 @pytest.mark.parametrize(
     "extra",
-    [["strategy=ew"], ["strategy=uw"], ["strategy=pcgrad"], ["model=taskexpert", "strategy=pcgrad"]],
+    [
+        pytest.param(["strategy=ew"], marks=pytest.mark.slow),
+        pytest.param(["strategy=uw"], marks=pytest.mark.slow),
+        ["strategy=pcgrad"],
+        ["model=taskexpert", "strategy=pcgrad"],
+    ],
     ids=["ew", "uw", "pcgrad", "taskexpert-pcgrad"],
 )
 def test_training_step_with_decoders_and_strategies(make_cfg, extra):
@@ -233,6 +238,10 @@ def test_training_step_with_decoders_and_strategies(make_cfg, extra):
 
 
 def test_representation_level_strategy_refused_with_its_name(make_cfg):
+    one_pass = make_cfg(
+        TINY_CFG + ["strategy=mgda_ub", "debug=fdr", "model.backbone.task_groups=[[semseg,depth]]"]
+    )
+    train(one_pass)  # one shared pass for every task: a shared representation, MGDA-UB works
     cfg = make_cfg(TINY_CFG + ["strategy=mgda_ub", "debug=fdr"])
     with pytest.raises(
         (ValueError, InstantiationException), match="strategy MGDA.*rep_grad=true.*own features"
