@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from mtl.backbones.m3vit import decode_passes
+from mtl.backbones.task_passes import decode_passes
 from mtl.heads import TaskHeads
 
 

@@ -24,7 +24,7 @@ names, and runs it per task.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from einops import rearrange
@@ -270,38 +270,3 @@ class M3ViT(TimmBackbone):
             self.finished_counts = current
         for moe in self.moe_layers().values():
             moe.counts = {}
-
-
-def decode_passes(
-    decoder: nn.Module, per_task: Mapping[str, list[torch.Tensor]], tasks: Sequence[str]
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Runs ``decoder`` once per backbone pass, each on that pass's features and tasks.
-
-    Decoders keep per-forward state (TaskExpert: its aux loss, intermediate features and gate
-    maps); it is merged over the passes so that it reads as one multi-task forward: aux losses
-    averaged, intermediate features and ``last_gates`` joined per task.
-
-    Returns:
-        Task → decoder feature, and ``{"aux": Tensor | None, "intermediate": list[dict]}``.
-    """
-    groups: dict[int, tuple[list[torch.Tensor], list[str]]] = {}
-    for t in tasks:
-        groups.setdefault(id(per_task[t]), (per_task[t], []))[1].append(t)
-    out: dict[str, torch.Tensor] = {}
-    aux, intermediate, gates = [], [], {}
-    for feats, group in groups.values():
-        out.update(decoder(feats, task_subset=group))
-        fn = getattr(decoder, "aux_loss", None)
-        value = fn() if callable(fn) else None
-        if value is not None:
-            aux.append(value)
-        fn = getattr(decoder, "intermediate_features", None)
-        for level, feats_t in enumerate(fn() if callable(fn) else []):
-            if level == len(intermediate):
-                intermediate.append({})
-            intermediate[level].update(feats_t)
-        gates.update(getattr(decoder, "last_gates", None) or {})
-    if gates:
-        decoder.last_gates = gates
-    state = {"aux": torch.stack(aux).mean() if aux else None, "intermediate": intermediate}
-    return {t: out[t] for t in tasks}, state
