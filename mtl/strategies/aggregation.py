@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, WeightedAggregator
 
+from mtl.strategies.grads import TaskJacobian, all_reduce_mean_, gramian_stats, task_grads
+from mtl.strategies.gramian_only import polarised_gramian, weighted_direction
 from mtl.strategies.jacobian import PerTaskGradients, sync_weights
 
 
@@ -64,6 +66,9 @@ class GradientAggregation(PerTaskGradients):
         aggregator: a ``torchjd.aggregation.Aggregator``, or a partial constructor that
             takes ``n_tasks`` (Nash-MTL).
         rep_grad: aggregate gradients w.r.t. the shared representation ("-UB" variant).
+        gramian_only: parameter level without the ``k × n`` Jacobian buffer: the Gramian by
+            polarisation, ``k(k+1)/2 + 1`` backward passes and one ``n``-vector of scratch
+            (:mod:`mtl.strategies.gramian_only`); not for GradDrop or ``rep_grad``.
         diagnostics_every: see :class:`~mtl.strategies.base.Strategy`.
     """
 
@@ -72,9 +77,16 @@ class GradientAggregation(PerTaskGradients):
         *,
         aggregator: Aggregator | functools.partial,
         rep_grad: bool = False,
+        gramian_only: bool = False,
         diagnostics_every: int = 0,
     ) -> None:
         super().__init__(rep_grad=rep_grad, diagnostics_every=diagnostics_every)
+        if gramian_only and rep_grad:
+            raise ValueError(
+                "strategy gramian_only=true is a parameter-level mode; rep_grad=true already keeps only "
+                "k × |representation| (set one of them)"
+            )
+        self.gramian_only = bool(gramian_only)
         if not isinstance(aggregator, Aggregator) and not callable(aggregator):
             raise ValueError(f"strategy aggregator must be a torchjd Aggregator, got {aggregator!r}")
         is_agg = isinstance(aggregator, Aggregator)
@@ -87,6 +99,31 @@ class GradientAggregation(PerTaskGradients):
             self.aggregator = self._make(n_tasks=len(tasks))
         if not isinstance(self.aggregator, Aggregator):
             raise ValueError(f"strategy aggregator must build a torchjd Aggregator, got {self.aggregator!r}")
+        if self.gramian_only and isinstance(self.aggregator, GradDrop):
+            raise ValueError("strategy gramian_only=true: GradDrop works coordinate-wise on J, not on G")
+        self._scratch = TaskJacobian(1)
+
+    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
+        if not self.gramian_only:
+            return super().backward(losses, module=module, extra=extra, batch=batch)
+        self._prepare(module)
+        scale = float(module.grad_scale())
+        flat = self._flat.attach()
+        gram = polarised_gramian(self, losses, scale, self._scratch)
+        diagnose = self.diagnose_now()
+        self.tick()
+        if not bool(torch.isfinite(gram).all()):  # fp16 overflow: the scaler skips this step
+            flat.fill_(float("nan"))
+            return {"skipped": 1.0}
+        weights = sync_weights(weights_from_gramian(self.aggregator, gram).to(flat.device, torch.float32))
+        self.last_weights = weights.tolist()
+        weighted_direction(self, losses, weights, scale)
+        if extra is not None:
+            torch._foreach_add_(self._flat.views, list(task_grads(extra * scale, self._flat.params)))
+        all_reduce_mean_(flat)
+        logs = gramian_stats(gram, self.task_names, weights) if diagnose else {}
+        logs.update({f"{t}/weight": float(w) for t, w in zip(self.task_names, weights.cpu(), strict=True)})
+        return logs
 
     def extra_state(self) -> dict:
         return {"solver": solver_state(self.aggregator)} if self.aggregator is not None else {}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from toy import one_torch_thread  # noqa: F401
 
-STRATEGIES = ["ew", "uw", "cagrad", "upgrad", "mgda_ub", "fmtl"]
+STRATEGIES = ["ew", "uw", "cagrad", "upgrad", "upgrad_gramian", "mgda_ub", "fmtl"]
 
 
 def _free_port() -> int:
