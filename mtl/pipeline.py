@@ -201,8 +201,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = _to_float(trainer.callback_metrics)
     try:
         metrics["val/score"] = score(metrics, list(module.tasks))
-    except KeyError:  # e.g. no validation ran (limit_val_batches=0)
-        pass
+    except KeyError as err:  # e.g. no validation ran (limit_val_batches=0)
+        log.info("val/score not computed: %s", err)
     if cfg.get("test") and not trainer.fast_dev_run:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         use_eval_metrics(module, cfg)
