@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mtl.merging.base import MergeMethod
+from mtl.merging.base import MergeMethod, check_lam
 
 
 class WeightAveraging(MergeMethod):
@@ -42,9 +42,7 @@ class TaskArithmetic(MergeMethod):
     """
 
     def __init__(self, *, lam: float = 0.3) -> None:
-        if not float(lam) > 0:
-            raise ValueError(f"method.lam (task-vector scaling λ) must be > 0, got {lam}")
-        self.lam = float(lam)
+        self.lam = check_lam(lam)
 
     def merge_tensor(
         self, key: str, base: torch.Tensor | None, thetas: Sequence[torch.Tensor]

@@ -98,3 +98,10 @@ def check_fraction(name: str, value: float, *, low_open: bool = False) -> float:
         interval = "(0, 1]" if low_open else "[0, 1]"
         raise ValueError(f"{name} must be in {interval}, got {value}")
     return v
+
+
+def check_lam(lam: float) -> float:
+    """The task-vector scaling λ, which must be positive."""
+    if not float(lam) > 0:
+        raise ValueError(f"method.lam (task-vector scaling λ) must be > 0, got {lam}")
+    return float(lam)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mtl.merging.base import MergeMethod, check_fraction, task_vector
+from mtl.merging.base import MergeMethod, check_fraction, check_lam, task_vector
 
 
 def breadcrumb_mask(tau: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -49,9 +49,7 @@ class ModelBreadcrumbs(MergeMethod):
         self.gamma = check_fraction("method.gamma", gamma)
         if self.beta + self.gamma >= 1.0:
             raise ValueError(f"method.beta + method.gamma must be < 1 (nothing kept), got {beta} + {gamma}")
-        if not float(lam) > 0:
-            raise ValueError(f"method.lam must be > 0, got {lam}")
-        self.lam = float(lam)
+        self.lam = check_lam(lam)
 
     def merge_tensor(
         self, key: str, base: torch.Tensor | None, thetas: Sequence[torch.Tensor]

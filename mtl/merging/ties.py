@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mtl.merging.base import MergeMethod, check_fraction, task_vector
+from mtl.merging.base import MergeMethod, check_fraction, check_lam, task_vector
 
 
 def magnitude_threshold(values: torch.Tensor, keep: float) -> float:
@@ -39,9 +39,7 @@ class TIESMerging(MergeMethod):
 
     def __init__(self, *, k: float = 0.2, lam: float = 1.0) -> None:
         self.k = check_fraction("method.k (kept fraction)", k, low_open=True)
-        if not float(lam) > 0:
-            raise ValueError(f"method.lam must be > 0, got {lam}")
-        self.lam = float(lam)
+        self.lam = check_lam(lam)
         self._thresholds: list[float] = []
 
     def prepare(
