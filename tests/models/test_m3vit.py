@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_M3VIT
 from hydra.errors import InstantiationException
 from timm.layers import Mlp
 from torch.utils.flop_counter import FlopCounterMode
@@ -203,13 +204,7 @@ def test_bad_configuration_errors():
 TINY_CFG = [
     "experiment=synthetic_m3vit",
     "data.dataset.resolution=[32,32]",
-    "++model.backbone.depth=2",
-    "++model.backbone.embed_dim=32",
-    "++model.backbone.num_heads=2",
-    "model.backbone.out_indices=[0,1]",
-    "model.backbone.num_experts=4",
-    "model.backbone.top_k=2",
-    "model.decoder.channels=8",
+    *TINY_M3VIT,
     "data.tasks=[semseg,depth]",
     "logger=none",
     "callbacks=none",
