@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--pretrain-dir", type=Path, default=None, help="reuse this pretraining run")
     args = ap.parse_args()
     root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     common = ["logger=csv", "scheduler.warmup_steps=20", f"data.dataset.resolution=[{args.size},{args.size}]"]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
