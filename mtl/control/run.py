@@ -9,6 +9,7 @@ budgets × preferences and writes ``controllability.json``, ``controllability.md
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,22 @@ def _preference(value, tasks: Sequence[str]) -> dict[str, float]:
     if len(values) != len(tasks):
         raise ValueError(f"control.preference has {len(values)} values; expected one per task {list(tasks)}")
     return dict(zip(tasks, map(float, values), strict=True))
+
+
+def default_budgets(
+    cost: CostModel, widths: Sequence[float], tasks: Sequence[str], n: int = 11
+) -> list[float]:
+    """``n`` budgets at evenly spaced quantiles of the costs of every width configuration.
+
+    Evenly spaced GFLOPs would put almost every budget between encoder widths, where the
+    decoders (a small part of the cost) all fit at full width and the preference cannot matter;
+    quantiles of the configurations' costs put budgets inside each encoder width's band too.
+    """
+    costs = sorted(
+        {cost(WidthConfig(e, dict(zip(tasks, d, strict=True))))[0]
+         for e in widths for d in itertools.product(widths, repeat=len(tasks))}
+    )  # fmt: skip
+    return sorted({costs[round(k * (len(costs) - 1) / (n - 1))] for k in range(n)})
 
 
 def default_preferences(tasks: Sequence[str]) -> list[dict[str, float]]:
@@ -62,9 +79,7 @@ def apply_control(control: Mapping, module, datamodule, input_size: Sequence[int
     cost = CostModel(model, input_size)
     report: dict = {"table": str(table_path)}
     if sweep_on:
-        lo = cost(WidthConfig(widths[0], dict.fromkeys(tasks, widths[0])))[0]
-        hi = cost(WidthConfig(1.0, dict.fromkeys(tasks, 1.0)))[0]
-        budgets = control.get("budgets") or [lo + (hi - lo) * k / 5 for k in range(6)]
+        budgets = control.get("budgets") or default_budgets(cost, widths, tasks)
         rows, score = sweep(
             table=table,
             cost=cost,
@@ -77,7 +92,9 @@ def apply_control(control: Mapping, module, datamodule, input_size: Sequence[int
             json.dumps({"controllability": score, "rows": rows}, indent=1)
         )
         lines = [
-            f"controllability (mean Spearman, preference vs score): **{score:.3f}**",
+            f"controllability (mean Spearman, preference vs score): **{score:.3f}**"
+            if score == score
+            else "controllability: undefined (at no budget did a task's score vary with its preference)",
             "",
             "| budget (GFLOPs) | preference | encoder | decoders | GFLOPs | scores |",
             "|---|---|---|---|---|---|",

@@ -129,3 +129,19 @@ def test_eval_with_budget_and_sweep(make_cfg, tmp_path):
     assert report["gflops"] <= budget and report["decoders"]["semseg"] >= report["decoders"]["depth"]
     assert objects["module"].model.backbone.width == report["encoder"]
     assert "test/semseg/miou" in metrics
+
+
+def test_default_budgets_fall_inside_encoder_bands():
+    """Quantile budgets: the cheapest and the full cost, and budgets where the decoders must trade off."""
+    from mtl.control.run import default_budgets
+
+    widths, tasks = [0.25, 0.5, 1.0], ["a", "b"]
+
+    def cost(c):  # encoder dominates (10 per unit width), decoders add 1 per unit width each
+        return (10 * c.encoder + sum(c.decoders.values()), 0)
+
+    budgets = default_budgets(cost, widths, tasks, n=7)
+    assert budgets == sorted(budgets)
+    assert budgets[0] == 10 * 0.25 + 0.5 and budgets[-1] == 10 + 2
+    # some budget lies strictly inside the smallest encoder's band (decoders cannot all be full)
+    assert any(3.0 < b < 4.5 for b in budgets)
