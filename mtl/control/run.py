@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -89,11 +90,11 @@ def apply_control(control: Mapping, module, datamodule, input_size: Sequence[int
             higher_is_better=hib,
         )
         (output_dir / "controllability.json").write_text(
-            json.dumps({"controllability": score, "rows": rows}, indent=1)
+            json.dumps({"controllability": None if math.isnan(score) else score, "rows": rows}, indent=1)
         )
         lines = [
             f"controllability (mean Spearman, preference vs score): **{score:.3f}**"
-            if score == score
+            if not math.isnan(score)
             else "controllability: undefined (at no budget did a task's score vary with its preference)",
             "",
             "| budget (GFLOPs) | preference | encoder | decoders | GFLOPs | scores |",
