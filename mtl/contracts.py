@@ -66,7 +66,9 @@ class Features:
             return [(self.shared, list(tasks))]
         missing = [t for t in tasks if t not in self.per_task]
         if missing:
-            raise ValueError(f"backbone gave no features for task(s) {missing}; it gave {list(self.per_task)}")
+            raise ValueError(
+                f"backbone gave no features for task(s) {missing}; it gave {list(self.per_task)}"
+            )
         groups: dict[int, tuple[list[torch.Tensor], list[str]]] = {}
         for t in tasks:
             groups.setdefault(id(self.per_task[t]), (self.per_task[t], []))[1].append(t)
@@ -150,7 +152,9 @@ class Decoder(nn.Module, ABC):
         """The parameters of :meth:`encode` (default: none, the identity)."""
         return iter(())
 
-    def picture_maps(self, maps: Mapping[str, list[torch.Tensor]], index: int, *, size: tuple[int, int]) -> dict:
+    def picture_maps(
+        self, maps: Mapping[str, list[torch.Tensor]], index: int, *, size: tuple[int, int]
+    ) -> dict:
         """Pictures (name → ``H × W × 3`` uint8) of sample ``index`` of :attr:`DecoderOutput.maps`."""
         return {}
 
