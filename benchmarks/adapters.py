@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import compose_cfg  # noqa: E402
 
-from mtl.adapters.report import parameter_counts  # noqa: E402
+from mtl.params import parameter_counts  # noqa: E402
 from mtl.pipeline import build_datamodule, build_module  # noqa: E402
 
 

@@ -127,7 +127,7 @@ def main() -> None:
     init = (
         [f"+model.backbone.checkpoint_path={backbone}"]
         if args.init == "backbone"
-        else ["+callbacks.init_weights._target_=mtl.merging.init_weights.InitWeights",
+        else ["+callbacks.init_weights._target_=mtl.callbacks.InitWeights",
               f"+callbacks.init_weights.path={pre / 'checkpoints' / 'last.ckpt'}"]
     )  # fmt: skip
     finetune = [*init, f"trainer.max_epochs={args.epochs}", f"optimizer.lr={args.lr}", *common]

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtl.backbones import TimmBackbone  # noqa: E402
+from mtl.contracts import ModelOutput  # noqa: E402
 from mtl.decoders.multihead import MultiHeadDecoder  # noqa: E402
 from mtl.model import MultiTaskNet  # noqa: E402
 from mtl.tasks import build_tasks  # noqa: E402
@@ -51,16 +52,14 @@ CLASSES = {"semseg": 9, "human_parts": 7}
 
 
 class BenchModule:
-    """What a strategy uses of ``MTLModule``, without Lightning (fp32, single process)."""
+    """What a strategy uses of ``MTLModule`` (:class:`~mtl.contracts.StrategyHost`), without Lightning
+    (fp32, single process)."""
 
-    def __init__(self, model, tasks) -> None:
+    def __init__(self, model: MultiTaskNet, tasks) -> None:
         self.model, self.tasks = model, tasks
 
-    def __call__(self, x, **kwargs):
-        return self.model(x, **kwargs)
-
-    def task_losses(self, preds, batch):
-        return {t: task.loss(preds[t], batch) for t, task in self.tasks.items()}
+    def task_losses(self, out: ModelOutput, batch: dict) -> dict[str, torch.Tensor]:
+        return {t: task.loss(out.preds[t], batch) for t, task in self.tasks.items()}
 
     def manual_backward(self, loss):
         loss.backward()
@@ -146,10 +145,10 @@ def bench(name: str, cfg, k: int, args, device) -> tuple[float, float]:
             torch.cuda.synchronize()
         t0 = time.perf_counter() if cuda else time.process_time()
         opt.zero_grad(set_to_none=True)
-        _, losses, aux = strategy.forward(batch, module=module)
-        strategy.backward(losses, module=module, extra=aux, batch=batch)
+        step = strategy.forward(batch, module=module)
+        strategy.backward(step, module=module, batch=batch)
         opt.step()
-        strategy.after_step(batch, module=module, losses=losses)
+        strategy.after_step(batch, module=module, losses=step.losses)
         if cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() if cuda else time.process_time()) - t0

@@ -71,13 +71,13 @@ def collect(sweep_dir: Path) -> tuple[str, dict[str, float], list[str]]:
 
 
 def write_baseline(sweep_dir: Path, out_dir: Path = CONFIG_DIR, name: str | None = None) -> Path:
-    """Writes ``<out_dir>/<name>.yaml`` (``# @package baseline``) and returns its path."""
+    """Writes ``<out_dir>/<name>.yaml`` (``# @package baselines``) and returns its path."""
     stem, metrics, jobs = collect(sweep_dir)
     path = Path(out_dir) / f"{name or stem}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# @package baseline",
+        "# @package baselines",
         f"# Single-task reference metrics written by `python -m mtl.baselines {sweep_dir}` on {when}",
         "# from the runs: " + ", ".join(Path(j).name for j in jobs),
         f"name: {name or stem}",

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
+from mtl.contracts import ModelOutput
+from mtl.initial_weights import load_init_weights, state_fingerprint
 from mtl.visualise import save_pictures
+
+log = logging.getLogger(__name__)
 
 
 class GateMapWriter(L.Callback):
     """Saves per-pixel gate maps of a gated decoder (TaskExpert) for the first test samples.
 
-    After each test batch the model's :meth:`~mtl.model.MultiTaskNet.visual_maps` holds that
-    batch's gates; this writes ``<dirpath>/gates_<task>_<i>.png`` for the first ``n`` samples
-    (``eval.py ... callbacks=gate_maps``). Models without gate maps are skipped silently.
+    Each evaluation batch's :class:`~mtl.contracts.ModelOutput` (the step's ``outputs``) carries
+    the decoder's maps; :meth:`~mtl.model.MultiTaskNet.picture_maps` draws them and this writes
+    ``<dirpath>/gates_<task>_<i>.png`` for the first ``n`` samples (``eval.py ... callbacks=gate_maps``).
+    Models without gate maps are skipped silently.
 
     Args:
         dirpath: output folder.
@@ -40,13 +47,13 @@ class GateMapWriter(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._reset()
 
-    def _write(self, trainer, pl_module, batch: dict) -> None:
+    def _write(self, trainer, pl_module, outputs: ModelOutput, batch: dict) -> None:
         if self._seen >= self.n or not trainer.is_global_zero or trainer.sanity_checking:
             return
         size = tuple(batch["image"].shape[-2:])
         for i in range(min(batch["image"].shape[0], self.n - self._seen)):
             with torch.no_grad():
-                maps = pl_module.model.visual_maps(i, size=size)
+                maps = pl_module.model.picture_maps(outputs.maps, i, size=size)
             if not maps:
                 return
             named = {f"{name}_{self._seen:03d}": img for name, img in maps.items()}
@@ -55,13 +62,67 @@ class GateMapWriter(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if "test" in self.stages:
-            self._write(trainer, pl_module, batch)
+            self._write(trainer, pl_module, outputs, batch)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         if "val" in self.stages:
-            self._write(trainer, pl_module, batch)
+            self._write(trainer, pl_module, outputs, batch)
+
+
+class InitFingerprint(L.Callback):
+    """Hashes the module's weights when fitting starts and keeps the hashes in every checkpoint.
+
+    ``merge.py`` checks with them that checkpoints share their initialisation θ0
+    (:mod:`mtl.initial_weights`). A resumed run restores the hashes of its first start (they
+    describe θ0, not the weights at the resume point).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fingerprint: dict[str, str] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fingerprint is None:
+            self.fingerprint = state_fingerprint(pl_module.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.fingerprint = state_dict.get("fingerprint")
+
+
+class InitWeights(L.Callback):
+    """Loads matching weights from another run's checkpoint before fitting starts.
+
+    Task arithmetic (Ilharco et al., ICLR 2023) and its successors merge models *fine-tuned from
+    one pretrained model*. ``model.backbone.checkpoint_path`` shares the backbone only; this shares
+    every weight whose name and shape match (backbone, the decoder's shared part, and any task
+    branch or head of the same name), e.g. from a multi-task checkpoint::
+
+        python train.py experiment=synthetic_single_task task=depth \\
+            +callbacks.init_weights._target_=mtl.callbacks.InitWeights \\
+            +callbacks.init_weights.path=logs/pretrain/checkpoints/last.ckpt
+
+    The weights are loaded in ``setup`` (before :class:`InitFingerprint` hashes θ0 at fit start);
+    a resumed run then restores its own checkpoint over them.
+
+    Args:
+        path: the checkpoint (see :func:`~mtl.initial_weights.load_init_weights`).
+    """
+
+    def __init__(self, *, path: str) -> None:
+        super().__init__()
+        self.path = str(path)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        loaded, kept = load_init_weights(pl_module, self.path)
+        log.info("init_weights: %d tensors from %s; %d left at their initialisation (e.g. %s)",
+                 len(loaded), self.path, len(kept), kept[:3])  # fmt: skip
 
 
 class SimulatedCrash(RuntimeError):

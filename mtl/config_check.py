@@ -5,6 +5,11 @@ value of the wrong type, would otherwise surface minutes later as a ``TypeError`
 a constructor. :func:`check_config` walks every node with a ``_target_``, imports the target and
 checks its keys against the signature and its values against the annotations (simple types:
 ``int``, ``float``, ``bool``, ``str``, sequences, mappings, ``Optional``/unions, ``Literal``).
+A value that is itself a ``_target_`` node must build what the annotation asks for: a class that
+is a subclass of the annotated class (``_partial_``: of the return type of an annotated
+``Callable[..., T]``), e.g. a model's backbone a :class:`~mtl.contracts.Backbone` and its decoder a
+:class:`~mtl.contracts.Decoder` (their compatibility in detail is checked when the model is built,
+before any data is read).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import inspect
 import os
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -74,6 +79,32 @@ def _matches(value: Any, hint: Any) -> bool:
     return True
 
 
+def _built_type(hint: Any, partial: bool) -> list[type]:
+    """The classes a ``_target_`` value for ``hint`` may build (empty: anything)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        out = [_built_type(h, partial) for h in typing.get_args(hint) if h is not type(None)]
+        return [] if any(not o for o in out) else [c for o in out for c in o]
+    if partial:
+        if origin in (Callable, typing.Callable) and typing.get_args(hint):
+            return _built_type(typing.get_args(hint)[-1], partial=False)
+        return []
+    return [hint] if inspect.isclass(hint) and hint is not object else []
+
+
+def _target_problem(value: dict, hint: Any) -> str | None:
+    """Why the ``_target_`` node ``value`` does not build what ``hint`` asks for (``None``: it may)."""
+    wanted = _built_type(hint, bool(value.get("_partial_")))
+    try:
+        built = get_object(value["_target_"])
+    except Exception:  # noqa: BLE001 — reported by the node's own check
+        return None
+    if not wanted or not inspect.isclass(built) or issubclass(built, tuple(wanted)):
+        return None
+    names = " or ".join(f"{c.__module__}.{c.__qualname__}" for c in wanted)
+    return f"'{value['_target_']}' is not a {names}"
+
+
 def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -111,6 +142,11 @@ def check_node(path: str, node: DictConfig) -> list[str]:
         try:
             value = OmegaConf.to_container(node, resolve=True)[key]
         except Exception:  # noqa: BLE001 — interpolations that need runtime context
+            continue
+        if key in hints and isinstance(value, dict) and "_target_" in value:
+            problem = _target_problem(value, hints[key])
+            if problem:
+                problems.append(f"{where}: {problem} ('{target}' expects {_describe(hints[key])})")
             continue
         if key in hints and not _matches(value, hints[key]):
             problems.append(f"{where} = {value!r}: '{target}' expects {_describe(hints[key])}")

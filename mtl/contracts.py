@@ -83,10 +83,13 @@ class Backbone(nn.Module, ABC):
         kind: ``"shared"`` (one feature list for all tasks) or ``"per_task"`` (task-conditioned:
             the features depend on the task, e.g. task-specific LoRA or per-task expert routing).
             Decoders work with both (the model runs the decoder once per distinct feature list);
-            a representation-level strategy (``rep_grad``) needs ``"shared"``.
+            a representation-level strategy (``rep_grad``) needs ``"shared"``. A class attribute,
+            or a property where the configuration decides (M³ViT's ``task_groups``).
+        tasks: the tasks a task-conditioned backbone was built for (``None``: it serves any task).
     """
 
-    kind: ClassVar[FeatureKind] = "shared"
+    kind: FeatureKind = "shared"
+    tasks: list[str] | None = None
     feature_info: list[dict[str, int]]
 
     @abstractmethod
@@ -96,6 +99,15 @@ class Backbone(nn.Module, ABC):
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters only ``task``'s loss trains (task-specific adapters, routers); default none."""
         return iter(())
+
+    def finish_stats(self, means: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An evaluation's statistics from the means of the per-forward :attr:`Features.stats`.
+
+        ``means`` holds, per key, the batch-size-weighted mean over the evaluation (keys of other
+        parts included: pass them through). Default: the means as they are; a backbone whose
+        statistic is not a mean (e.g. an entropy of usage shares) derives it here.
+        """
+        return dict(means)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -133,12 +145,25 @@ class Decoder(nn.Module, ABC):
     """
 
     out_channels: int
-    per_task: nn.ModuleDict | None = None
+    per_task: nn.ModuleDict | None
     splits_representation: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_task = None  # a subclass assigns its ModuleDict (a class default would shadow it)
 
     @abstractmethod
     def forward(self, feats: Sequence[torch.Tensor], *, tasks: Sequence[str]) -> DecoderOutput:
         """Backbone features → the features of ``tasks`` (and only those)."""
+
+    def task_list(self, tasks: Sequence[str] | None) -> list[str]:
+        """``tasks`` (``None``: every task of :attr:`per_task`), checked against the decoder's tasks."""
+        known = list(self.per_task or ())
+        tasks = known if tasks is None else list(tasks)
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown task(s) {unknown}; the decoder has {known}")
+        return tasks
 
     def encode(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The shared part (default: the identity)."""
@@ -151,6 +176,15 @@ class Decoder(nn.Module, ABC):
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of :meth:`encode` (default: none, the identity)."""
         return iter(())
+
+    def check_features(self, feature_info: Sequence[Mapping[str, int]]) -> None:
+        """Raises ``ValueError`` saying why this decoder cannot take features described by
+        ``feature_info`` (per level ``{"channels", "stride"}``); default: it takes any."""
+
+    def finish_stats(self, means: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An evaluation's statistics from the means of the per-forward :attr:`DecoderOutput.stats`
+        (see :meth:`Backbone.finish_stats`); default: the means as they are."""
+        return dict(means)
 
     def picture_maps(
         self, maps: Mapping[str, list[torch.Tensor]], index: int, *, size: tuple[int, int]

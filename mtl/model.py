@@ -1,4 +1,12 @@
-"""``MultiTaskNet``: backbone → decoder → heads, a plain ``nn.Module``."""
+"""``MultiTaskNet``: backbone → decoder → heads, a plain ``nn.Module``.
+
+The parts talk through :mod:`mtl.contracts`: the backbone gives :class:`~mtl.contracts.Features`
+for the requested tasks (one shared list, or per task), the decoder runs once per distinct
+feature list (:meth:`~mtl.contracts.Features.groups`) and returns a
+:class:`~mtl.contracts.DecoderOutput`, the heads predict at the input resolution. One call
+returns everything it produced in a :class:`~mtl.contracts.ModelOutput`; nothing is kept on the
+modules for a later call.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +15,58 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from mtl.backbones.task_passes import decode_passes
+from mtl.contracts import Backbone, Decoder, DecoderOutput, Features, ModelOutput
 from mtl.heads import TaskHeads
 
 
+def merge_passes(outputs: Sequence[DecoderOutput]) -> DecoderOutput:
+    """The decoder outputs of several backbone passes read as one multi-task output.
+
+    Task features, intermediate features (level by level), statistics and maps are joined per
+    task; the auxiliary losses are averaged over the passes that have one (one pass: its own).
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
+    intermediate: list[dict[str, torch.Tensor]] = []
+    merged = DecoderOutput(
+        features={}, aux_loss=torch.stack(aux).mean() if aux else None, intermediate=intermediate
+    )
+    for o in outputs:
+        merged.features.update(o.features)
+        for level, feats in enumerate(o.intermediate):
+            if level == len(intermediate):
+                intermediate.append({})
+            intermediate[level].update(feats)
+        merged.intermediate_weight = o.intermediate_weight
+        merged.stats.update(o.stats)
+        merged.maps.update(o.maps)
+    return merged
+
+
 class MultiTaskNet(nn.Module):
-    """A shared backbone with a multi-task decoder and one head per task.
+    """A backbone with a multi-task decoder and one head per task.
 
     Channel counts are never configured twice: the decoder is built from the backbone's
-    ``feature_info`` and the heads from each task's ``out_channels``.
+    ``feature_info`` and the heads from each task's ``out_channels``. Any decoder takes any
+    backbone's features, shared or per task (the decoder then runs once per task stream);
+    :meth:`~mtl.contracts.Decoder.check_features` refuses, at construction, features it cannot take.
 
     Args:
-        backbone: a module with ``forward(x) -> list[Tensor]`` and ``feature_info``.
-        decoder: a partial decoder constructor, completed with ``in_channels`` and ``tasks``.
+        backbone: a :class:`~mtl.contracts.Backbone`.
+        decoder: a partial :class:`~mtl.contracts.Decoder` constructor, completed with
+            ``in_channels`` and ``tasks``.
         tasks: task name → output channels of its prediction.
-        tasks_at_inference: the tasks an eval-mode forward predicts when no ``task_subset`` is
-            given (``None``: all). Only their backbone passes (task-conditioned backbones such as
-            M³ViT), decoder branches and heads run; training always predicts every task.
+        tasks_at_inference: the tasks an eval-mode forward predicts when no tasks are given
+            (``None``: all). Only their backbone passes or streams (task-conditioned backbones:
+            M³ViT, MTLoRA), decoder branches and heads run; training always predicts every task.
     """
 
     def __init__(
         self,
         *,
-        backbone: nn.Module,
-        decoder: Callable[..., nn.Module],
+        backbone: Backbone,
+        decoder: Callable[..., Decoder],
         tasks: Mapping[str, int],
         tasks_at_inference: Sequence[str] | None = None,
     ) -> None:
@@ -42,130 +78,143 @@ class MultiTaskNet(nn.Module):
                 f"model.tasks_at_inference has unknown task(s) {unknown}; the tasks are {self.tasks}"
             )
         self.tasks_at_inference = list(tasks_at_inference) if tasks_at_inference else None
-        if hasattr(backbone, "forward_tasks") and list(backbone.tasks) != self.tasks:
+        if not isinstance(backbone, Backbone):
+            raise TypeError(
+                f"model.backbone must be an mtl.contracts.Backbone (features(x, tasks) -> Features), "
+                f"got {type(backbone).__name__}"
+            )
+        if backbone.tasks is not None and list(backbone.tasks) != self.tasks:
             raise ValueError(
                 f"backbone tasks {list(backbone.tasks)} differ from the model's tasks {self.tasks}"
             )
-        self._passes: dict | None = None  # decoder state merged over a task-conditioned backbone's passes
         self.backbone = backbone
         in_channels = [f["channels"] for f in backbone.feature_info]
         self.decoder = decoder(in_channels=in_channels, tasks=self.tasks)
+        if not isinstance(self.decoder, Decoder):
+            raise TypeError(
+                f"model.decoder must build an mtl.contracts.Decoder (forward(feats, tasks=) -> "
+                f"DecoderOutput), got {type(self.decoder).__name__}"
+            )
+        self.decoder.check_features(backbone.feature_info)
         self.heads = TaskHeads(in_channels=self.decoder.out_channels, out_channels=tasks)
+
+    def _task_list(self, tasks: Sequence[str] | None) -> list[str]:
+        if tasks is None:
+            tasks = self.tasks if self.training else (self.tasks_at_inference or self.tasks)
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; the model's tasks are {self.tasks}")
+        return list(tasks)
+
+    # ------------------------------------------------------------------ forward
+    def run(self, x: torch.Tensor, *, tasks: Sequence[str] | None = None) -> ModelOutput:
+        """One forward: the predictions of ``tasks`` at the input resolution and all it produced.
+
+        Args:
+            x: images ``B × 3 × H × W``.
+            tasks: the tasks to predict (``None``: every task while training, ``tasks_at_inference``
+                in eval mode). Only what they need runs.
+        """
+        tasks = self._task_list(tasks)
+        feats = self.backbone.features(x, tasks)
+        out = merge_passes([self.decoder(f, tasks=group) for f, group in feats.groups(tasks)])
+        return self._output(out, feats, size=tuple(x.shape[-2:]), tasks=tasks)
 
     def forward(
         self, x: torch.Tensor, *, task_subset: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Returns task → raw prediction at the input resolution."""
-        if task_subset is None and not self.training:
-            task_subset = self.tasks_at_inference
-        if hasattr(self.backbone, "forward_tasks"):  # task-conditioned (M³ViT): features per task
-            tasks = list(task_subset or self.tasks)
-            per_task = self.backbone.forward_tasks(x, tasks)
-            task_feats, self._passes = decode_passes(self.decoder, per_task, tasks)
-            return self.heads(task_feats, size=tuple(x.shape[-2:]))
-        feats = self.backbone(x)
-        task_feats = self.decoder(feats, task_subset=task_subset)
-        return self.heads(task_feats, size=tuple(x.shape[-2:]))
+        """Task → raw prediction at the input resolution (``run(x, tasks=task_subset).preds``)."""
+        return self.run(x, tasks=task_subset).preds
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The shared representation every task reads (for representation-level "-UB" strategies).
 
-        The backbone's feature maps, followed by the decoder's shared part when the decoder
-        splits itself into ``encode(feats) -> list[Tensor]`` and ``decode(rep, task_subset=)``.
-        ``decode(encode(x), size=x.shape[-2:])`` equals ``forward(x)``.
+        The backbone's shared feature maps, followed by the decoder's shared part when it splits
+        itself (``decoder.splits_representation``). ``decode(encode(x), size=x.shape[-2:]).preds``
+        equals ``forward(x)``. The backbone's auxiliary loss is left out; :meth:`encode_features`
+        keeps it.
         """
-        feats = self.backbone(x)
-        split = getattr(self.decoder, "encode", None)
-        return list(split(feats)) if callable(split) else list(feats)
+        return self.encode_features(x)[0]
+
+    def encode_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Features]:
+        """:meth:`encode` and the backbone's :class:`~mtl.contracts.Features` (its aux loss, stats)."""
+        if self.backbone.kind != "shared":
+            raise ValueError(self._no_shared_representation())
+        feats = self.backbone.features(x, self.tasks)
+        return self.decoder.encode(feats.shared), feats
 
     def decode(
-        self, rep: Sequence[torch.Tensor], *, size: tuple[int, int], task_subset: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Task predictions at ``size`` from the representation returned by :meth:`encode`."""
-        rep = list(rep)
-        if callable(getattr(self.decoder, "decode", None)):
-            task_feats = self.decoder.decode(rep, task_subset=task_subset)
-        else:
-            task_feats = self.decoder(rep, task_subset=task_subset)
-        return self.heads(task_feats, size=size)
+        self,
+        rep: Sequence[torch.Tensor],
+        *,
+        size: tuple[int, int],
+        tasks: Sequence[str] | None = None,
+        features: Features | None = None,
+    ) -> ModelOutput:
+        """Predictions of ``tasks`` at ``size`` from the representation :meth:`encode` returned.
+
+        Args:
+            rep: :meth:`encode`'s output (or leaves standing for it).
+            size: ``(H, W)`` of the predictions.
+            tasks: as in :meth:`run`.
+            features: the backbone output of :meth:`encode_features`: its aux loss and statistics
+                join the output (``None``: the decoder's only).
+        """
+        tasks = self._task_list(tasks)
+        out = self.decoder.decode(list(rep), tasks=tasks)
+        return self._output(out, features, size=tuple(size), tasks=tasks)
+
+    def _output(
+        self, out: DecoderOutput, feats: Features | None, *, size: tuple[int, int], tasks: Sequence[str]
+    ) -> ModelOutput:
+        parts = [p for p in (feats.aux_loss if feats else None, out.aux_loss) if p is not None]
+        intermediate: dict[str, list[torch.Tensor]] = {}
+        for level in out.intermediate:
+            for t, pred in self.heads({t: level[t] for t in tasks if t in level}, size=size).items():
+                intermediate.setdefault(t, []).append(pred)
+        return ModelOutput(
+            preds=self.heads({t: out.features[t] for t in tasks}, size=size),
+            aux_loss=sum(parts[1:], parts[0]) if parts else None,
+            intermediate=intermediate,
+            intermediate_weight=float(out.intermediate_weight),
+            stats={**(feats.stats if feats else {}), **out.stats},
+            maps=out.maps,
+        )
+
+    # ------------------------------------------------------------------ evaluation helpers
+    def finish_stats(self, means: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An evaluation's statistics from the batch-weighted means of :attr:`ModelOutput.stats`
+        (the backbone's and the decoder's :meth:`~mtl.contracts.Backbone.finish_stats`)."""
+        return self.decoder.finish_stats(self.backbone.finish_stats(means))
+
+    def picture_maps(
+        self, maps: Mapping[str, list[torch.Tensor]], index: int = 0, *, size: tuple[int, int]
+    ) -> dict:
+        """Pictures (name → ``H × W × 3`` uint8) of sample ``index`` of :attr:`ModelOutput.maps`
+        (e.g. TaskExpert's gate maps); empty for decoders without any."""
+        return self.decoder.picture_maps(maps, index, size=size)
+
+    # ------------------------------------------------------------------ parameter groups
+    def _no_shared_representation(self) -> str:
+        return (
+            f"the {type(self.backbone).__name__} backbone gives every task its own features (kind "
+            f"'{self.backbone.kind}'), so there is no shared representation for rep_grad=true "
+            "(representation-level '-UB' strategies); use the parameter-level variant (rep_grad=false) "
+            "or one shared pass (model.backbone.task_groups)"
+        )
 
     def representation_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters below :meth:`encode`'s output: the backbone and the decoder's shared part."""
-        if getattr(self.backbone, "task_conditioned", False):
-            raise ValueError(
-                f"the {type(self.backbone).__name__} backbone gives every task its own features, so there is "
-                "no shared representation for rep_grad=true (representation-level '-UB' strategies); use the "
-                "parameter-level variant (rep_grad=false) or one shared pass (model.backbone.task_groups)"
-            )
+        if self.backbone.kind != "shared":
+            raise ValueError(self._no_shared_representation())
         yield from self.backbone.parameters()
-        if callable(getattr(self.decoder, "encode", None)):
-            shared = getattr(self.decoder, "shared_parameters", None)
-            if not callable(shared):
-                raise ValueError(
-                    f"decoder {type(self.decoder).__name__} has encode() but no shared_parameters()"
-                )
-            yield from shared()
-
-    def aux_loss(self) -> torch.Tensor | None:
-        """The backbone's and the decoder's auxiliary losses of the last forward pass (summed), if any."""
-        fn = getattr(self.backbone, "aux_loss", None)
-        parts = [fn() if callable(fn) else None]
-        if self._passes is not None and hasattr(self.backbone, "forward_tasks"):
-            parts.append(self._passes["aux"])
-        else:
-            fn = getattr(self.decoder, "aux_loss", None)
-            parts.append(fn() if callable(fn) else None)
-        parts = [p for p in parts if p is not None]
-        return sum(parts[1:], parts[0]) if parts else None
-
-    def intermediate_losses(self, tasks: Mapping, batch: dict) -> dict[str, torch.Tensor]:
-        """Weighted losses of the decoder's intermediate task features (deep supervision), if any.
-
-        A decoder opts in with ``intermediate_features() -> list[dict[task, B×D×h×w]]`` (from its
-        last forward) and ``intermediate_weight``; each feature goes through the task's head.
-        """
-        fn = getattr(self.decoder, "intermediate_features", None)
-        levels = fn() if callable(fn) else []
-        if self._passes is not None and hasattr(self.backbone, "forward_tasks"):
-            levels = self._passes["intermediate"]
-        if not levels:
-            return {}
-        weight = float(getattr(self.decoder, "intermediate_weight", 1.0))
-        size = tuple(batch["image"].shape[-2:])
-        out: dict[str, torch.Tensor] = {}
-        for feats in levels:
-            for t, pred in self.heads({t: f for t, f in feats.items() if t in tasks}, size=size).items():
-                out[t] = out.get(t, 0) + weight * tasks[t].loss(pred, batch)
-        return out
-
-    def validation_stats(self) -> dict[str, torch.Tensor]:
-        """Backbone and decoder statistics gathered by eval-mode forwards since the last reset
-        (e.g. M³ViT's expert usage, TaskExpert's gate means)."""
-        stats = {}
-        for part in (self.backbone, self.decoder):
-            fn = getattr(part, "validation_stats", None)
-            stats.update(fn() if callable(fn) else {})
-        return stats
-
-    def reset_validation_stats(self) -> None:
-        for part in (self.backbone, self.decoder):
-            fn = getattr(part, "reset_validation_stats", None)
-            if callable(fn):
-                fn()
-
-    def visual_maps(self, index: int = 0, *, size: tuple[int, int]) -> dict:
-        """Extra pictures of the decoder's last eval forward (e.g. gate maps), name → H×W×3 uint8."""
-        fn = getattr(self.decoder, "visual_maps", None)
-        return fn(index, size=size) if callable(fn) else {}
+        yield from self.decoder.shared_parameters()
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters used only by ``task``: task-specific backbone adapters, its decoder branch, its head."""
-        backbone_specific = getattr(self.backbone, "task_parameters", None)
-        if callable(backbone_specific):
-            yield from backbone_specific(task)
-        per_task = getattr(self.decoder, "per_task", None)
-        if per_task is not None and task in per_task:
-            yield from per_task[task].parameters()
+        yield from self.backbone.task_parameters(task)
+        if self.decoder.per_task is not None and task in self.decoder.per_task:
+            yield from self.decoder.per_task[task].parameters()
         yield from self.heads.heads[task].parameters()
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from mtl.checkpoint import gather_rng_states, restore_rank_rng_state
+from mtl.contracts import ModelOutput
 from mtl.guards import NonFiniteLossError, nonfinite_message, nonfinite_tasks, stop_message
-from mtl.metrics import SEISMEdgeF
 from mtl.metrics.delta_m import delta_m
 from mtl.model import MultiTaskNet
 from mtl.optim import build_scheduler, param_groups, restore_grads, stash_grads
@@ -26,6 +26,31 @@ from mtl.tasks import Task
 from mtl.visualise import log_images
 
 STAGES = ("val", "test")
+
+
+class StatMeans:
+    """Batch-size-weighted means of per-forward model statistics over an evaluation.
+
+    Plain tensors (not buffers): neither saved in checkpoints nor moved by ``.to()``.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+
+    @torch.no_grad()
+    def update(self, stats: Mapping[str, torch.Tensor], n: int) -> None:
+        """Adds one forward's statistics (batch means) of ``n`` samples."""
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
+            self.count[k] = self.count.get(k, 0) + n
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Key → mean over the samples seen since the last reset."""
+        return {k: total / self.count[k] for k, total in self.sums.items()}
 
 
 class MTLModule(L.LightningModule):
@@ -99,16 +124,23 @@ class MTLModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {s: nn.ModuleDict({t: task.metric() for t, task in self.tasks.items()}) for s in STAGES}
         )
+        self.model_stats = {s: StatMeans() for s in STAGES}
 
     def forward(self, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
         return self.model(x, **kwargs)
 
-    def task_losses(self, preds: Mapping[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        """Unweighted loss of every predicted task (while training, plus the decoder's intermediate
-        supervision); an eval forward may predict a subset (``model.tasks_at_inference``)."""
-        losses = {t: task.loss(preds[t], batch) for t, task in self.tasks.items() if t in preds}
+    def task_losses(self, out: ModelOutput, batch: dict) -> dict[str, torch.Tensor]:
+        """Unweighted loss of every predicted task of ``out`` (``model.run`` / ``model.decode``): while
+        training plus the intermediate supervision of ``out.intermediate`` (weighted by
+        ``out.intermediate_weight``); an eval forward may predict a subset (``model.tasks_at_inference``)."""
+        losses = {t: task.loss(out.preds[t], batch) for t, task in self.tasks.items() if t in out.preds}
         if self.training:
-            for t, extra in self.model.intermediate_losses(self.tasks, batch).items():
+            for t, levels in out.intermediate.items():
+                if t not in losses or not levels:
+                    continue
+                extra = 0
+                for pred in levels:
+                    extra = extra + out.intermediate_weight * self.tasks[t].loss(pred, batch)
                 losses[t] = losses[t] + extra
         return losses
 
@@ -159,14 +191,15 @@ class MTLModule(L.LightningModule):
         first, last = self._step_boundary(batch_idx)
         if first:
             opt.zero_grad(set_to_none=True)
-        _, losses, aux = self.strategy.forward(batch, module=self)
+        step = self.strategy.forward(batch, module=self)
+        losses, aux = step.losses, step.aux
         if self._skip_nonfinite(losses, aux, batch_idx):
             if not (last and self._micro > 0):
                 return None
             logs = {}  # the group's last micro-batch is bad: step with the ones accumulated
         else:
             stash = stash_grads(self.parameters()) if not first else {}
-            logs = self.strategy.backward(losses, module=self, extra=aux, batch=batch)
+            logs = self.strategy.backward(step, module=self, batch=batch)
             restore_grads(stash)
             self._micro += 1
         if not last:
@@ -198,17 +231,18 @@ class MTLModule(L.LightningModule):
         return total
 
     # -------------------------------------------------------------- evaluation
-    def _eval_step(self, stage: str, batch: dict, batch_idx: int) -> None:
-        preds = self(batch["image"])
-        losses = self.task_losses(preds, batch)
+    def _eval_step(self, stage: str, batch: dict, batch_idx: int) -> ModelOutput:
+        """Losses, metrics and model statistics of one batch; returns the model's output (callbacks
+        get it as ``outputs``, e.g. :class:`~mtl.callbacks.GateMapWriter` reads its maps)."""
+        out = self.model.run(batch["image"])
+        preds = out.preds
+        losses = self.task_losses(out, batch)
         bs = batch["image"].shape[0]
+        self.model_stats[stage].update(out.stats, bs)
         for t, loss in losses.items():
             self.log(f"{stage}/{t}/loss", loss, batch_size=bs, sync_dist=True)
             metric = self.metrics[stage][t]
-            if t == "edge" and "edge_labelmap" in batch and isinstance(metric, SEISMEdgeF):
-                metric.update(preds[t], batch[t], label_map=batch["edge_labelmap"])  # PASCAL: LabelMap GT
-            else:
-                metric.update(preds[t], batch[t])
+            self.tasks[t].update_metric(metric, preds[t], batch)
         self.log(
             f"{stage}/loss",
             self.weighted_total(losses),
@@ -218,7 +252,10 @@ class MTLModule(L.LightningModule):
         )
         if batch_idx == 0 and self.log_images_enabled and not self.trainer.sanity_checking:
             pictures = {t: task.visualise(preds[t], batch) for t, task in self.tasks.items() if t in preds}
+            size = tuple(batch["image"].shape[-2:])
+            pictures.update(self.model.picture_maps(out.maps, 0, size=size))  # e.g. TaskExpert's gates
             log_images(self.loggers, stage, pictures, step=self.global_step)
+        return out
 
     def _eval_epoch_end(self, stage: str) -> None:
         values: dict[str, float] = {}
@@ -244,27 +281,30 @@ class MTLModule(L.LightningModule):
             else:
                 self.log(f"{stage}/delta_m", dm, sync_dist=False)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("val", batch, batch_idx)
+    def validation_step(self, batch: dict, batch_idx: int) -> ModelOutput:
+        return self._eval_step("val", batch, batch_idx)
 
     def on_validation_epoch_start(self) -> None:
-        self.model.reset_validation_stats()
+        self.model_stats["val"].reset()
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
         self._log_model_stats("val")
 
     def _log_model_stats(self, stage: str) -> None:
-        """The model's own validation statistics (e.g. TaskExpert's gate means) as ``{stage}/<key>``."""
-        for k, v in self.model.validation_stats().items():
+        """The model's statistics over the evaluation (e.g. TaskExpert's gate means, M³ViT's expert
+        usage) as ``{stage}/<key>``: the batch-weighted means of ``ModelOutput.stats``, finished by
+        the model (:meth:`~mtl.model.MultiTaskNet.finish_stats`)."""
+        means = self.model_stats[stage].compute()
+        for k, v in self.model.finish_stats(means).items() if means else ():
             self.log(f"{stage}/{k}", v, sync_dist=True)
-        self.model.reset_validation_stats()
+        self.model_stats[stage].reset()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch, batch_idx)
+    def test_step(self, batch: dict, batch_idx: int) -> ModelOutput:
+        return self._eval_step("test", batch, batch_idx)
 
     def on_test_epoch_start(self) -> None:
-        self.model.reset_validation_stats()
+        self.model_stats["test"].reset()
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

@@ -3,7 +3,9 @@
 ``optimized_metric`` (configs/train.yaml) names a logged metric; when it is ``null`` the
 objective is ``val/delta_m`` if a single-task baseline is configured (``baselines=...``) and
 otherwise ``val/score``: the mean over tasks of one accuracy-type metric per task, each in
-[0, 1] with 1 best, so tasks in different units count equally without a reference run:
+[0, 1] with 1 best, so tasks in different units count equally without a reference run. Each
+task declares its own (:attr:`mtl.tasks.Task.score_metrics`, in order of preference, and
+:attr:`~mtl.tasks.Task.score_factor`); the built-in tasks use
 
 =============  =====================================
 semseg, parts  mIoU
@@ -18,32 +20,30 @@ Both defaults are higher-is-better (``hparams_search=optuna`` maximises).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-# task → (metric keys in order of preference, factor to [0, 1])
-SCORE_METRICS: dict[str, tuple[tuple[str, ...], float]] = {
-    "semseg": (("miou",), 1.0),
-    "human_parts": (("miou",), 1.0),
-    "saliency": (("maxf",), 1.0),
-    "edge": (("odsf", "f"), 1.0),
-    "depth": (("delta1",), 1.0),
-    "normals": (("within_22_5",), 0.01),
-}
+from mtl.tasks.base import Task
 
 
-def score(metrics: Mapping[str, float], tasks: Sequence[str], stage: str = "val") -> float:
+def score(metrics: Mapping[str, float], tasks: Mapping[str, Task], stage: str = "val") -> float:
     """``{stage}/score``: the mean normalised task metric (module docstring).
 
+    Args:
+        metrics: logged metrics ``{stage}/{task}/{metric}``.
+        tasks: task name → task (its ``score_metrics`` and ``score_factor``).
+        stage: the metrics' stage prefix.
+
     Raises:
-        KeyError: a task has none of its score metrics in ``metrics``.
+        KeyError: a task has none of its score metrics in ``metrics`` (or declares none).
     """
     values = []
-    for t in tasks:
-        keys, factor = SCORE_METRICS[t]
-        found = [f"{stage}/{t}/{k}" for k in keys if f"{stage}/{t}/{k}" in metrics]
+    for t, task in tasks.items():
+        keys = [f"{stage}/{t}/{k}" for k in task.score_metrics]
+        found = [k for k in keys if k in metrics]
         if not found:
-            raise KeyError(f"no {' or '.join(f'{stage}/{t}/{k}' for k in keys)} among the metrics")
-        values.append(float(metrics[found[0]]) * factor)
+            wanted = " or ".join(keys) or f"a metric (task '{t}' declares no score_metrics)"
+            raise KeyError(f"no {wanted} among the metrics")
+        values.append(float(metrics[found[0]]) * task.score_factor)
     return sum(values) / len(values)
 
 

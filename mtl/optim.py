@@ -81,11 +81,6 @@ def build_scheduler(
     return LambdaLR(optimizer, lr_lambda(name, total_steps=total_steps, **kwargs))
 
 
-def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    """The parameters that require gradients."""
-    return [p for p in params if p.requires_grad]
-
-
 def stash_grads(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Takes the gradients accumulated so far out of ``.grad`` (a strategy then writes fresh ones)."""
     stash = {}

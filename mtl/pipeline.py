@@ -8,32 +8,32 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mtl.adapters.lora import merge_lora
-from mtl.adapters.report import parameter_counts, parameter_report
-from mtl.backbones.routing_report import write_routing_report
 from mtl.config_check import check_config
-from mtl.control.run import apply_control
-from mtl.data.datamodule import MTLDataModule
+from mtl.data.base import DenseDataset
+from mtl.data.datamodule import MTLDataModule, dataset_class
+from mtl.eval_steps import EvalContext, EvalStep
 from mtl.guards import explain_oom
 from mtl.loggers import code_version
-from mtl.metrics.seism import MAX_DIST
 from mtl.module import MTLModule
 from mtl.objective import score
+from mtl.params import parameter_counts, parameter_report
 from mtl.report import write_results
-from mtl.tasks import Task, build_tasks
-from mtl.visualise import denormalise, log_pictures, prediction_panel, save_pictures
+from mtl.tasks import Task, build_tasks, task_class
 
 log = logging.getLogger(__name__)
+
+#: the evaluation steps of ``configs/eval.yaml``, for configs composed without them (``merge.py``'s
+#: in-process evaluation starts from a training config)
+DEFAULT_EVAL_STEPS = Path(__file__).resolve().parents[1] / "configs" / "eval_steps" / "default.yaml"
 
 
 def _container(node: Any) -> dict:
@@ -68,34 +68,53 @@ def build_module(cfg: DictConfig, datamodule: MTLDataModule) -> MTLModule:
         grad_clip=module_cfg.get("grad_clip"),
         no_decay_1d=module_cfg.get("no_decay_1d", True),
         log_images=module_cfg.get("log_images", True),
-        baseline=(_container(cfg.get("baseline")) or {}).get("metrics"),
+        baseline=baseline_metrics(cfg),
         accumulate_grad_batches=int((cfg.get("trainer") or {}).get("accumulate_grad_batches") or 1),
         nonfinite=_container(module_cfg.get("nonfinite")) or None,
     )
 
 
+def baseline_metrics(cfg: DictConfig) -> dict | None:
+    """The single-task reference metrics of ``baselines=<name>`` (``cfg.baselines.metrics``).
+
+    Baseline files and run configs written before the group's package was renamed hold them
+    under ``baseline``: still read (with a warning) so that their Δm does not silently vanish.
+    """
+    node = cfg.get("baselines")
+    if node is None and cfg.get("baseline") is not None:
+        log.warning(
+            "config key 'baseline' (a baseline file with '# @package baseline') is read as 'baselines'; "
+            "change the file's first line to '# @package baselines'"
+        )
+        node = cfg.get("baseline")
+    return (_container(node) or {}).get("metrics")
+
+
+def config_dataset_class(cfg: DictConfig) -> type[DenseDataset]:
+    """The dataset class of ``cfg.data.dataset`` (imported, not built)."""
+    target = (cfg.data.get("dataset") or {}).get("_target_")
+    if target is None:
+        raise ValueError("data.dataset has no _target_ (the import path of a DenseDataset subclass)")
+    return dataset_class(get_class(str(target)))
+
+
 def dataset_key(cfg: DictConfig) -> str:
-    """``nyud``, ``pascal_context`` or ``synthetic``, from the dataset class of ``cfg.data``."""
-    target = str(cfg.data.get("dataset", {}).get("_target_", ""))
-    if target.endswith("NYUDv2"):
-        return "nyud"
-    if target.endswith("PASCALContext"):
-        return "pascal_context"
-    return "synthetic"
+    """The dataset's key (``nyud``, ``pascal_context``, ``synthetic``, …), declared by its class."""
+    return config_dataset_class(cfg).KEY
 
 
 def eval_metric_options(cfg: DictConfig, task: str) -> dict:
     """Keyword arguments of ``Task.eval_metric`` from ``cfg.eval.<task>``.
 
-    The edge matching tolerance defaults to the dataset's (NYUD-v2 0.011, PASCAL-Context
-    0.0075; synthetic scenes use NYUD-v2's), the worker count to min(4, CPUs).
+    Options that are absent or ``None`` take the task's defaults for the dataset
+    (:meth:`~mtl.tasks.Task.eval_metric_defaults`: for edges, the dataset's matching tolerance,
+    NYUD-v2 0.011, PASCAL-Context 0.0075, synthetic scenes NYUD-v2's, and min(4, CPUs) workers).
     """
     opts = _container((cfg.get("eval") or {}).get(task))
-    if task == "edge":
-        if opts.get("max_dist") is None:
-            opts["max_dist"] = MAX_DIST.get(dataset_key(cfg), MAX_DIST["nyud"])
-        if opts.get("workers") is None:
-            opts["workers"] = min(4, os.cpu_count() or 1)
+    cls = task_class(task, _container(cfg.get("task_options")).get(task))
+    for key, value in cls.eval_metric_defaults(config_dataset_class(cfg)).items():
+        if opts.get(key) is None:
+            opts[key] = value
     return opts
 
 
@@ -103,6 +122,37 @@ def use_eval_metrics(module: MTLModule, cfg: DictConfig) -> None:
     """Gives the test stage the evaluation protocol's metrics (exact SEISM odsF for edges)."""
     for t, task in module.tasks.items():
         module.metrics["test"][t] = task.eval_metric(**eval_metric_options(cfg, t))
+
+
+def build_eval_steps(cfg: DictConfig) -> list[EvalStep]:
+    """The evaluation steps of ``cfg.eval_steps`` (name → ``_target_`` and options), in order.
+
+    A config without an ``eval_steps`` key gets ``configs/eval_steps/default.yaml``'s (their
+    options default when the keys they read, e.g. ``adapter.merge``, are absent); ``eval_steps=none``
+    runs none; a ``null`` entry is skipped.
+
+    Raises:
+        ValueError: an entry has no ``_target_``.
+        TypeError: an entry is not an :class:`~mtl.eval_steps.EvalStep`.
+    """
+    if "eval_steps" not in cfg:
+        cfg = cfg.copy()  # the defaults' interpolations (${eval.pictures}, …) resolve against cfg
+        with open_dict(cfg):
+            cfg.eval_steps = OmegaConf.load(DEFAULT_EVAL_STEPS)
+    steps = []
+    for name, node in (cfg.eval_steps or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ValueError(f"eval_steps.{name} needs a _target_ (an mtl.eval_steps.EvalStep class)")
+        step = instantiate(node, _convert_="all")
+        if not isinstance(step, EvalStep):
+            raise TypeError(
+                f"eval_steps.{name}: {node._target_} is a {type(step).__name__}, expected an "
+                "mtl.eval_steps.EvalStep (before_test / after_test hooks)"
+            )
+        steps.append(step)
+    return steps
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list:
@@ -200,7 +250,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _to_float(trainer.callback_metrics)
     try:
-        metrics["val/score"] = score(metrics, list(module.tasks))
+        metrics["val/score"] = score(metrics, module.tasks)
     except KeyError as err:  # e.g. no validation ran (limit_val_batches=0)
         log.info("val/score not computed: %s", err)
     if cfg.get("test") and not trainer.fast_dev_run:
@@ -218,19 +268,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluates ``cfg.ckpt_path`` on the validation split with the published protocols.
 
-    Writes ``results.json``, ``results.csv`` and ``results.md`` (see :mod:`mtl.report`) and
-    ``pictures/sample_<i>.png`` panels for ``cfg.eval.pictures`` samples, which are also sent
-    to the configured loggers.
+    Writes ``results.json``, ``results.csv`` and ``results.md`` (see :mod:`mtl.report`); the
+    evaluation steps of ``cfg.eval_steps`` (:mod:`mtl.eval_steps`: LoRA merging, control,
+    routing report, prediction pictures, …) run before and after the test pass.
 
     Returns:
         The test metrics (``test/{task}/{metric}``, ``test/delta_m`` with a baseline) and the
-        objects built.
+        objects built (``datamodule``, ``module``, ``trainer``, ``reports``: step name → report,
+        and ``control``: the control step's report, empty when none ran).
     """
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = _resolve_ckpt(cfg, output_dir)
     if ckpt_path is None:
         raise ValueError("evaluate needs ckpt_path=<checkpoint file>")
     check_config(cfg)
+    steps = build_eval_steps(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -245,15 +297,19 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             f"checkpoint '{ckpt_path}' does not match the configured model: missing keys {missing[:5]}…, "
             f"unexpected keys {unexpected[:5]}… (same experiment/model overrides as in training?)"
         )
-    if (cfg.get("adapter") or {}).get("merge"):
-        n_merged = merge_lora(module.model)
-        log.info("folded %d LoRA layers into their base weights (adapter.merge=true)", n_merged)
-    control = _container(cfg.get("control"))
-    control_report = apply_control(control, module, datamodule, list(cfg.data.input_size), output_dir)
+    ctx = EvalContext(
+        cfg=cfg,
+        module=module,
+        datamodule=datamodule,
+        trainer=build_trainer(cfg),
+        output_dir=output_dir,
+        input_size=tuple(cfg.data.input_size),
+    )
+    for step in steps:
+        step.before_test(ctx)
     use_eval_metrics(module, cfg)
-    trainer = build_trainer(cfg)
-    trainer.test(module, datamodule=datamodule)
-    metrics = _to_float(trainer.callback_metrics)
+    ctx.trainer.test(module, datamodule=datamodule)
+    metrics = ctx.metrics = _to_float(ctx.trainer.callback_metrics)
     eval_cfg = cfg.get("eval") or {}
     name = eval_cfg.get("name") or Path(ckpt_path).resolve().parent.parent.name
     table = write_results(
@@ -266,37 +322,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         headline=bool(eval_cfg.get("headline", True)),
     )
     print(table)
-    # task-conditioned MoE backbones (M³ViT): expert shares, routing matrix, GFLOPs of the evaluated tasks
-    write_routing_report(module.model, output_dir, input_size=tuple(cfg.data.input_size))
-    n_pics = int(eval_cfg.get("pictures", 0))
-    if n_pics:
-        panels = prediction_panels(module, datamodule, n_pics)
-        for key, img in panels.items():
-            save_pictures({key: img}, output_dir / "pictures")
-        log_pictures(trainer.loggers, {f"eval/{k}": v for k, v in panels.items()}, step=0)
-    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "control": control_report}
+    for step in steps:
+        step.after_test(ctx)
+    objects = {
+        "datamodule": datamodule,
+        "module": module,
+        "trainer": ctx.trainer,
+        "reports": ctx.reports,
+        "control": ctx.reports.get("control", {}),
+    }
     return metrics, objects
-
-
-def prediction_panels(module: MTLModule, datamodule: MTLDataModule, n: int) -> dict[str, Any]:
-    """``sample_<i>`` → panel (image | prediction | ground truth per task) of the first ``n``
-    validation samples."""
-    module.eval()
-    panels: dict[str, Any] = {}
-    with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            preds = module(batch["image"])
-            for i in range(batch["image"].shape[0]):
-                if len(panels) == n:
-                    return panels
-                one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
-                rows = {
-                    t: (
-                        task._to_rgb(task.postprocess(preds[t][i : i + 1].float())[0].cpu()),
-                        task._to_rgb(task.target_for_display(one).cpu()),
-                    )
-                    for t, task in module.tasks.items()
-                    if t in preds  # model.tasks_at_inference: the evaluated subset
-                }
-                panels[f"sample_{len(panels):03d}"] = prediction_panel(denormalise(one["image"][0]), rows)
-    return panels

@@ -3,8 +3,11 @@
 ``results.md`` is laid out like the tables of the multi-task dense-prediction papers (InvPT,
 TaskPrompter, TaskExpert): one row per model, one column per task metric with ↑/↓, then Δm.
 Ratios (mIoU, maxF, odsF, …) are shown in percent as those tables do; depth in metres,
-angles in degrees. Optional headline rows (REFERENCE.md, :mod:`mtl.metrics.published`) put
-the published numbers next to the evaluated checkpoint. A second table lists every metric.
+angles in degrees. Each task gives its column (:attr:`mtl.tasks.Task.headline_metrics`), the
+arrows (:meth:`~mtl.tasks.Task.metric_direction`) and its decimals
+(:attr:`~mtl.tasks.Task.report_digits`). Optional headline rows (the papers,
+:mod:`mtl.metrics.published`), keyed by the dataset's key, put the published numbers next to
+the evaluated checkpoint. A second table lists every metric.
 """
 
 from __future__ import annotations
@@ -13,21 +16,12 @@ import csv
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from mtl.metrics.published import HEADLINES
+from mtl.tasks.base import Task
 
 #: metrics shown ×100 in tables (fractions in results.json / .csv)
 PERCENT = {"miou", "pixel_acc", "maxf", "odsf", "oisf", "ap", "f"}
-#: the published tables' column per task, in order of preference
-MAIN_COLUMNS = {
-    "semseg": ("miou",),
-    "human_parts": ("miou",),
-    "saliency": ("maxf",),
-    "normals": ("mean",),
-    "depth": ("rmse",),
-    "edge": ("odsf", "f"),
-}
 LABELS = {
     "miou": "mIoU",
     "maxf": "maxF",
@@ -49,32 +43,33 @@ def display(metric: str, value: float) -> float:
     return 100.0 * value if metric in PERCENT or metric.startswith("iou_") else value
 
 
-def _arrow(task: Any, metric: str) -> str:
+def _arrow(task: Task, metric: str) -> str:
     d = task.metric_direction(metric)
     return "" if d is None else (" ↑" if d else " ↓")
 
 
-def main_columns(tasks: Mapping[str, Any], metrics: Mapping[str, float], stage: str) -> list[tuple[str, str]]:
+def main_columns(
+    tasks: Mapping[str, Task], metrics: Mapping[str, float], stage: str
+) -> list[tuple[str, str]]:
     """``(task, metric)`` of the published columns present in ``metrics``."""
     cols = []
-    for t in tasks:
-        for m in MAIN_COLUMNS.get(t, (tasks[t].main_metric,)):
+    for t, task in tasks.items():
+        for m in task.headline_metrics:
             if f"{stage}/{t}/{m}" in metrics:
                 cols.append((t, m))
                 break
     return cols
 
 
-def _fmt(task: str, metric: str, value: float | None) -> str:
+def _fmt(task: Task, metric: str, value: float | None) -> str:
     if value is None:
         return "—"
-    v = display(metric, value)
-    return f"{v:.4f}" if task == "depth" else f"{v:.2f}"  # metres and δ fractions: 4 digits
+    return f"{display(metric, value):.{task.report_digits}f}"
 
 
 def published_table(
     metrics: Mapping[str, float],
-    tasks: Mapping[str, Any],
+    tasks: Mapping[str, Task],
     *,
     stage: str = "test",
     name: str = "this model",
@@ -92,15 +87,14 @@ def published_table(
         for t, m in cols:
             v = row["values"].get(f"{t}/{m}")
             note = row.get("notes", {}).get(f"{t}/{m}", "")
-            digits = 4 if (t, m) == ("depth", "rmse") else 2
-            vals.append("—" if v is None else f"{v:.{digits}f}{note}")
+            vals.append("—" if v is None else f"{v:.{tasks[t].report_digits}f}{note}")
         lines.append(f"| {row['model']} ({row['backbone']}, published) | " + " | ".join(vals) + " | — |")
-    vals = [_fmt(t, m, metrics.get(f"{stage}/{t}/{m}")) for t, m in cols]
+    vals = [_fmt(tasks[t], m, metrics.get(f"{stage}/{t}/{m}")) for t, m in cols]
     lines.append(f"| **{name}** | " + " | ".join(vals) + f" | {'—' if dm is None else f'{dm:+.2f}'} |")
     return "\n".join(lines)
 
 
-def all_metrics_table(metrics: Mapping[str, float], tasks: Mapping[str, Any], stage: str = "test") -> str:
+def all_metrics_table(metrics: Mapping[str, float], tasks: Mapping[str, Task], stage: str = "test") -> str:
     """Every directional metric of every task (per-class IoU in results.csv / .json only)."""
     lines = ["| task | metric | value |", "|---|---|---|"]
     for t, task in tasks.items():
@@ -110,14 +104,14 @@ def all_metrics_table(metrics: Mapping[str, float], tasks: Mapping[str, Any], st
             if m == "loss" or m.startswith("iou_"):
                 continue
             unit = " (%)" if m in PERCENT else ""
-            lines.append(f"| {t} | {LABELS.get(m, m)}{unit}{_arrow(task, m)} | {_fmt(t, m, metrics[k])} |")
+            lines.append(f"| {t} | {LABELS.get(m, m)}{unit}{_arrow(task, m)} | {_fmt(task, m, metrics[k])} |")
     return "\n".join(lines)
 
 
 def write_results(
     output_dir: Path,
     metrics: Mapping[str, float],
-    tasks: Mapping[str, Any],
+    tasks: Mapping[str, Task],
     *,
     stage: str = "test",
     name: str = "this model",

@@ -1,15 +1,24 @@
-"""Pictures of predictions for the loggers (TensorBoard, W&B) and for ``eval.py``."""
+"""Pictures of predictions for the loggers (TensorBoard, W&B) and for ``eval.py``.
+
+:class:`PredictionPictures` is the evaluation step that writes ``pictures/sample_<i>.png``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.eval_steps import EvalContext, EvalStep
+
+if TYPE_CHECKING:
+    from mtl.data.datamodule import MTLDataModule
+    from mtl.module import MTLModule
 
 
 def log_pictures(loggers: Iterable, pictures: Mapping[str, np.ndarray], step: int) -> int:
@@ -86,3 +95,53 @@ def save_pictures(pictures: Mapping[str, np.ndarray], directory: str | Path, pre
         Image.fromarray(img).save(path)
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def prediction_panels(module: MTLModule, datamodule: MTLDataModule, n: int) -> dict[str, np.ndarray]:
+    """``sample_<i>`` → :func:`prediction_panel` of the first ``n`` test samples.
+
+    Rows are the tasks the model predicts (``model.tasks_at_inference``: the evaluated subset),
+    in the tasks' own colours (:meth:`~mtl.tasks.base.Task.to_rgb`).
+    """
+    module.eval()
+    panels: dict[str, np.ndarray] = {}
+    for batch in datamodule.test_dataloader():
+        preds = module(batch["image"])
+        for i in range(batch["image"].shape[0]):
+            if len(panels) == n:
+                return panels
+            one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
+            rows = {
+                t: (
+                    task.to_rgb(task.postprocess(preds[t][i : i + 1].float())[0].cpu()),
+                    task.to_rgb(task.target_for_display(one).cpu()),
+                )
+                for t, task in module.tasks.items()
+                if t in preds
+            }
+            panels[f"sample_{len(panels):03d}"] = prediction_panel(denormalise(one["image"][0]), rows)
+    return panels
+
+
+class PredictionPictures(EvalStep):
+    """Evaluation step: prediction panels of the first ``n`` samples after the test pass.
+
+    Writes ``<output_dir>/pictures/sample_<i>.png`` and sends them to the trainer's loggers
+    (``eval/sample_<i>``); ``ctx.reports["pictures"]`` lists the files.
+
+    Args:
+        n: number of samples (``eval.pictures``; 0: none).
+    """
+
+    def __init__(self, *, n: int = 0) -> None:
+        if n < 0:
+            raise ValueError(f"eval.pictures must be >= 0, got {n}")
+        self.n = int(n)
+
+    def after_test(self, ctx: EvalContext) -> None:
+        if not self.n:
+            return
+        panels = prediction_panels(ctx.module, ctx.datamodule, self.n)
+        ctx.reports["pictures"] = [str(p) for p in save_pictures(panels, ctx.output_dir / "pictures")]
+        log_pictures(ctx.trainer.loggers, {f"eval/{k}": v for k, v in panels.items()}, step=0)

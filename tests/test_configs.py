@@ -1,10 +1,12 @@
 """Every experiment composes and runs one train + val batch through the real entry pipeline."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra.errors import InstantiationException, MissingConfigException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mtl.pipeline import train
 
@@ -50,20 +52,31 @@ def test_unknown_backbone_error(make_cfg):
         train(cfg)
 
 
-def test_print_config_job_shows_composed_config():
-    import subprocess
-    import sys
-
+def print_job(*overrides: str) -> DictConfig:
+    """What ``python train.py <overrides> --cfg job`` prints, parsed."""
     out = subprocess.run(
-        [sys.executable, "train.py", "experiment=synthetic_pascal_baseline", "--cfg", "job"],
+        [sys.executable, "train.py", *overrides, "--cfg", "job"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    cfg = OmegaConf.create(out)
+    return OmegaConf.create(out)
+
+
+def test_print_config_job_shows_composed_config():
+    cfg = print_job("experiment=synthetic_pascal_baseline")
     assert list(cfg.data.tasks) == ["semseg", "human_parts", "saliency", "normals", "edge"]
     assert Path(ROOT / "configs" / "train.yaml").is_file()
+
+
+def test_a_preset_with_another_decoder_composes_on_the_command_line():
+    """model=<preset> picks a backbone and a decoder; model/decoder=... swaps the decoder alone."""
+    cfg = print_job("experiment=synthetic_mtlora", "model=mtlora", "model/decoder=multihead")
+    assert cfg.model.backbone._target_ == "mtl.adapters.mtlora.MTLoRASwin"
+    assert cfg.model.backbone.rank == 16  # the experiment's settings still apply
+    assert cfg.model.decoder._target_ == "mtl.decoders.multihead.MultiHeadDecoder"
+    assert cfg.model.decoder.channels == 32 and cfg.model.decoder.task_blocks == 1
 
 
 def test_runs_without_any_logger(make_cfg):

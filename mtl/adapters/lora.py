@@ -8,16 +8,22 @@ not divided by the rank) and dropout 0.05 on the LoRA input.
 
 The wrapped layer keeps the base ``nn.Linear`` as ``.base`` (frozen by default), so
 pretrained weights load into the base before injection, and :func:`merge_lora` folds every
-``s · B A`` into ``W`` for deployment (and :func:`unmerge_lora` takes it out again).
+``s · B A`` into ``W`` for deployment (and :func:`unmerge_lora` takes it out again);
+:class:`MergeLoRA` does it in ``eval.py`` (``adapter.merge=true``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from mtl.eval_steps import EvalContext, EvalStep
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 """timm's stable names of the attention and MLP Linear layers of ViT and Swin blocks."""
@@ -174,3 +180,24 @@ def unmerge_lora(model: nn.Module) -> int:
     for m in mods:
         m.unmerge()
     return len(mods)
+
+
+class MergeLoRA(EvalStep):
+    """Evaluation step: folds every LoRA update into its base weight before the test pass.
+
+    The evaluated model is then the deployment form (no LoRA branch at inference); reports
+    ``{"merged": n}`` under ``ctx.reports["lora_merge"]``.
+
+    Args:
+        enabled: merge (``adapter.merge`` in ``configs/eval.yaml``).
+    """
+
+    def __init__(self, *, enabled: bool = False) -> None:
+        self.enabled = bool(enabled)
+
+    def before_test(self, ctx: EvalContext) -> None:
+        if not self.enabled:
+            return
+        n_merged = merge_lora(ctx.module.model)
+        log.info("folded %d LoRA layers into their base weights (adapter.merge=true)", n_merged)
+        ctx.reports["lora_merge"] = {"merged": n_merged}

@@ -1,7 +1,7 @@
 """MTLoRA: task-agnostic and task-specific low-rank adaptation of a Swin backbone.
 
 Agiza, Neseem & Reda, "MTLoRA: Low-Rank Adaptation Approach for Efficient Multi-Task
-Learning", CVPR 2024. Facts used (``../shared/REFERENCE.md``):
+Learning", CVPR 2024; facts from the paper and scale-lab/MTLoRA:
 
 - task-agnostic LoRA (TA-LoRA, rank ``r`` ∈ {16, 32, 64}) on ``qkv``, ``proj``, ``fc1``, ``fc2``
   of every Swin block; ``y = W x + s·B A x``, ``s`` = 4.0 used as is, dropout 0.05;
@@ -16,22 +16,25 @@ Learning", CVPR 2024. Facts used (``../shared/REFERENCE.md``):
 - frozen: the pretrained Linear weights (and their biases); trainable: LoRA, patch
   embedding, norms, relative position bias, patch merging, decoders (each switchable).
 
-The backbone returns ``{task: [4 × (B, C_l, H_l, W_l)]}``; decoders that take one shared
-feature list also accept it.
+The backbone gives per-task features (:class:`~mtl.contracts.Features` of kind ``"per_task"``,
+``{task: [4 × (B, C_l, H_l, W_l)]}``), forking only for the tasks asked for; any decoder takes them
+(:class:`~mtl.model.MultiTaskNet` runs it once per task stream).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from mtl.adapters.lora import LoRALinear, inject_lora
 from mtl.backbones import TimmBackbone
+from mtl.contracts import Backbone, Features
 
 TA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 TS_TARGETS = ("proj", "fc1", "fc2")
@@ -141,14 +144,25 @@ def set_active(block: nn.Module, task: str | None) -> None:
             m.active = task
 
 
-def task_lora_parameters(model: nn.Module, task: str):
+def check_tasks(backbone: Backbone, tasks: Sequence[str] | None) -> list[str]:
+    """``tasks`` (default: all the backbone's), each one the backbone has a TS-LoRA for."""
+    tasks = list(backbone.tasks if tasks is None else tasks)
+    unknown = [t for t in tasks if t not in backbone.tasks]
+    if unknown:
+        raise ValueError(
+            f"{type(backbone).__name__} has no TS-LoRA for task(s) {unknown}; its tasks are {backbone.tasks}"
+        )
+    return tasks
+
+
+def task_lora_parameters(model: nn.Module, task: str) -> Iterator[nn.Parameter]:
     """The TS-LoRA parameters of ``task`` under ``model``."""
     for m in model.modules():
         if isinstance(m, TaskLoRALinear):
             yield from m.per_task[task].parameters()
 
 
-class MTLoRASwin(nn.Module):
+class MTLoRASwin(Backbone):
     """A timm Swin with MTLoRA adapters, returning per-task multi-scale features.
 
     Args:
@@ -167,6 +181,8 @@ class MTLoRASwin(nn.Module):
         train_merging: keep the patch-merging layers trainable.
         **kwargs: timm constructor arguments (``window_size``, ``embed_dim``, ``depths``, …).
     """
+
+    kind = "per_task"
 
     def __init__(
         self,
@@ -195,7 +211,7 @@ class MTLoRASwin(nn.Module):
             norm=True,
             **kwargs,
         ).model  # the timm model, final norm kept
-        if not hasattr(body, "layers") or not all(hasattr(s, "blocks") for s in body.layers):
+        if not isinstance(body, SwinTransformer):
             raise ValueError(f"MTLoRASwin needs a timm Swin (stages with blocks), got '{name}'")
         self.tasks = list(tasks)
         self.model = body
@@ -212,15 +228,13 @@ class MTLoRASwin(nn.Module):
             for i in range(len(chans))
         ]
 
-    def task_parameters(self, task: str):
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """The TS-LoRA parameters of ``task`` (what only that task's loss trains)."""
         return task_lora_parameters(self.model, task)
 
-    def forward(
-        self, x: torch.Tensor, *, task_subset: Sequence[str] | None = None
-    ) -> dict[str, list[torch.Tensor]]:
-        """Returns ``{task: [feature map per stage]}`` (NCHW)."""
-        tasks = self.tasks if task_subset is None else list(task_subset)
+    def features(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> Features:
+        """Per task of ``tasks`` (default: all), its feature map per stage (NCHW); only those tasks fork."""
+        tasks = check_tasks(self, tasks)
         body, n = self.model, len(self.model.layers)
         x = body.patch_embed(x)  # (B, H, W, C)
         feats: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
@@ -234,8 +248,13 @@ class MTLoRASwin(nn.Module):
                 set_active(last, t)
                 forks[t] = last(x)
             set_active(last, None)
-            x = last(x)  # the shared stream continues
+            if i + 1 < n:
+                x = last(x)  # the shared stream continues (after the last stage nothing reads it)
             merge = body.layers[i + 1].downsample if i + 1 < n else body.norm
             for t in tasks:
                 feats[t].append(rearrange(merge(forks[t]), "b h w c -> b c h w").contiguous())
-        return feats
+        return Features(per_task=feats)
+
+    def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, list[torch.Tensor]]:
+        """``{task: [feature map per stage]}`` (:meth:`features`)."""
+        return self.features(x, tasks).per_task

@@ -12,17 +12,19 @@ patch embedding, norms, position embedding and class token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from einops import rearrange
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mtl.adapters.mtlora import adapt, set_active, set_trainable, task_lora_parameters
-from mtl.backbones import TimmBackbone
+from mtl.adapters.mtlora import adapt, check_tasks, set_active, set_trainable, task_lora_parameters
+from mtl.backbones.timm_backbone import TimmBackbone, vit_tokens
+from mtl.contracts import Backbone, Features
 
 
-class MTLoRAViT(nn.Module):
+class MTLoRAViT(Backbone):
     """A timm ViT with MTLoRA adapters, returning ``{task: [feature map per tap]}``.
 
     Args:
@@ -41,6 +43,8 @@ class MTLoRAViT(nn.Module):
         train_pos_embed: keep the position embedding and class token trainable.
         **kwargs: timm constructor arguments (``embed_dim``, ``depth``, ``num_heads``, …).
     """
+
+    kind = "per_task"
 
     def __init__(
         self,
@@ -66,7 +70,7 @@ class MTLoRAViT(nn.Module):
             out_indices=out_indices, **kwargs,
         )  # fmt: skip
         body = wrapper.model
-        if not hasattr(body, "blocks") or not hasattr(body, "_pos_embed"):
+        if not isinstance(body, VisionTransformer):
             raise ValueError(f"MTLoRAViT needs a timm VisionTransformer, got '{name}'")
         self.tasks = list(tasks)
         self.model = body
@@ -78,26 +82,29 @@ class MTLoRAViT(nn.Module):
         )
         self.feature_info = wrapper.feature_info
 
-    def task_parameters(self, task: str):
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """The TS-LoRA parameters of ``task``."""
         return task_lora_parameters(self.model, task)
 
-    def forward(
-        self, x: torch.Tensor, *, task_subset: Sequence[str] | None = None
-    ) -> dict[str, list[torch.Tensor]]:
-        """Returns ``{task: [feature map per tap]}`` (NCHW, stride 16)."""
-        tasks = self.tasks if task_subset is None else list(task_subset)
+    def features(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> Features:
+        """Per task of ``tasks`` (default: all), its feature map per tap (NCHW, stride 16); only
+        those tasks fork."""
+        tasks = check_tasks(self, tasks)
         body = self.model
-        h, w = body.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        x = body.norm_pre(body.patch_drop(body._pos_embed(body.patch_embed(x))))  # (B, P + N, C)
+        x, (h, w) = vit_tokens(body, x)  # (B, P + N, C)
         feats: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
-        n_prefix = body.num_prefix_tokens
-        for i, blk in enumerate(body.blocks[: max(self.taps) + 1]):
+        n_prefix, last = body.num_prefix_tokens, max(self.taps)
+        for i, blk in enumerate(body.blocks[: last + 1]):
             if i in self.taps:
                 for t in tasks:
                     set_active(blk, t)
                     y = blk(x)[:, n_prefix:]
                     feats[t].append(rearrange(y, "b (h w) c -> b c h w", h=h, w=w).contiguous())
                 set_active(blk, None)
-            x = blk(x)  # the shared stream continues
-        return feats
+            if i < last:
+                x = blk(x)  # the shared stream continues (after the last tap nothing reads it)
+        return Features(per_task=feats)
+
+    def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, list[torch.Tensor]]:
+        """``{task: [feature map per tap]}`` (:meth:`features`)."""
+        return self.features(x, tasks).per_task

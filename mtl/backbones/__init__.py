@@ -1,4 +1,4 @@
-"""Backbones: ``forward(x) -> list[Tensor]`` (NCHW) and ``feature_info`` per level."""
+"""Backbones: :class:`~mtl.contracts.Backbone` — ``features(x, tasks) -> Features`` and ``feature_info``."""
 
 from mtl.backbones.timm_backbone import TimmBackbone
 

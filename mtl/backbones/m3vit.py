@@ -7,7 +7,7 @@ on a timm ViT (Dosovitskiy et al., ICLR 2021), so timm's pretrained weights load
 names, and runs it per task.
 
 * Training runs the backbone **once per task with that task's routing** (the paper), giving
-  per-task feature lists (:meth:`M3ViT.forward_tasks`); the blocks before the first MoE block do
+  per-task feature lists (:meth:`M3ViT.features`); the blocks before the first MoE block do
   not depend on the task and run once. Tasks listed together in ``task_groups`` share a router
   (``router=per_task``) or a task embedding (``router=task_embedding``); with ``shared_pass``
   (default) a group costs one pass instead of one per task — ``task_groups=[[all tasks]]`` is the
@@ -19,20 +19,28 @@ names, and runs it per task.
   takes one ``C``-wide slice of the ``4C`` hidden units, slices assigned round-robin;
   ``"random"``: timm's ViT initialisation. ``"auto"``: upcycle when weights are pretrained.
 * The balancing loss ``balance_weight · (cv²(importance) + cv²(load))`` (0.01, as the paper) is
-  summed over MoE layers and averaged over the passes of a training forward (:meth:`aux_loss`).
+  summed over MoE layers and averaged over the passes of a training forward
+  (:attr:`~mtl.contracts.Features.aux_loss`).
+* Expert usage: every eval-mode forward gives each task's token assignments per expert and MoE
+  block (``experts/<task>/layer<i>/usage`` in :attr:`~mtl.contracts.Features.stats`);
+  :meth:`M3ViT.finish_stats` turns an evaluation's usage into the logged entropy and largest share.
+  The MoE layers also keep a running count for the eval routing report
+  (:meth:`M3ViT.routing_counts`, :mod:`mtl.backbones.routing_report`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from einops import rearrange
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtl.backbones.moe_mlp import MoEMlp
-from mtl.backbones.timm_backbone import TimmBackbone
+from mtl.backbones.timm_backbone import TimmBackbone, vit_tokens
+from mtl.contracts import FeatureKind, Features
 
 EXPERT_INIT = ("auto", "upcycle", "random")
 
@@ -78,9 +86,9 @@ class M3ViT(TimmBackbone):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        blocks = getattr(self.model, "blocks", None)
-        if blocks is None or not all(hasattr(b, "mlp") and hasattr(b, "ls2") for b in blocks):
+        if not isinstance(self.model, VisionTransformer):
             raise ValueError(f"M3ViT needs a timm ViT (blocks with .mlp), got '{self.name}'")
+        blocks = self.model.blocks
         if expert_init not in EXPERT_INIT:
             raise ValueError(f"M3ViT expert_init={expert_init!r}; expected one of {EXPERT_INIT}")
         self.tasks = list(tasks)
@@ -116,13 +124,11 @@ class M3ViT(TimmBackbone):
                 noisy_gating=noisy_gating,
                 dispatch=dispatch,
                 act_layer=type(old.act),
-                drop=float(getattr(old.drop1, "p", 0.0)),
+                drop=float(old.drop1.p),
             )
             moe.upcycle(old) if expert_init == "upcycle" else moe.reset_random()
             blocks[i].mlp = moe
         self.expert_init = expert_init
-        self.finished_counts: dict[int, dict[str, torch.Tensor]] = {}
-        self._aux: torch.Tensor | None = None
 
     def _check_groups(self, task_groups) -> list[list[str]]:
         if task_groups is None:
@@ -154,9 +160,9 @@ class M3ViT(TimmBackbone):
         return list(out.values())
 
     @property
-    def task_conditioned(self) -> bool:
-        """Whether tasks see different features (more than one pass for all tasks)."""
-        return len(self.passes(self.tasks)) > 1
+    def kind(self) -> FeatureKind:
+        """``"per_task"`` when tasks see different features (more than one pass for all tasks)."""
+        return "per_task" if len(self.passes(self.tasks)) > 1 else "shared"
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """The task's own router (or task embedding) in every MoE layer, when no other task shares it."""
@@ -167,79 +173,96 @@ class M3ViT(TimmBackbone):
             yield from moe.router.key_parameters(key)
 
     # ------------------------------------------------------------------ forward
-    def _block(self, i: int, x: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _block(
+        self, i: int, x: torch.Tensor, key: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         blk = self.model.blocks[i]
         if not isinstance(blk.mlp, MoEMlp):
-            return blk(x), None
+            return blk(x), None, None
         x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-        y, balance = blk.mlp(blk.norm2(x), key=key)
-        return x + blk.drop_path2(blk.ls2(y)), balance
+        y, balance, usage = blk.mlp.forward_with_usage(blk.norm2(x), key=key)
+        return x + blk.drop_path2(blk.ls2(y)), balance, usage
 
-    def _run(self, i: int, x: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(
+        self, i: int, x: torch.Tensor, key: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if self.model.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._block, i, x, key, use_reentrant=False)
         return self._block(i, x, key)
 
-    def _to_map(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _to_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         m = self.model
         tokens = m.norm(tokens) if self.norm else tokens
-        h, w = m.patch_embed.dynamic_feat_size(size)
-        return rearrange(tokens[:, m.num_prefix_tokens :], "b (h w) c -> b c h w", h=h, w=w)
+        return rearrange(tokens[:, m.num_prefix_tokens :], "b (h w) c -> b c h w", h=grid[0], w=grid[1])
 
-    def forward_tasks(
-        self, x: torch.Tensor, tasks: Sequence[str] | None = None
-    ) -> dict[str, list[torch.Tensor]]:
-        """Task → tapped feature maps (``B × C × H/16 × W/16`` each) under that task's routing.
+    def features(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> Features:
+        """The tapped maps (``B × C × H/16 × W/16`` each) of ``tasks`` under their routing.
 
-        Tasks served by the same pass get the same list object.
+        Only the passes of ``tasks`` run. Per task (:attr:`kind` ``"per_task"``; tasks served by
+        the same pass share one list) or one shared list (one pass serves every task). Training:
+        the balancing loss (``aux_loss``); eval: each task's expert usage per MoE block (``stats``).
         """
         tasks = list(tasks or self.tasks)
-        m, size = self.model, tuple(x.shape[-2:])
-        z = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # (B, N, C)
+        m = self.model
+        z, grid = vit_tokens(m, x)  # (B, N, C)
         first = self.moe_blocks[0]
         shared_taps = {}
         for i in range(first):  # task-independent blocks: once for every pass
-            z, _ = self._run(i, z, None)
+            z, _, _ = self._run(i, z, None)
             if i in self.out_indices:
                 shared_taps[i] = z
         out: dict[str, list[torch.Tensor]] = {}
         balance: list[torch.Tensor] = []
+        stats: dict[str, torch.Tensor] = {}
         for group in self.passes(tasks):
             key, h, taps, terms = self.route_key[group[0]], z, dict(shared_taps), []
             for i in range(first, len(m.blocks)):
-                h, b = self._run(i, h, key)
+                h, b, usage = self._run(i, h, key)
                 if b is not None:
                     terms.append(b)
+                if usage is not None:  # eval: token assignments per expert, per image
+                    stats.update({f"experts/{t}/layer{i}/usage": usage / x.shape[0] for t in group})
                 if i in self.out_indices:
                     taps[i] = h
             if terms:
                 balance.append(torch.stack(terms).sum())
-            feats = [self._to_map(taps[i], size) for i in self.out_indices]
+            feats = [self._to_map(taps[i], grid) for i in self.out_indices]
             out.update({t: feats for t in group})
-        self._aux = (
-            self.balance_weight * torch.stack(balance).mean() if balance and self.balance_weight else None
-        )
-        return out
+        aux = self.balance_weight * torch.stack(balance).mean() if balance and self.balance_weight else None
+        if self.kind == "shared":
+            return Features(shared=out[tasks[0]], aux_loss=aux, stats=stats)
+        return Features(per_task=out, aux_loss=aux, stats=stats)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The tapped maps when one pass serves every task (``task_groups=[[all tasks]]``)."""
-        if self.task_conditioned:
+        if self.kind == "per_task":
             raise ValueError(
                 f"M3ViT routes per task ({len(self.passes(self.tasks))} passes for {self.tasks}): it has no "
-                "single task-independent feature list. Use forward_tasks(x, tasks) (MultiTaskNet does), or "
+                "single task-independent feature list. Use features(x, tasks) (MultiTaskNet does), or "
                 "task_groups=[[all tasks]] for one shared pass"
             )
-        return self.forward_tasks(x)[self.tasks[0]]
-
-    def aux_loss(self) -> torch.Tensor | None:
-        """The load-balancing loss of the last training forward (``None`` in eval or when off)."""
-        return self._aux if self.training else None
+        return self.features(x).shared
 
     # ------------------------------------------------------------------ routing statistics
-    def routing_counts(self, *, finished: bool = False) -> dict[int, dict[str, torch.Tensor]]:
-        """Block → task → eval-mode token assignments per expert (``finished``: of the last closed epoch)."""
-        if finished:
-            return self.finished_counts
+    def finish_stats(self, means: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``experts/<task>/layer<i>/usage`` → ``…/entropy`` (usage entropy / log E, 1 = uniform) and
+        ``…/max_share`` (the largest expert's share of the task's assignments); other keys pass."""
+        out = {}
+        for k, v in means.items():
+            if not (k.startswith("experts/") and k.endswith("/usage")):
+                out[k] = v
+                continue
+            prefix = k[: -len("/usage")]
+            share = v / v.sum().clamp_min(1e-12)
+            n = share.numel()
+            ent = -(share * share.clamp_min(1e-12).log()).sum() / torch.log(torch.tensor(float(n)))
+            out[f"{prefix}/entropy"] = ent.float() if n > 1 else ent.new_zeros(())
+            out[f"{prefix}/max_share"] = share.max().float()
+        return out
+
+    def routing_counts(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Block → task → token assignments per expert of every eval-mode forward since the model
+        was built or :meth:`reset_routing_counts` (the eval routing report reads them)."""
         out = {}
         for i, moe in self.moe_layers().items():
             per_task = {
@@ -249,24 +272,7 @@ class M3ViT(TimmBackbone):
                 out[i] = per_task
         return out
 
-    def validation_stats(self) -> dict[str, torch.Tensor]:
-        """``experts/<task>/layer<i>/{entropy,max_share}``: usage entropy / log E (1 = uniform) and the
-        largest expert's share of the task's assignments, per MoE block ``i``."""
-        stats = {}
-        for i, per_task in self.routing_counts().items():
-            for t, counts in per_task.items():
-                share = counts / counts.sum().clamp_min(1)
-                ent = -(share * share.clamp_min(1e-12).log()).sum() / torch.log(
-                    torch.tensor(float(len(share)))
-                )
-                stats[f"experts/{t}/layer{i}/entropy"] = ent.float() if len(share) > 1 else ent.new_zeros(())
-                stats[f"experts/{t}/layer{i}/max_share"] = share.max().float()
-        return stats
-
-    def reset_validation_stats(self) -> None:
-        """Clears the counts; the closed epoch's stay readable: ``routing_counts(finished=True)``."""
-        current = self.routing_counts()
-        if current:
-            self.finished_counts = current
+    def reset_routing_counts(self) -> None:
+        """Clears the running counts of :meth:`routing_counts`."""
         for moe in self.moe_layers().values():
             moe.counts = {}

@@ -186,13 +186,22 @@ class MoEMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, *, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``B × N × C`` tokens routed with key ``key`` → (output, balance loss or ``None`` in eval)."""
+        y, balance, _ = self.forward_with_usage(x, key=key)
+        return y, balance
+
+    def forward_with_usage(
+        self, x: torch.Tensor, *, key: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`forward` plus, in eval mode, this call's token assignments per expert (``E``, fp32)."""
         b = x.shape[0]
         tokens = rearrange(x, "b n c -> (b n) c")
         values, index, balance = self.route(tokens, key)
+        usage = None
         if not self.training:
-            self.record(key, index)
+            usage = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
+            self.record(key, usage)
         mix = self._sparse if self.dispatch == "sparse" else self._dense
-        return rearrange(mix(tokens, values, index), "(b n) c -> b n c", b=b), balance
+        return rearrange(mix(tokens, values, index), "(b n) c -> b n c", b=b), balance, usage
 
     def _sparse(self, tokens: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         flat = index.reshape(-1)  # (N·k,) expert of every assignment
@@ -211,10 +220,9 @@ class MoEMlp(nn.Module):
         return sum(gates[:, e : e + 1] * expert(tokens) for e, expert in enumerate(self.experts))
 
     @torch.no_grad()
-    def record(self, key: str, index: torch.Tensor) -> None:
-        """Adds eval-mode token-to-expert assignments to :attr:`counts`."""
-        c = torch.bincount(index.reshape(-1), minlength=self.num_experts).double().cpu()
-        self.counts[key] = self.counts.get(key, 0) + c
+    def record(self, key: str, usage: torch.Tensor) -> None:
+        """Adds eval-mode token assignments per expert to :attr:`counts` (for the routing report)."""
+        self.counts[key] = self.counts.get(key, 0) + usage.double().cpu()
 
     def upcycle(self, mlp: nn.Module) -> None:
         """Initialises the experts from a (pretrained) dense timm ``Mlp`` (sparse upcycling).

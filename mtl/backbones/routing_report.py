@@ -7,6 +7,8 @@ the token-to-expert assignments counted over the evaluated split:
   assignments (each token counts ``k`` times), the usage entropy / log E and the largest share;
 * ``routing.png``: the task × expert routing matrix of every MoE block (one heat map each);
 * ``cost.json``: GFLOPs per image of the evaluated task subset (``torch.utils.flop_counter``).
+
+:class:`RoutingReport` is the evaluation step that writes them after the test pass.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from mtl.backbones.m3vit import M3ViT
+from mtl.eval_steps import EvalContext, EvalStep
 
 
 def routing_shares(counts: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[int, dict[str, list[float]]]:
@@ -93,7 +98,7 @@ def subset_gflops(model: nn.Module, input_size: tuple[int, int]) -> float:
 def write_routing_report(
     model: nn.Module, output_dir: Path, input_size: tuple[int, int] | None = None
 ) -> dict:
-    """Writes the files of the module docstring when ``model.backbone`` counts routing; else nothing.
+    """Writes the files of the module docstring when ``model.backbone`` is an M³ViT; else nothing.
 
     Args:
         model: a :class:`~mtl.model.MultiTaskNet` after a test epoch.
@@ -103,10 +108,9 @@ def write_routing_report(
     Returns:
         The shares written (block → task → per-expert share), empty when nothing was written.
     """
-    fn = getattr(model.backbone, "routing_counts", None)
-    if not callable(fn):
+    if not isinstance(model.backbone, M3ViT):
         return {}
-    counts = fn(finished=True) or fn()
+    counts = model.backbone.routing_counts()
     if not counts:
         return {}
     output_dir = Path(output_dir)
@@ -124,3 +128,20 @@ def write_routing_report(
         }
         (output_dir / "cost.json").write_text(json.dumps(cost, indent=2))
     return shares
+
+
+class RoutingReport(EvalStep):
+    """Evaluation step: :func:`write_routing_report` after the test pass.
+
+    Backbones without token routing get no files; the shares written (if any) are
+    ``ctx.reports["routing"]``.
+    """
+
+    def before_test(self, ctx: EvalContext) -> None:
+        if isinstance(ctx.module.model.backbone, M3ViT):  # count the test pass only
+            ctx.module.model.backbone.reset_routing_counts()
+
+    def after_test(self, ctx: EvalContext) -> None:
+        shares = write_routing_report(ctx.module.model, ctx.output_dir, input_size=ctx.input_size)
+        if shares:
+            ctx.reports["routing"] = shares

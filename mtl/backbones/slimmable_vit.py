@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mtl.backbones.timm_backbone import TimmBackbone
@@ -100,10 +101,9 @@ class SlimmableViT(TimmBackbone):
         self.widths = sorted(_check_width(w) for w in widths)
         if self.widths[-1] != 1.0:
             raise ValueError(f"widths must include 1.0 (the full model), got {list(widths)}")
-        blocks = getattr(self.model, "blocks", None)
-        if blocks is None:
+        if not isinstance(self.model, VisionTransformer):
             raise ValueError(f"SlimmableViT needs a timm ViT with .blocks, got '{self.name}'")
-        for blk in blocks:
+        for blk in self.model.blocks:
             blk.attn = SlimmableAttention(blk.attn)
             blk.mlp = SlimmableMlp(blk.mlp)
 

@@ -3,6 +3,11 @@
 Uses timm's ``forward_intermediates`` (ViT: Dosovitskiy et al., ICLR 2021; Swin: Liu et al.,
 ICCV 2021), so any timm model that implements it works: plain ViTs give one feature map
 per tapped block (all at stride 16), hierarchical models one per stage.
+
+Backbones that run a timm ViT block by block (M³ViT, MTLoRA-ViT) start from
+:func:`vit_tokens`: the patch and position embeddings through public timm pieces only
+(``timm.layers.resample_abs_pos_embed``), not timm's private ``_pos_embed``;
+``tests/models/test_backbones.py`` pins it against timm's own ``forward_features``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ from pathlib import Path
 
 import timm
 import torch
+from einops import rearrange
+from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from mtl.contracts import Backbone, Features
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +51,49 @@ def _check_img_size(name: str, img_size: Sequence[int], strides: list[int]) -> N
         log.warning(
             "backbone '%s' img_size %s is not a multiple of its largest stride %d: deeper stages are "
             "padded and their maps rounded up (448×576 and 512×512 are multiples of 32)",
-            name, list(img_size), deepest,
+            name,
+            list(img_size),
+            deepest,
         )
 
 
-class TimmBackbone(nn.Module):
+def vit_tokens(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Images → the token sequence a timm ``VisionTransformer``'s first block reads.
+
+    Patch embedding, class/register tokens, absolute position embedding (resampled to the grid
+    when the model has ``dynamic_img_size``), patch dropout and the pre-norm: what timm's
+    ``forward_features`` does before its blocks, from the model's public attributes.
+
+    Args:
+        vit: a timm ``VisionTransformer``.
+        x: images ``B × 3 × H × W``.
+
+    Returns:
+        Tokens ``B × (P + h·w) × C`` (``P`` prefix tokens first) and the patch grid ``(h, w)``.
+    """
+    z = vit.patch_embed(x)
+    h, w = vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+    if z.ndim == 4:  # dynamic_img_size: B × h × w × C
+        z = rearrange(z, "b h w c -> b (h w) c")
+    prefix = [t.expand(z.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    pos = vit.pos_embed
+    if pos is not None and vit.dynamic_img_size:
+        pos = resample_abs_pos_embed(
+            pos,
+            new_size=(h, w),
+            old_size=vit.patch_embed.grid_size,
+            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+        )
+    if pos is not None and vit.no_embed_class:
+        z = z + pos  # the position embedding has no entries for the prefix tokens
+    z = torch.cat([*prefix, z], dim=1) if prefix else z
+    if pos is not None and not vit.no_embed_class:
+        z = z + pos
+    z = vit.pos_drop(z)
+    return vit.norm_pre(vit.patch_drop(z)), (h, w)
+
+
+class TimmBackbone(Backbone):
     """Wraps a timm model as a multi-level feature extractor.
 
     Args:
@@ -123,6 +170,10 @@ class TimmBackbone(nn.Module):
     def channels(self) -> list[int]:
         """Channels of each returned level."""
         return [f["channels"] for f in self.feature_info]
+
+    def features(self, x: torch.Tensor, tasks: Sequence[str]) -> Features:
+        """The tapped feature maps, shared by every task."""
+        return Features(shared=self(x))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Returns the tapped feature maps, each ``B × C_l × H/s_l × W/s_l``."""

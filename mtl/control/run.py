@@ -4,7 +4,8 @@ Before evaluating a slimmable checkpoint, :func:`apply_control` measures (or loa
 performance table on the validation split, then either picks the configuration for one
 (budget, preference) request — the evaluation then runs that sub-network — or sweeps
 budgets × preferences and writes ``controllability.json``, ``controllability.md`` and
-``controllability.png`` (see :mod:`mtl.control.evaluate` for the score).
+``controllability.png`` (see :mod:`mtl.control.evaluate` for the score). :class:`Control` is
+the evaluation step that runs it in ``eval.py``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from mtl.backbones.slimmable_vit import SlimmableViT
 from mtl.control.cost import CostModel, WidthConfig, apply_config
 from mtl.control.evaluate import measure_table, plot_sweep, sweep, table_from_json, table_to_json
 from mtl.control.search import search
+from mtl.decoders.slimmable import SlimmableDecoder
+from mtl.eval_steps import EvalContext, EvalStep
+
+if TYPE_CHECKING:
+    from mtl.data.datamodule import MTLDataModule
+    from mtl.module import MTLModule
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +66,33 @@ def default_preferences(tasks: Sequence[str]) -> list[dict[str, float]]:
     return prefs
 
 
-def apply_control(control: Mapping, module, datamodule, input_size: Sequence[int], output_dir: Path) -> dict:
-    """Runs the requested control step; returns what to report (empty when nothing was asked)."""
+def apply_control(
+    control: Mapping,
+    module: MTLModule,
+    datamodule: MTLDataModule,
+    input_size: Sequence[int],
+    output_dir: Path,
+) -> dict:
+    """Runs the requested control step; returns what to report (empty when nothing was asked).
+
+    Args:
+        control: the ``control`` options of ``configs/eval.yaml`` (``budget``, ``preference``,
+            ``sweep``, ``budgets``, ``table``).
+        module: the module with a slimmable model (``model=slimmable``).
+        datamodule: its data (the validation split measures the performance table).
+        input_size: ``(H, W)`` for the cost model.
+        output_dir: where the table and reports go.
+    """
     budget, sweep_on = control.get("budget"), bool(control.get("sweep"))
     if budget is None and not sweep_on:
         return {}
     output_dir.mkdir(parents=True, exist_ok=True)
     model = module.model
-    if not hasattr(model.backbone, "set_width") or not hasattr(model.decoder, "set_widths"):
-        raise ValueError("control.* needs a slimmable model (model=slimmable)")
+    if not isinstance(model.backbone, SlimmableViT) or not isinstance(model.decoder, SlimmableDecoder):
+        raise ValueError(
+            "control.budget / control.sweep need a slimmable model (model=slimmable): got backbone "
+            f"{type(model.backbone).__name__}, decoder {type(model.decoder).__name__}"
+        )
     widths = list(model.backbone.widths)
     tasks = list(module.tasks)
     hib = {t: task.higher_is_better for t, task in module.tasks.items()}
@@ -136,3 +163,35 @@ def apply_control(control: Mapping, module, datamodule, input_size: Sequence[int
         )
         (output_dir / "control.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+class Control(EvalStep):
+    """Evaluation step: :func:`apply_control` before the test pass (``control.*`` of ``eval.yaml``).
+
+    With a budget, the test pass evaluates the chosen sub-network; the report (empty when
+    nothing was asked) is ``ctx.reports["control"]``.
+
+    Args:
+        budget: GFLOPs per image, or ``None``.
+        preference: one weight per task (in ``data.tasks`` order) or task → weight; ``None``: equal.
+        sweep: sweep budgets × preferences and write ``controllability.{json,md,png}``.
+        budgets: the sweep's budgets (``None``: :func:`default_budgets`).
+        table: a saved ``control_table.json`` to reuse (``None``: measured on the val split).
+    """
+
+    def __init__(
+        self,
+        *,
+        budget: float | None = None,
+        preference: Sequence[float] | Mapping[str, float] | None = None,
+        sweep: bool = False,
+        budgets: Sequence[float] | None = None,
+        table: str | None = None,
+    ) -> None:
+        self.options = {"budget": budget, "preference": preference, "sweep": sweep, "budgets": budgets,
+                        "table": table}  # fmt: skip
+
+    def before_test(self, ctx: EvalContext) -> None:
+        ctx.reports["control"] = apply_control(
+            self.options, ctx.module, ctx.datamodule, ctx.input_size, ctx.output_dir
+        )

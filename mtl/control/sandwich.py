@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.control.cost import WidthConfig, apply_config
 from mtl.strategies.weighting import FixedWeights
 
@@ -56,7 +57,6 @@ class SandwichKD(FixedWeights):
             raise ValueError(f"n_random and kd_weight must be >= 0, got {n_random}, {kd_weight}")
         self.n_random, self.kd_weight = int(n_random), float(kd_weight)
         self.rng = random.Random(seed)
-        self._teacher: list[torch.Tensor] | None = None
 
     def uniform_config(self, width: float) -> WidthConfig:
         return WidthConfig(width, {t: width for t in self.task_names})
@@ -70,28 +70,28 @@ class SandwichKD(FixedWeights):
     def _run(self, batch: dict, module, config: WidthConfig):
         apply_config(module.model, config)
         x = batch["image"]
-        feats = module.model.encode(x)
-        preds = module.model.decode(feats, size=tuple(x.shape[-2:]))
-        return feats, module.task_losses(preds, batch)
+        feats, backbone_out = module.model.encode_features(x)
+        out = module.model.decode(feats, size=tuple(x.shape[-2:]), features=backbone_out)
+        return feats, out, module.task_losses(out, batch)
 
-    def forward(self, batch: dict, *, module):
-        """The largest configuration's pass (its losses are the ones logged)."""
-        feats, losses = self._run(batch, module, self.uniform_config(self.widths[-1]))
-        self._teacher = [f.detach() for f in feats]
-        return None, losses, module.model.aux_loss()
+    def forward(self, batch: dict, *, module: StrategyHost) -> StepForward:
+        """The largest configuration's pass (its losses are the ones logged; its encoder features,
+        ``step.rep``, are the CI-KD teacher)."""
+        feats, out, losses = self._run(batch, module, self.uniform_config(self.widths[-1]))
+        return StepForward(preds=out.preds, losses=losses, aux=out.aux_loss, rep=list(feats))
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
-        if batch is None or self._teacher is None:
-            raise ValueError("SandwichKD.backward needs the batch and a preceding forward()")
-        total = self.combine(losses)
-        module.manual_backward(total if extra is None else total + extra)
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        if step.rep is None:
+            raise ValueError("SandwichKD.backward needs the step of its forward (step.rep: the teacher)")
+        teacher = [f.detach() for f in step.rep]
+        total = self.combine(step.losses)
+        module.manual_backward(total if step.aux is None else total + step.aux)
         configs = [self.uniform_config(self.widths[0])] + [self.sample() for _ in range(self.n_random)]
         kd_logs = []
         for config in configs:
-            feats, sub_losses = self._run(batch, module, config)
-            kd = ci_kd_loss(feats, self._teacher)
+            feats, _, sub_losses = self._run(batch, module, config)
+            kd = ci_kd_loss(feats, teacher)
             module.manual_backward(self.combine(sub_losses) + self.kd_weight * kd)
             kd_logs.append(float(kd.detach()))
         apply_config(module.model, self.uniform_config(self.widths[-1]))  # validation sees the full model
-        self._teacher = None
         return {"ci_kd": sum(kd_logs) / max(len(kd_logs), 1)}

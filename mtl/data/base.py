@@ -1,6 +1,12 @@
-"""Shared machinery of the on-disk datasets: split files, per-file decoding errors, skipping.
+"""The dataset contract (:class:`DenseDataset`) and the machinery of the on-disk datasets.
 
-Every reader raises :class:`BadSampleError` naming the sample id and the file when a file is
+A dataset class declares, without being built, what the framework needs to know about it: its
+key (the published headline rows are keyed by it), the tasks it provides, the classes of its
+classification tasks and the boundary matching tolerance of its edge protocol. A new dataset is
+one :class:`DenseDataset` subclass plus its ``data`` config (``dataset._target_``).
+
+On-disk datasets (:class:`FolderDataset`) share split files, per-file decoding errors and
+skipping: every reader raises :class:`BadSampleError` naming the sample id and the file when a file is
 missing, unreadable or malformed; ``skip_bad_samples=True`` logs that error and serves the
 next good sample instead, so one corrupt file does not end a 40k-iteration run.
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -80,10 +87,47 @@ def decode_normals(stored: np.ndarray) -> np.ndarray:
     return n
 
 
-class FolderDataset(Dataset):
+#: NYUD-v2's boundary matching tolerance (fraction of the image diagonal), the default one
+NYUD_EDGE_MAX_DIST = 0.011
+
+
+class DenseDataset(Dataset):
+    """Base of every dataset of the framework: what it is, declared on the class.
+
+    Constructors accept ``split``, ``tasks`` and ``transform`` keywords (see
+    :class:`mtl.data.datamodule.MTLDataModule`) and return raw sample dicts with ``image``,
+    ``meta`` and the requested tasks' targets.
+
+    Attributes:
+        KEY: the dataset's identity (``nyud``, ``pascal_context``, ``synthetic``): the key of
+            its published headline rows (:mod:`mtl.metrics.published`) and of its results.
+        TASKS: the tasks it can provide.
+        CLASS_NAMES: classification task → its class names, index = label id.
+        NUM_CLASSES: classification task → number of classes (``len`` of ``CLASS_NAMES``).
+        EDGE_MAX_DIST: boundary matching tolerance of its edge protocol, fraction of the image
+            diagonal (NYUD-v2 0.011, PASCAL-Context 0.0075); default NYUD-v2's.
+    """
+
+    KEY: ClassVar[str] = ""
+    TASKS: ClassVar[tuple[str, ...]] = ()
+    CLASS_NAMES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    NUM_CLASSES: ClassVar[dict[str, int]] = {}
+    EDGE_MAX_DIST: ClassVar[float] = NYUD_EDGE_MAX_DIST
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        names = cls.CLASS_NAMES
+        wrong = {t: n for t, n in cls.NUM_CLASSES.items() if t in names and len(names[t]) != n}
+        if wrong:
+            raise ValueError(
+                f"{cls.__qualname__}: NUM_CLASSES {wrong} disagree with the lengths of CLASS_NAMES"
+            )
+
+
+class FolderDataset(DenseDataset):
     """Base of the on-disk datasets: ids of a split, error wrapping, optional skipping.
 
-    Subclasses set ``TASKS`` and ``NUM_CLASSES`` and implement :meth:`split_file` and
+    Subclasses set the :class:`DenseDataset` attributes and implement :meth:`split_file` and
     :meth:`load` (``id -> raw sample dict`` with ``image``, the requested tasks and ``meta``).
 
     Args:
@@ -95,8 +139,6 @@ class FolderDataset(Dataset):
         max_skips: how many consecutive bad samples to skip before giving up.
     """
 
-    TASKS: tuple[str, ...] = ()
-    NUM_CLASSES: dict[str, int] = {}
     SPLITS: tuple[str, ...] = ("train", "val")
 
     def __init__(

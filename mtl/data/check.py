@@ -27,8 +27,8 @@ from mtl.data.pascal_context import SPLIT_SIZES as PASCAL_SIZES
 from mtl.data.pascal_context import PASCALContext
 
 DATASETS: dict[str, tuple[type[FolderDataset], dict[str, int]]] = {
-    "nyud": (NYUDv2, NYUD_SIZES),
-    "pascal_context": (PASCALContext, PASCAL_SIZES),
+    NYUDv2.KEY: (NYUDv2, NYUD_SIZES),
+    PASCALContext.KEY: (PASCALContext, PASCAL_SIZES),
 }
 MAX_DEPTH_M = 20.0
 UNIT_TOLERANCE = 0.1  # 8-bit quantisation moves |n| by < 1 %

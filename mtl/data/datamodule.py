@@ -1,20 +1,21 @@
 """``MTLDataModule``: builds the train / val datasets of any dataset class and their loaders.
 
-Datasets are given as partial constructors (Hydra ``_partial_: true``) that accept
-``split``, ``tasks`` and ``transform``; their class attributes ``TASKS`` (tasks it can
-provide) and ``NUM_CLASSES`` (classes of its classification tasks) are read without
-touching the disk.
+Datasets are given as partial constructors (Hydra ``_partial_: true``) of a
+:class:`~mtl.data.base.DenseDataset` subclass that accept ``split``, ``tasks`` and
+``transform``; the class's declarations (``KEY``, ``TASKS``, ``NUM_CLASSES``, ``CLASS_NAMES``,
+``EDGE_MAX_DIST``) are read without touching the disk.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from mtl.data.base import FolderDataset
+from mtl.data.base import DenseDataset, FolderDataset
 from mtl.data.resumable import ResumableLoader, ResumableSampler, SeededAugmentation, private_generator
 from mtl.data.transforms import build_transform
 
@@ -27,15 +28,29 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-def _dataset_class(factory: Callable) -> type:
-    return getattr(factory, "func", factory)
+def dataset_class(factory: Callable[..., Dataset] | type) -> type[DenseDataset]:
+    """The :class:`DenseDataset` subclass a dataset constructor (a class or a partial of one) builds.
+
+    Raises:
+        TypeError: it is not a :class:`DenseDataset` subclass or declares no ``KEY``.
+    """
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    if not (isinstance(cls, type) and issubclass(cls, DenseDataset)):
+        raise TypeError(
+            f"data.dataset: {cls!r} is not a mtl.data.base.DenseDataset subclass (a dataset class "
+            "declares KEY, TASKS, NUM_CLASSES, CLASS_NAMES and EDGE_MAX_DIST)"
+        )
+    if not cls.KEY:
+        raise TypeError(f"data.dataset: {cls.__qualname__} declares no KEY (e.g. 'nyud')")
+    return cls
 
 
 class MTLDataModule(L.LightningDataModule):
     """Train and validation loaders over one dataset.
 
     Args:
-        dataset: partial dataset constructor accepting ``split``, ``tasks``, ``transform``.
+        dataset: partial constructor of a :class:`~mtl.data.base.DenseDataset` subclass
+            accepting ``split``, ``tasks``, ``transform``.
         tasks: the experiment's task list (checked against what the dataset provides).
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
@@ -56,6 +71,11 @@ class MTLDataModule(L.LightningDataModule):
         seed: seeds the training order (per epoch) and every sample's augmentation (per epoch
             and sample), so that the batch stream does not depend on the worker count and a
             resumed run sees exactly the batches an uninterrupted one would (``None``: random).
+
+    Attributes:
+        dataset_class: the dataset's class (its declarations: key, tasks, classes, edge tolerance).
+        num_classes: the experiment's classification tasks → number of classes.
+        class_names: the experiment's classification tasks → class names.
     """
 
     def __init__(
@@ -80,8 +100,8 @@ class MTLDataModule(L.LightningDataModule):
         super().__init__()
         self.dataset_fn = dataset
         self.tasks = list(tasks)
-        cls = _dataset_class(dataset)
-        provided = tuple(getattr(cls, "TASKS", ()))
+        self.dataset_class = cls = dataset_class(dataset)
+        provided = cls.TASKS
         missing = [t for t in self.tasks if t not in provided]
         if missing:
             raise ValueError(
@@ -89,7 +109,8 @@ class MTLDataModule(L.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.num_classes = {t: n for t, n in getattr(cls, "NUM_CLASSES", {}).items() if t in self.tasks}
+        self.num_classes = {t: n for t, n in cls.NUM_CLASSES.items() if t in self.tasks}
+        self.class_names = {t: n for t, n in cls.CLASS_NAMES.items() if t in self.tasks}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -123,7 +144,7 @@ class MTLDataModule(L.LightningDataModule):
 
     def _make(self, split: str, transform: Callable[[dict], dict]) -> Dataset:
         kwargs = dict(self.split_kwargs.get(split, {}))
-        if self.skip_bad_samples and issubclass(_dataset_class(self.dataset_fn), FolderDataset):
+        if self.skip_bad_samples and issubclass(self.dataset_class, FolderDataset):
             kwargs["skip_bad_samples"] = True  # on-disk datasets only: rendered samples cannot be bad
         return self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
 

@@ -23,13 +23,28 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.base import BadSampleError, FolderDataset, decode_normals, read_npy, read_png
+from mtl.data.base import (
+    NYUD_EDGE_MAX_DIST,
+    BadSampleError,
+    FolderDataset,
+    decode_normals,
+    read_npy,
+    read_png,
+)
 
 SIZE = (448, 576)
 """(H, W) of the field's NYUD-v2 images."""
 MTINET_SIZE = (480, 640)
 SPLIT_SIZES = {"train": 795, "val": 654}
-NUM_SEMSEG = 40
+#: the 40 classes of Gupta et al. (CVPR 2013), label id = index
+SEMSEG_CLASSES: tuple[str, ...] = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)  # fmt: skip
+NUM_SEMSEG = len(SEMSEG_CLASSES)
 
 WRONG_COPY = (
     "this is the 480×640 MTI-Net copy of NYUD-v2, which does not fit the field's 448×576 "
@@ -58,8 +73,11 @@ class NYUDv2(FolderDataset):
         skip_bad_samples: log and skip unreadable samples instead of raising.
     """
 
+    KEY = "nyud"
     TASKS = ("semseg", "depth", "normals", "edge")
+    CLASS_NAMES = {"semseg": SEMSEG_CLASSES}
     NUM_CLASSES = {"semseg": NUM_SEMSEG}
+    EDGE_MAX_DIST = NYUD_EDGE_MAX_DIST
 
     def split_file(self, split: str) -> Path:
         return self.root / "gt_sets" / f"{split}.txt"

@@ -31,8 +31,18 @@ from pyEdgeEval.preprocess import binary_thin
 from mtl.data.base import BadSampleError, FolderDataset, decode_normals, read_png
 
 SPLIT_SIZES = {"train": 4998, "val": 5105}
-NUM_SEMSEG = 21
-PERSON_CLASS = 15
+#: the 20 PASCAL VOC classes and background, label id = index
+SEMSEG_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+NUM_SEMSEG = len(SEMSEG_CLASSES)
+PERSON_CLASS = SEMSEG_CLASSES.index("person")
+#: the field's human-part grouping (:data:`PART_IDS`), label id = index
+PART_CLASSES: tuple[str, ...] = (
+    "background", "head", "torso", "upper arms", "lower arms", "upper legs", "lower legs",
+)  # fmt: skip
 PART_IDS = {
     **dict.fromkeys(("hair", "head", "lear", "lebrow", "leye", "mouth", "nose", "rear", "rebrow", "reye"), 1),
     **dict.fromkeys(("torso", "neck"), 2),
@@ -124,8 +134,11 @@ class PASCALContext(FolderDataset):
         skip_bad_samples: log and skip unreadable samples instead of raising.
     """
 
+    KEY = "pascal_context"
     TASKS = ("semseg", "human_parts", "saliency", "normals", "edge")
+    CLASS_NAMES = {"semseg": SEMSEG_CLASSES, "human_parts": PART_CLASSES}
     NUM_CLASSES = {"semseg": NUM_SEMSEG, "human_parts": len(set(PART_IDS.values())) + 1}
+    EDGE_MAX_DIST = 0.0075
 
     def split_file(self, split: str) -> Path:
         return self.root / "ImageSets" / "Context" / f"{split}.txt"

@@ -1,7 +1,7 @@
 """Joint transforms over an image and all of its task maps.
 
 A raw sample is the dict every dataset of :mod:`mtl.data` returns, in the decoded
-encodings of the real datasets (see ``../shared/REFERENCE.md``)::
+encodings of the real datasets (as the released Multi-Task-Transformer loaders decode them)::
 
     image        uint8   (H, W, 3) RGB
     semseg       uint8   (H, W)    class ids, 255 = ignore
@@ -13,9 +13,11 @@ encodings of the real datasets (see ``../shared/REFERENCE.md``)::
     meta         dict              at least ``id`` and ``size``
 
 :class:`ToTensor` turns it into the training sample (``image`` ImageNet-normalised
-``3×H×W`` float, label maps ``int64 H×W``, dense targets ``C×H×W`` float).
+``3×H×W`` float, label maps ``int64 H×W``, dense targets ``C×H×W`` float). A new task's
+floating-point map (``(H, W)`` or ``(H, W, C)``) becomes a ``C×H×W`` float target like depth
+and normals, and is resampled by nearest neighbour and padded with 0.
 
-The field's recipe (ATRC / InvPT / TaskExpert, see ``../shared/REFERENCE.md``): at training
+The field's recipe (ATRC / InvPT / TaskExpert, as in the released Multi-Task-Transformer code): at training
 time random scale 0.5–2.0, random crop with ``cat_max_ratio`` 0.75, horizontal flip,
 photometric distortion, normalisation and padding to the fixed size; at test time
 normalisation and padding only. :func:`build_transform` assembles either from config.
@@ -123,6 +125,9 @@ class ToTensor:
                 arr = np.ascontiguousarray(value, dtype=np.float32)
                 # A permuted view: default_collate stacks it into a contiguous batch anyway.
                 out[key] = torch.from_numpy(arr).permute(2, 0, 1)
+            elif isinstance(value, np.ndarray) and value.ndim in (2, 3) and value.dtype.kind == "f":
+                t = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))  # another task's target
+                out[key] = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
             else:
                 out[key] = value
         return out

@@ -1,8 +1,7 @@
-"""Decoders: ``forward(feats, *, task_subset=None) -> dict[task, B×D×h×w]``.
+"""Decoders: :class:`~mtl.contracts.Decoder` — ``forward(feats, *, tasks) -> DecoderOutput``.
 
-Convention shared by every decoder: task-specific modules live in an ``nn.ModuleDict``
-attribute named ``per_task`` (keyed by task), everything else in the decoder is shared
-between tasks. Strategies rely on this split.
+Task-specific modules live in the ``per_task`` ``nn.ModuleDict`` (keyed by task), everything else
+in the decoder is shared between tasks; strategies rely on this split.
 """
 
 from mtl.decoders.multihead import MultiHeadDecoder

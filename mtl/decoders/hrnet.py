@@ -7,8 +7,8 @@ finest level's resolution and concatenated, then a 1×1 convolution, BatchNorm a
 the task feature (the last 1×1 convolution to the task's outputs is the task head,
 :mod:`mtl.heads`).
 
-Every module is task-specific (``per_task``). The input is either one shared feature list
-(any backbone) or ``{task: feature list}`` (MTLoRA's per-task streams).
+Every module is task-specific (``per_task``). With per-task backbone features (MTLoRA's task
+streams) the model runs the decoder once per stream.
 
 Choice (not fixed by the paper text we hold): the projection width per level, ``channels``
 (default 64, so the task feature has ``4 × 64`` channels); MTLoRA's exact width is unknown.
@@ -16,11 +16,13 @@ Choice (not fixed by the paper text we hold): the projection width per level, ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mtl.contracts import Decoder, DecoderOutput
 
 
 class _TaskBranch(nn.Module):
@@ -43,7 +45,7 @@ class _TaskBranch(nn.Module):
         return self.fuse(torch.cat(ups, dim=1))
 
 
-class HRNetDecoder(nn.Module):
+class HRNetDecoder(Decoder):
     """Per-task HRNet-style fusion of multi-scale features.
 
     Args:
@@ -60,17 +62,6 @@ class HRNetDecoder(nn.Module):
         self.per_task = nn.ModuleDict({t: _TaskBranch(in_channels, channels) for t in self.tasks})
         self.out_channels = channels * len(in_channels)
 
-    def forward(
-        self,
-        feats: Sequence[torch.Tensor] | Mapping[str, Sequence[torch.Tensor]],
-        *,
-        task_subset: Sequence[str] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Returns task → ``B × out_channels × h × w`` at the finest level's resolution."""
-        tasks = self.tasks if task_subset is None else list(task_subset)
-        if isinstance(feats, Mapping):
-            missing = [t for t in tasks if t not in feats]
-            if missing:
-                raise KeyError(f"HRNetDecoder: no backbone features for task(s) {missing}")
-            return {t: self.per_task[t](feats[t]) for t in tasks}
-        return {t: self.per_task[t](feats) for t in tasks}
+    def forward(self, feats: Sequence[torch.Tensor], *, tasks: Sequence[str] | None = None) -> DecoderOutput:
+        """Task → ``B × out_channels × h × w`` at the finest level's resolution (``tasks``: default all)."""
+        return DecoderOutput(features={t: self.per_task[t](feats) for t in self.task_list(tasks)})

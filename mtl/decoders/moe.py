@@ -99,41 +99,22 @@ def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
     return ent.mean() / math.log(gates.shape[1]) if gates.shape[1] > 1 else ent.mean() * 0
 
 
-class GateStats:
-    """Accumulates mean gate weight per expert and mean entropy, per (task, layer), over batches.
+def gate_stats(task: str, layer: int, gates: torch.Tensor, expert_names: Sequence[str] | None) -> dict:
+    """``gates/<task>/layer<i>/entropy`` (:func:`gate_entropy`) and, with ``expert_names``, each
+    expert's mean weight ``gates/<task>/layer<i>/<expert>`` of gates ``B × E × h × w`` (detached, fp32).
 
-    Plain tensors (not buffers): they are neither saved in checkpoints nor moved by ``.to()``.
+    Batch means: averaged over an evaluation with the batch sizes as weights they give the
+    evaluation's mean weights and entropy.
     """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[tuple[str, int], torch.Tensor] = {}
-        self.entropy: dict[tuple[str, int], torch.Tensor] = {}
-        self.count: dict[tuple[str, int], int] = {}
-
-    @torch.no_grad()
-    def update(self, task: str, layer: int, gates: torch.Tensor) -> None:
-        key = (task, layer)
-        mean = gates.float().mean(dim=(0, 2, 3))
-        ent = gate_entropy(gates.float())
-        n = gates.shape[0]
-        self.sums[key] = self.sums.get(key, 0) + mean * n
-        self.entropy[key] = self.entropy.get(key, 0) + ent * n
-        self.count[key] = self.count.get(key, 0) + n
-
-    def compute(self, expert_names: Sequence[str], *, means: bool = True) -> dict[str, torch.Tensor]:
-        """``gates/<task>/layer<i>/<expert>`` means and ``gates/<task>/layer<i>/entropy``."""
-        out = {}
-        for (task, layer), total in sorted(self.sums.items()):
-            n = self.count[(task, layer)]
-            prefix = f"gates/{task}/layer{layer}"
-            out[f"{prefix}/entropy"] = self.entropy[(task, layer)] / n
-            if means:
-                for name, v in zip(expert_names, total / n, strict=True):
-                    out[f"{prefix}/{name}"] = v
-        return out
+    with torch.no_grad():
+        g = gates.detach().float()
+        prefix = f"gates/{task}/layer{layer}"
+        out = {f"{prefix}/entropy": gate_entropy(g)}
+        if expert_names is not None:
+            out.update(
+                {f"{prefix}/{name}": v for name, v in zip(expert_names, g.mean(dim=(0, 2, 3)), strict=True)}
+            )
+    return out
 
 
 def _palette(n: int) -> np.ndarray:

@@ -8,11 +8,13 @@ the shared map with its own convolutional block.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mtl.contracts import Decoder, DecoderOutput
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -22,7 +24,7 @@ def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     )
 
 
-class MultiHeadDecoder(nn.Module):
+class MultiHeadDecoder(Decoder):
     """Shared fusion of all backbone levels plus a task-specific block per task.
 
     Args:
@@ -31,6 +33,8 @@ class MultiHeadDecoder(nn.Module):
         channels: width ``D`` of the fused and task features.
         task_blocks: number of ``3 × 3`` conv blocks in each task's branch.
     """
+
+    splits_representation = True
 
     def __init__(
         self,
@@ -49,7 +53,7 @@ class MultiHeadDecoder(nn.Module):
             {t: nn.Sequential(*(conv_bn_relu(channels, channels) for _ in range(task_blocks))) for t in tasks}
         )
 
-    def encode(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    def encode(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The shared part: all levels fused at the finest resolution, ``[B × D × h × w]``."""
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         maps = [
@@ -60,20 +64,16 @@ class MultiHeadDecoder(nn.Module):
         ]
         return [self.fuse(torch.stack(maps).sum(dim=0))]
 
-    def decode(
-        self, rep: list[torch.Tensor], *, task_subset: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
+    def decode(self, rep: Sequence[torch.Tensor], *, tasks: Sequence[str] | None = None) -> DecoderOutput:
         """The task-specific part: each requested task's branch on the fused map."""
         (shared,) = rep
-        return {t: self.per_task[t](shared) for t in (task_subset or self.tasks)}
+        return DecoderOutput(features={t: self.per_task[t](shared) for t in self.task_list(tasks)})
 
-    def shared_parameters(self):
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of :meth:`encode` (the lateral projections and the fusion block)."""
         yield from self.lateral.parameters()
         yield from self.fuse.parameters()
 
-    def forward(
-        self, feats: list[torch.Tensor], *, task_subset: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, feats: Sequence[torch.Tensor], *, tasks: Sequence[str] | None = None) -> DecoderOutput:
         """Fuses the levels at the finest resolution and runs the requested task branches."""
-        return self.decode(self.encode(feats), task_subset=task_subset)
+        return self.decode(self.encode(feats), tasks=tasks)

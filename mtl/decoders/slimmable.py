@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl.contracts import Decoder, DecoderOutput
+
 
 def active(width: float, channels: int) -> int:
     """Channels in use at ``width``: ``max(1, round(width · channels))``."""
@@ -90,7 +92,7 @@ class _SlimBranch(nn.Module):
         return self.out(F.relu(self.bn(self.conv(x))))
 
 
-class SlimmableDecoder(nn.Module):
+class SlimmableDecoder(Decoder):
     """A slimmable branch per task; :meth:`set_widths` picks each task's width.
 
     Args:
@@ -126,6 +128,6 @@ class SlimmableDecoder(nn.Module):
                 raise ValueError(f"decoder width {w} for {t!r} is not one of {self.widths}")
             self.per_task[t].set_width(float(w))
 
-    def forward(self, feats: Sequence[torch.Tensor], *, task_subset: Sequence[str] | None = None):
-        tasks = self.tasks if task_subset is None else list(task_subset)
-        return {t: self.per_task[t](feats) for t in tasks}
+    def forward(self, feats: Sequence[torch.Tensor], *, tasks: Sequence[str] | None = None) -> DecoderOutput:
+        """Each requested task's branch at its width (``tasks``: default all)."""
+        return DecoderOutput(features={t: self.per_task[t](feats) for t in self.task_list(tasks)})

@@ -2,7 +2,7 @@
 
 Ye & Xu, "TaskExpert: Dynamically Assembling Multi-Task Representations with Memorial
 Mixture-of-Experts", ICCV 2023. The authors never released code; this implements the paper's
-description (``../shared/REFERENCE.md``):
+description:
 
 * at every tapped backbone layer a *memorial MoE* module decomposes the layer's feature into
   ``num_experts`` task-generic features with expert networks;
@@ -47,14 +47,15 @@ the last layer's assembled features as output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl.decoders.moe import BatchedExperts, ChannelNorm, GateStats, balance_loss, gate_picture, gate_weights
+from mtl.contracts import Decoder, DecoderOutput
+from mtl.decoders.moe import BatchedExperts, ChannelNorm, balance_loss, gate_picture, gate_stats, gate_weights
 from mtl.decoders.multihead import conv_bn_relu
 
 CHOICES = {
@@ -75,8 +76,16 @@ class TaskBranch(nn.Module):
     """Everything task-specific: a gate per layer, the memory initialiser and read norm, the output block."""
 
     def __init__(
-        self, *, in_channels: Sequence[int], channels: int, gate_out: int, gate_input: str,
-        use_memory: bool, memory_init: str, memory_norm: bool, final_blocks: int,
+        self,
+        *,
+        in_channels: Sequence[int],
+        channels: int,
+        gate_out: int,
+        gate_input: str,
+        use_memory: bool,
+        memory_init: str,
+        memory_norm: bool,
+        final_blocks: int,
     ) -> None:
         super().__init__()
         extra = channels if gate_input == "feature_memory" and use_memory else 0
@@ -94,7 +103,7 @@ class TaskBranch(nn.Module):
         self.out = nn.Sequential(*(conv_bn_relu(channels, channels) for _ in range(final_blocks)))
 
 
-class TaskExpertDecoder(nn.Module):
+class TaskExpertDecoder(Decoder):
     """Memorial mixture-of-experts decoder (TaskExpert). See the module docstring for every choice.
 
     Args:
@@ -115,17 +124,30 @@ class TaskExpertDecoder(nn.Module):
         balance_weight: weight of the importance-balancing aux loss (0: off).
         intermediate_supervision: supervise every earlier layer's assembled features too.
         intermediate_weight: weight of each intermediate loss relative to the final one.
-        log_gate_means: report the mean weight of every expert (not only the entropy) in
-            :meth:`validation_stats`.
+        log_gate_means: report the mean weight of every expert (not only the entropy) in the
+            eval-mode :attr:`~mtl.contracts.DecoderOutput.stats`.
     """
 
     def __init__(
-        self, *, in_channels: Sequence[int], tasks: Sequence[str], channels: int = 256,
-        num_experts: int = 8, expert_hidden: int | None = None, expert_kernel: int = 1,
-        gate_input: str = "feature", top_k: int | None = None, use_memory: bool = True,
-        memory_init: str = "feature", memory_update: str = "add", memory_momentum: float = 0.5,
-        memory_norm: bool = True, final_blocks: int = 1, balance_weight: float = 0.0,
-        intermediate_supervision: bool = False, intermediate_weight: float = 1.0,
+        self,
+        *,
+        in_channels: Sequence[int],
+        tasks: Sequence[str],
+        channels: int = 256,
+        num_experts: int = 8,
+        expert_hidden: int | None = None,
+        expert_kernel: int = 1,
+        gate_input: str = "feature",
+        top_k: int | None = None,
+        use_memory: bool = True,
+        memory_init: str = "feature",
+        memory_update: str = "add",
+        memory_momentum: float = 0.5,
+        memory_norm: bool = True,
+        final_blocks: int = 1,
+        balance_weight: float = 0.0,
+        intermediate_supervision: bool = False,
+        intermediate_weight: float = 1.0,
         log_gate_means: bool = True,
     ) -> None:
         super().__init__()
@@ -143,6 +165,7 @@ class TaskExpertDecoder(nn.Module):
         if not in_channels or not tasks:
             raise ValueError(f"TaskExpertDecoder needs ≥ 1 tapped layer and task; got {in_channels}, {tasks}")
         self.tasks = list(tasks)
+        self.in_channels = [int(c) for c in in_channels]
         self.out_channels = channels
         self.num_experts = num_experts
         self.top_k = top_k
@@ -159,23 +182,29 @@ class TaskExpertDecoder(nn.Module):
         self.in_norm = nn.ModuleList(ChannelNorm(channels=c) for c in in_channels)
         self.experts = nn.ModuleList(
             BatchedExperts(
-                in_channels=c, out_channels=channels, num_experts=num_experts,
-                hidden=expert_hidden or channels, kernel=expert_kernel,
+                in_channels=c,
+                out_channels=channels,
+                num_experts=num_experts,
+                hidden=expert_hidden or channels,
+                kernel=expert_kernel,
             )
             for c in in_channels
         )
-        self.per_task = nn.ModuleDict({
-            t: TaskBranch(
-                in_channels=in_channels, channels=channels, gate_out=n_gates, gate_input=gate_input,
-                use_memory=use_memory, memory_init=memory_init, memory_norm=memory_norm,
-                final_blocks=final_blocks,
-            )
-            for t in self.tasks
-        })
-        self.gate_stats = GateStats()
-        self.last_gates: dict[str, list[torch.Tensor]] = {}
-        self._aux: torch.Tensor | None = None
-        self._intermediate: list[dict[str, torch.Tensor]] = []
+        self.per_task = nn.ModuleDict(
+            {
+                t: TaskBranch(
+                    in_channels=in_channels,
+                    channels=channels,
+                    gate_out=n_gates,
+                    gate_input=gate_input,
+                    use_memory=use_memory,
+                    memory_init=memory_init,
+                    memory_norm=memory_norm,
+                    final_blocks=final_blocks,
+                )
+                for t in self.tasks
+            }
+        )
 
     def _init_memory(self, task: str, first: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         branch = self.per_task[task]
@@ -194,26 +223,37 @@ class TaskExpertDecoder(nn.Module):
             return (1.0 - self.memory_momentum) * memory + self.memory_momentum * feature
         return feature
 
-    def forward(
-        self, feats: Sequence[torch.Tensor], *, task_subset: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Tapped features (``B × C_l × h_l × w_l``) → task → ``B × D × h × w`` at the finest tap."""
+    def check_features(self, feature_info: Sequence[Mapping[str, int]]) -> None:
+        """The backbone must tap as many levels, of the same widths, as the decoder was built for."""
+        widths = self.in_channels
+        given = [int(f["channels"]) for f in feature_info]
+        if given != widths:
+            raise ValueError(
+                f"TaskExpertDecoder built for {len(widths)} tapped layers of {widths} channels; the backbone "
+                f"gives {len(given)} of {given} (its out_indices decide the taps)"
+            )
+
+    def forward(self, feats: Sequence[torch.Tensor], *, tasks: Sequence[str] | None = None) -> DecoderOutput:
+        """Tapped features (``B × C_l × h_l × w_l``) → task → ``B × D × h × w`` at the finest tap.
+
+        Training: the balancing loss (``balance_weight > 0``) and the earlier layers' assembled
+        features (``intermediate_supervision``); eval: gate statistics and the gates of every
+        layer (``maps["gates_<task>"]``, for :meth:`picture_maps`).
+        """
         if len(feats) != len(self.experts):
             raise ValueError(
                 f"TaskExpertDecoder built for {len(self.experts)} tapped layers, got {len(feats)} maps"
             )
-        tasks = list(task_subset or self.tasks)
-        unknown = [t for t in tasks if t not in self.per_task]
-        if unknown:
-            raise ValueError(f"task_subset has unknown task(s) {unknown}; the decoder has {self.tasks}")
+        tasks = self.task_list(tasks)
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])  # the memory's resolution
         xs = [norm(f) for norm, f in zip(self.in_norm, feats, strict=True)]
         memory = {t: self._init_memory(t, xs[0], size) for t in tasks} if self.use_memory else {}
         assembled: dict[str, torch.Tensor] = {}
         aux, intermediate, record = [], [], not self.training
+        stats: dict[str, torch.Tensor] = {}
+        maps: dict[str, list[torch.Tensor]] = {f"gates_{t}": [] for t in tasks} if record else {}
+        means = self.expert_names if self.log_gate_means else None
         mix_memory = self.gate_input == "feature_memory" and self.use_memory
-        if record:
-            self.last_gates = {t: [] for t in tasks}
         for layer, x in enumerate(xs):
             experts = self.experts[layer](x)  # (B, N, D, h, w)
             for t in tasks:
@@ -230,34 +270,26 @@ class TaskExpertDecoder(nn.Module):
                 if self.training and self.balance_weight > 0:
                     aux.append(balance_loss(gates))
                 if record:
-                    self.gate_stats.update(t, layer, gates)
-                    self.last_gates[t].append(gates.detach())
+                    stats.update(gate_stats(t, layer, gates, means))
+                    maps[f"gates_{t}"].append(gates.detach())
             if self.training and self.intermediate_supervision and layer < len(xs) - 1:
                 intermediate.append(dict(assembled))
-        self._aux = self.balance_weight * torch.stack(aux).mean() if aux else None
-        self._intermediate = intermediate
         final = memory if self.use_memory else {t: _resize(assembled[t], size) for t in tasks}
-        return {t: self.per_task[t].out(final[t]) for t in tasks}
+        return DecoderOutput(
+            features={t: self.per_task[t].out(final[t]) for t in tasks},
+            aux_loss=self.balance_weight * torch.stack(aux).mean() if aux else None,
+            intermediate=intermediate,
+            intermediate_weight=self.intermediate_weight,
+            stats=stats,
+            maps=maps,
+        )
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """The gate-balancing loss of the last training forward (``None`` when off)."""
-        return self._aux
-
-    def intermediate_features(self) -> list[dict[str, torch.Tensor]]:
-        """Per earlier tapped layer, task → assembled feature of the last training forward (or [])."""
-        return self._intermediate
-
-    def validation_stats(self) -> dict[str, torch.Tensor]:
-        """Mean gate weight per expert (and entropy) per task and layer since the last reset."""
-        return self.gate_stats.compute(self.expert_names, means=self.log_gate_means)
-
-    def reset_validation_stats(self) -> None:
-        self.gate_stats.reset()
-
-    def visual_maps(self, index: int = 0, *, size: tuple[int, int]) -> dict[str, np.ndarray]:
-        """``gates_<task>`` pictures of sample ``index`` of the last eval forward (:func:`gate_picture`)."""
+    def picture_maps(
+        self, maps: Mapping[str, list[torch.Tensor]], index: int, *, size: tuple[int, int]
+    ) -> dict[str, np.ndarray]:
+        """``gates_<task>`` pictures of sample ``index`` of an eval output's maps (:func:`gate_picture`)."""
         return {
-            f"gates_{t}": gate_picture([g[index] for g in layers], size=size, memory=self.use_memory)
-            for t, layers in self.last_gates.items()
-            if layers
+            name: gate_picture([g[index] for g in layers], size=size, memory=self.use_memory)
+            for name, layers in maps.items()
+            if name.startswith("gates_") and layers
         }

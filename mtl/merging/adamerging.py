@@ -9,9 +9,11 @@ and per layer l (here: per parameter tensor, as the paper's layer-wise variant),
 unsupervised surrogate of every task's loss, then clipped to [0, 1]. The model is run through
 ``torch.func.functional_call`` so θ(λ) stays a differentiable function of λ.
 
-The paper minimises the Shannon entropy of classification outputs. For dense prediction we
-define, per task and averaged over pixels of the unlabelled batch (each term lies in [0, 1] or
-near it, so tasks weigh alike):
+The paper minimises the Shannon entropy of classification outputs. For dense prediction each
+task defines its label-free objective (:meth:`mtl.tasks.Task.label_free_loss`, and
+:attr:`~mtl.tasks.Task.label_free_needs_reference` when it compares with the single-task
+model's prediction); the built-in ones, averaged over pixels of the unlabelled batch (each term
+lies in [0, 1] or near it, so tasks weigh alike), are:
 
 * ``semseg``, ``human_parts`` (K-way softmax): entropy / log K;
 * ``saliency``, ``edge`` (one logit): binary entropy / log 2;
@@ -28,40 +30,31 @@ activations; the decoder branches and heads are the single-task ones and stay fi
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from mtl.merging.base import MergeMethod, task_vector
-from mtl.tasks.depth import Depth
-from mtl.tasks.normals import Normals
-from mtl.tasks.saliency import Saliency
-from mtl.tasks.semseg import SemSeg
+from mtl.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 
-def unsupervised_loss(task: Any, pred: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-    """The label-free objective of one task (see the module docstring)."""
-    if isinstance(task, SemSeg):  # and HumanParts
-        logp = F.log_softmax(pred.float(), dim=1)
-        return -(logp.exp() * logp).sum(dim=1).mean() / math.log(pred.shape[1])
-    if isinstance(task, Saliency):  # and Edge: binary entropy of sigmoid(z) = softplus(z) − z·σ(z)
-        z = pred.float()
-        return (F.softplus(z) - z * torch.sigmoid(z)).mean() / math.log(2.0)
-    if reference is None:
+def unsupervised_loss(task: Task, pred: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """The label-free objective of one task (see the module docstring).
+
+    Raises:
+        ValueError: the task needs the single-task model's prediction and ``reference`` is ``None``,
+            or it defines no label-free objective.
+    """
+    if task.label_free_needs_reference and reference is None:
         raise ValueError(f"task '{task.name}' needs the single-task model's predictions")
-    if isinstance(task, Depth):
-        return (pred.float() - reference).abs().sum() / reference.abs().sum().clamp_min(1e-6)
-    if isinstance(task, Normals):
-        return 1.0 - F.cosine_similarity(pred.float(), reference, dim=1, eps=1e-6).mean()
-    raise ValueError(
-        f"AdaMerging has no unsupervised objective for task '{task.name}' ({type(task).__name__})"
-    )
+    try:
+        return task.label_free_loss(pred, reference)
+    except NotImplementedError as err:
+        raise ValueError(f"AdaMerging has no unsupervised objective: {err}") from err
 
 
 def _strip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,12 +156,13 @@ class AdaMerging(MergeMethod):
         tasks_of: Sequence[Sequence[str]],
         shared_keys: Sequence[str],
         images: torch.Tensor,
-        tasks: Mapping[str, Any],
+        tasks: Mapping[str, Task],
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Regression tasks' predictions by their own fine-tuned model, one checkpoint at a time."""
+        """Predictions of the tasks whose objective needs a reference (the regression tasks) by
+        their own fine-tuned model, one checkpoint at a time."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for state, names in zip(states, tasks_of, strict=True):
-            wanted = [t for t in names if isinstance(tasks[t], (Depth, Normals))]
+            wanted = [t for t in names if tasks[t].label_free_needs_reference]
             if not wanted:
                 continue
             own = _strip({k: state[k] for k in shared_keys})

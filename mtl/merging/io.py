@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtl.merging.fingerprint import stored_fingerprint
+from mtl.initial_weights import stored_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Run:
         cfg: the composed config it was trained with.
         tasks: its tasks (``cfg.data.tasks``).
         state: its ``state_dict`` (memory-mapped tensors, keys ``model.…``).
-        fingerprint: digests of its initial weights (:mod:`mtl.merging.fingerprint`), if stored.
+        fingerprint: digests of its initial weights (:mod:`mtl.initial_weights`), if stored.
     """
 
     path: Path
@@ -140,7 +140,7 @@ def check_runs(runs: Sequence[Run], shared_keys: Sequence[str]) -> None:
 
 def backbone_source(cfg: DictConfig) -> dict[str, Any]:
     """Where the backbone's initial weights come from: timm name, pretrained flag, checkpoint file."""
-    from mtl.merging.init_weights import init_weights_paths
+    from mtl.initial_weights import init_weights_paths
 
     bb = cfg.model.get("backbone") or {}
     ckpt = bb.get("checkpoint_path")

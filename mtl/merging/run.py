@@ -5,10 +5,10 @@
    (backbone, shared decoder: merged) and per-task ones (decoder branch, head: copied from the
    checkpoint that trained that task).
 2. Verify: disjoint tasks, same architecture (first mismatching key named), same model config,
-   same initialisation (stored fingerprints, :mod:`mtl.merging.fingerprint`).
+   same initialisation (stored fingerprints, :mod:`mtl.initial_weights`).
 3. θ0 (:func:`initial_weights`): ``base_ckpt`` where given, else the initial model rebuilt from
    the training config exactly as ``train`` built it (pretrained backbone file or timm weights,
-   seeded initialisation of the rest, then the :class:`~mtl.merging.init_weights.InitWeights`
+   seeded initialisation of the rest, then the :class:`~mtl.callbacks.InitWeights`
    checkpoint if the run had one), checked against the stored fingerprint.
 4. Merge the shared float parameters with the method; average the shared float buffers
    (BatchNorm statistics); write a normal checkpoint that ``eval.py`` evaluates.
@@ -27,9 +27,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.initial_weights import first_mismatch, init_weights_paths, load_init_weights, state_fingerprint
 from mtl.merging.base import MergeMethod
-from mtl.merging.fingerprint import first_mismatch, state_fingerprint
-from mtl.merging.init_weights import init_weights_paths, load_init_weights
 from mtl.merging.io import (
     Run,
     backbone_source,

@@ -3,7 +3,7 @@
 Saliency maxF follows the protocol of the multi-task literature (ATRC / InvPT): precision
 and recall pooled over the whole split at thresholds 0.05, 0.10, …, 0.95, then
 F_β = (1 + β²)·P·R / (β²·P + R) with β² = 0.3, maximised over thresholds. Probabilities are
-taken as ``sigmoid(logit)`` once (no second squeeze, see REFERENCE.md). Saliency mIoU follows
+taken as ``sigmoid(logit)`` once (no second squeeze, see the papers). Saliency mIoU follows
 the ASTMT / ATRC meter (K.-K. Maninis et al., "Attentive Single-Tasking of Multiple Tasks",
 CVPR 2019): per image, the Jaccard index of ``prob > t`` with the ground truth at 15
 thresholds ``linspace(0.2, 0.9, 15)`` (1 when both are empty), averaged over images, best

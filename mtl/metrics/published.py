@@ -1,4 +1,4 @@
-"""Headline numbers of the published multi-task tables (REFERENCE.md), for comparison rows.
+"""Headline numbers of the published multi-task tables (Multi-Task-Transformer code), for comparison rows.
 
 Units as printed in the papers: mIoU, maxF and odsF in percent, depth RMSE in metres,
 normal errors in degrees. All at full resolution with ImageNet-pretrained backbones:
@@ -22,7 +22,7 @@ def _row(model: str, backbone: str, keys: tuple[str, ...], values: tuple, notes:
     }
 
 
-_VERIFY = "†"  # REFERENCE.md: "to verify against the paper"
+_VERIFY = "†"  # not yet checked against the paper
 
 #: dataset key (``nyud`` / ``pascal_context``) → rows
 HEADLINES: dict[str, list[dict]] = {

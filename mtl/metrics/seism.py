@@ -6,7 +6,7 @@ TaskPrompter, TaskExpert) runs it for odsF on NYUD-v2 and PASCAL-Context; matchi
 D. Martin et al.'s BSDS ``correspondPixels`` (TPAMI 2004); non-maximum suppression by
 P. Dollár & C. L. Zitnick's ``edgesNmsMex`` (Structured Edge Detection, TPAMI 2015).
 
-Steps for one image (REFERENCE.md, "Metrics"), composed here in SEISM's order:
+Steps for one image (the SEISM protocol), composed here in SEISM's order:
 
 1. the prediction is an 8-bit map read back as ``value / 255``;
 2. orientation: ``[Ox, Oy] = gradient2(convTri(E, 4))``, ``[Oxx, ~] = gradient2(Ox)``,
@@ -16,7 +16,7 @@ Steps for one image (REFERENCE.md, "Metrics"), composed here in SEISM's order:
 4. per threshold ``t`` of :data:`THRESHOLDS`: ``E_nms > t`` (strict), thinned again
    (``bwmorph('thin', Inf)``), matched to the ground truth by
    ``pyEdgeEval.correspond_pixels(pred, gt, max_dist)`` (``max_dist`` is a fraction of the
-   image diagonal);
+   image diagonal, declared by each dataset: :attr:`mtl.data.base.DenseDataset.EDGE_MAX_DIST`);
 5. ground truth: ``thin(seg2bmap(label_map))``.
 
 BSDS ``correspondPixels`` draws random outlier edges from a library-global generator that
@@ -45,9 +45,6 @@ from mtl.metrics.morphology import seg2bmap, thin
 
 #: SEISM's 101 thresholds: 0.001, 0.01, 0.02, …, 0.99, 0.999.
 THRESHOLDS = np.array([0.001] + [round(0.01 * i, 2) for i in range(1, 100)] + [0.999])
-
-#: Matching tolerance (fraction of the image diagonal) the field uses per dataset.
-MAX_DIST = {"nyud": 0.011, "pascal_context": 0.0075}
 
 # columns of a count table
 MATCHED_GT, GT, MATCHED_PRED, PRED = range(4)

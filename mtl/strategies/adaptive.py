@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.base import Strategy
 from mtl.strategies.grads import all_reduce_sum_
 
@@ -30,14 +31,8 @@ class _LossWeighting(Strategy):
     def total(self, losses: torch.Tensor) -> torch.Tensor:
         return (self.weights(losses) * losses).sum()
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        *,
-        module,
-        extra: torch.Tensor | None = None,
-        batch: dict | None = None,
-    ) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        losses, extra = step.losses, step.aux
         stacked = torch.stack([loss.float() for loss in losses.values()])
         total = self.total(stacked)
         w = self.weights(stacked.detach()).detach()
@@ -65,7 +60,7 @@ class UncertaintyWeighting(_LossWeighting):
         self.init = float(init)
         self.log_vars = nn.Parameter(torch.zeros(0))
 
-    def setup(self, *, tasks: Mapping, module) -> None:
+    def setup(self, *, tasks: Mapping, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         self.log_vars = nn.Parameter(torch.full((len(tasks),), self.init))
 
@@ -98,7 +93,7 @@ class DynamicWeightAverage(_LossWeighting):
         self.register_buffer("history", torch.zeros(0, 0))  # (2, k): the last two epoch means
         self.register_buffer("epochs", torch.zeros((), dtype=torch.long))
 
-    def setup(self, *, tasks: Mapping, module) -> None:
+    def setup(self, *, tasks: Mapping, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         self.loss_sum = torch.zeros(len(tasks), dtype=torch.float64)
         self.history = torch.zeros(2, len(tasks), dtype=torch.float64)  # fixed shape: checkpoints load
@@ -110,11 +105,11 @@ class DynamicWeightAverage(_LossWeighting):
         ratio = self.history[1] / self.history[0].clamp_min(1e-12)
         return (k * torch.softmax(ratio / self.temperature, dim=0)).to(losses.device, losses.dtype)
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
-        stacked = torch.stack([loss.detach().double() for loss in losses.values()])
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        stacked = torch.stack([loss.detach().double() for loss in step.losses.values()])
         self.loss_sum = self.loss_sum.to(stacked.device) + stacked
         self.count = self.count.to(stacked.device) + 1
-        return super().backward(losses, module=module, extra=extra, batch=batch)
+        return super().backward(step, module=module, batch=batch)
 
     def epoch_end(self) -> None:
         if float(self.count) == 0:
@@ -151,9 +146,9 @@ class RandomLossWeighting(_LossWeighting):
             self._current = torch.softmax(torch.randn(losses.numel(), generator=gen), dim=0)
         return self._current.to(losses.device, losses.dtype)
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
         self._current = None
-        logs = super().backward(losses, module=module, extra=extra, batch=batch)
+        logs = super().backward(step, module=module, batch=batch)
         self.draws += 1
         return logs
 

@@ -32,9 +32,10 @@ import torch
 from torch import nn
 from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, WeightedAggregator
 
-from mtl.strategies.grads import TaskJacobian, all_reduce_mean_, gramian_stats, task_grads
+from mtl.contracts import StepForward, StrategyHost
+from mtl.strategies.grads import GradientTargets, TaskJacobian, all_reduce_mean_, task_grads
 from mtl.strategies.gramian_only import polarised_gramian, weighted_direction
-from mtl.strategies.jacobian import PerTaskGradients, sync_weights
+from mtl.strategies.jacobian import Measured, PerTaskGradients, Update, sync_weights
 
 
 def gramian_root(gram: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,14 @@ class GradientAggregation(PerTaskGradients):
         self._make = None if is_agg else aggregator
         self.aggregator = aggregator if is_agg else None
 
-    def setup(self, *, tasks, module) -> None:
+    def method_name(self) -> str:
+        """The aggregator's name (``MGDA``, ``NashMTL``, …), for error messages."""
+        if self.aggregator is not None:
+            return type(self.aggregator).__name__
+        make = self._make.func if isinstance(self._make, functools.partial) else self._make
+        return make.__name__ if isinstance(make, type) else type(make).__name__
+
+    def setup(self, *, tasks, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         if self.aggregator is None:
             self.aggregator = self._make(n_tasks=len(tasks))
@@ -103,27 +111,27 @@ class GradientAggregation(PerTaskGradients):
             raise ValueError("strategy gramian_only=true: GradDrop works coordinate-wise on J, not on G")
         self._scratch = TaskJacobian(1)
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
+    def _objectives(self, losses) -> dict[str, torch.Tensor]:
+        return {t: self.task_objective(t, losses[t]).float() for t in self.task_names}
+
+    def measure(
+        self, step: StepForward, targets: GradientTargets, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.gramian_only:
-            return super().backward(losses, module=module, extra=extra, batch=batch)
-        self._prepare(module)
-        scale = float(module.grad_scale())
-        flat = self._flat.attach()
-        gram = polarised_gramian(self, losses, scale, self._scratch)
-        diagnose = self.diagnose_now()
-        self.tick()
-        if not bool(torch.isfinite(gram).all()):  # fp16 overflow: the scaler skips this step
-            flat.fill_(float("nan"))
-            return {"skipped": 1.0}
-        weights = sync_weights(weights_from_gramian(self.aggregator, gram).to(flat.device, torch.float32))
-        self.last_weights = weights.tolist()
-        weighted_direction(self, losses, weights, scale)
-        if extra is not None:
-            torch._foreach_add_(self._flat.views, list(task_grads(extra * scale, self._flat.params)))
+            return super().measure(step, targets, scale)
+        return polarised_gramian(targets, self._objectives(step.losses), scale, self._scratch), None
+
+    def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
+        if not self.gramian_only:
+            return super().update(m, module=module, batch=batch)
+        step, targets, scale = m.step, m.targets, m.scale
+        flat = targets.flat.flat
+        weights = sync_weights(weights_from_gramian(self.aggregator, m.gram).to(flat.device, torch.float32))
+        weighted_direction(targets, self._objectives(step.losses), weights, scale)
+        if step.aux is not None:
+            torch._foreach_add_(targets.flat.views, list(task_grads(step.aux * scale, targets.flat.params)))
         all_reduce_mean_(flat)
-        logs = gramian_stats(gram, self.task_names, weights) if diagnose else {}
-        logs.update({f"{t}/weight": float(w) for t, w in zip(self.task_names, weights.cpu(), strict=True)})
-        return logs
+        return Update(weights)
 
     def extra_state(self) -> dict:
         return {"solver": solver_state(self.aggregator)} if self.aggregator is not None else {}

@@ -1,13 +1,20 @@
 """The strategy contract.
 
-A strategy turns the per-task losses of a training step into one parameter update. Per step
-the module calls, in this order::
+A strategy turns the per-task losses of a training step into one parameter update. It sees the
+module that trains only through :class:`~mtl.contracts.StrategyHost` (``model``, ``tasks``,
+``task_losses(out, batch)``, ``manual_backward``, ``grad_scale``). Per step the module calls,
+in this order::
 
-    preds, losses, aux = strategy.forward(batch, module=module)     # default: the plain forward
-    logs = strategy.backward(losses, module=module, extra=aux, batch=batch)
+    step = strategy.forward(batch, module=module)         # StepForward: preds, losses, aux (, rep)
+    logs = strategy.backward(step, module=module, batch=batch)
     # module: gradient clipping, optimiser step (with the fp16 scaler's unscale/skip)
-    strategy.after_step(batch, module=module, losses=losses)        # e.g. FAMO's look-ahead
-    strategy.epoch_end()                                            # after each training epoch, e.g. DWA
+    strategy.after_step(batch, module=module, losses=step.losses)   # e.g. FAMO's look-ahead
+    strategy.epoch_end()                                  # after each training epoch, e.g. DWA
+
+Everything ``backward`` needs of the forward travels in the :class:`~mtl.contracts.StepForward`
+(representation-level strategies put the shared representation in ``step.rep`` / ``step.rep_in``):
+no tensor of one step is kept on the strategy for the next call. Caches allocated once and
+reused (flat gradient buffers, parameter lists) are fine.
 
 ``epoch_end`` runs at the first step of the next epoch (``start_epoch``), from the epoch number
 the strategy itself keeps in its checkpointed state: a run resumed anywhere, even from a
@@ -29,7 +36,8 @@ Rules every strategy keeps:
   produce one synchronised result.
 - Strategies are ``nn.Module`` s so that learnable weights and running histories are
   checkpointed. State that must be identical on every rank is kept as buffers and updated
-  from all-reduced quantities.
+  from all-reduced quantities. No method of ``nn.Module`` is overridden with another meaning
+  (a strategy is a child of the module: ``module.apply(fn)`` must keep working).
 
 Returned logs are scalars; keys starting with ``grad/`` are logged under ``train/grad/...``
 (per-task gradient norms, pairwise cosines, conflicting pairs, aggregation weights, every
@@ -39,11 +47,16 @@ Returned logs are scalars; keys starting with ``grad/`` are logged under ``train
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.grads import all_reduce_mean_, gramian_stats, task_grads, trainable
+
+if TYPE_CHECKING:
+    from mtl.tasks.base import Task
 
 
 class Strategy(nn.Module):
@@ -68,13 +81,11 @@ class Strategy(nn.Module):
         self.epoch = -1  # the training epoch of the last step (see start_epoch)
         self.task_names: list[str] = []
 
-    def setup(self, *, tasks: Mapping, module: nn.Module) -> None:
-        """Called once before training with the task objects and the LightningModule."""
+    def setup(self, *, tasks: Mapping[str, Task], module: StrategyHost) -> None:
+        """Called once before training with the task objects and the module that trains."""
         self.task_names = list(tasks)
-        self.task_objects = dict(tasks)
         if self.needs_task_grads:
-            backbone = getattr(module.model, "backbone", None)
-            frozen = backbone is not None and not trainable(backbone.parameters())
+            frozen = not trainable(module.model.backbone.parameters())
             if frozen or not trainable(module.model.shared_parameters()):
                 raise ValueError(
                     f"strategy {type(self).__name__} needs per-task gradients of the shared parameters, "
@@ -83,27 +94,21 @@ class Strategy(nn.Module):
                     "a loss-weighting strategy (e.g. strategy=ew)"
                 )
 
-    def forward(self, batch: dict, *, module) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
+    def forward(self, batch: dict, *, module: StrategyHost) -> StepForward:
         """The training forward pass: predictions, unweighted task losses, auxiliary loss."""
-        preds = module(batch["image"])
-        return preds, module.task_losses(preds, batch), module.model.aux_loss()
+        out = module.model.run(batch["image"])
+        return StepForward(preds=out.preds, losses=module.task_losses(out, batch), aux=out.aux_loss)
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        *,
-        module,
-        extra: torch.Tensor | None = None,
-        batch: dict | None = None,
-    ) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
         """Runs the backward pass(es) for one step.
 
         Args:
-            losses: task → unweighted scalar loss (graphs attached).
-            module: the ``MTLModule``; ``module.manual_backward``, ``module.grad_scale()``,
-                ``module.model.shared_parameters()`` / ``task_parameters(t)``.
-            extra: an auxiliary loss of the model (e.g. gate balancing) added unweighted
-                to the update, or ``None``.
+            step: what :meth:`forward` returned: ``step.losses`` (task → unweighted scalar loss,
+                graphs attached), ``step.aux`` (an auxiliary loss of the model, e.g. gate
+                balancing, added unweighted to the update, or ``None``) and, for
+                representation-level strategies, ``step.rep`` / ``step.rep_in``.
+            module: the module that trains (``manual_backward``, ``grad_scale()``,
+                ``model.shared_parameters()`` / ``task_parameters(t)``, ``task_losses``).
             batch: the batch (strategies that re-evaluate the losses, e.g. SAM, need it).
 
         Returns:
@@ -111,7 +116,7 @@ class Strategy(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement backward()")
 
-    def after_step(self, batch: dict, *, module, losses: Mapping[str, torch.Tensor]) -> None:
+    def after_step(self, batch: dict, *, module: StrategyHost, losses: Mapping[str, torch.Tensor]) -> None:
         """Called after the optimiser step (default: nothing)."""
 
     def start_epoch(self, epoch: int) -> None:
@@ -157,7 +162,7 @@ class Strategy(nn.Module):
     def tick(self) -> None:
         self.steps += 1
 
-    def shared_gramian(self, losses: Mapping[str, torch.Tensor], module) -> torch.Tensor:
+    def shared_gramian(self, losses: Mapping[str, torch.Tensor], module: StrategyHost) -> torch.Tensor:
         """Gramian of the rank-averaged per-task gradients of the shared parameters (diagnostics).
 
         Costs one backward pass per task; ``.grad`` is not touched.
@@ -171,7 +176,7 @@ class Strategy(nn.Module):
         return jac @ jac.T
 
     def diagnostics(
-        self, losses: Mapping[str, torch.Tensor], module, weights: torch.Tensor | None = None
+        self, losses: Mapping[str, torch.Tensor], module: StrategyHost, weights: torch.Tensor | None = None
     ) -> dict[str, float]:
         """Gradient diagnostics for one-backward strategies, on the steps that log them."""
         if not self.diagnose_now():

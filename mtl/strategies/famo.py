@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.base import Strategy
 from mtl.strategies.grads import all_reduce_mean_, frozen_bn_stats
 
@@ -54,7 +55,7 @@ class FAMO(Strategy):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("adam_t", torch.zeros((), dtype=torch.long))
 
-    def setup(self, *, tasks: Mapping, module) -> None:
+    def setup(self, *, tasks: Mapping, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         k = len(tasks)
         self.logits, self.adam_m, self.adam_v, self.prev = (torch.zeros(k) for _ in range(4))
@@ -68,7 +69,8 @@ class FAMO(Strategy):
         inv = z / self.shifted(losses)
         return inv / inv.sum()
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        losses, extra = step.losses, step.aux
         stacked = torch.stack([loss.float() for loss in losses.values()])
         z = torch.softmax(self.logits.to(stacked.device), 0)
         ell = self.shifted(stacked)
@@ -97,8 +99,8 @@ class FAMO(Strategy):
         self.logits = logits - self.lr * m_hat / (v_hat.sqrt() + 1e-8)
 
     @torch.no_grad()
-    def after_step(self, batch: dict, *, module, losses: Mapping[str, torch.Tensor]) -> None:
+    def after_step(self, batch: dict, *, module: StrategyHost, losses: Mapping[str, torch.Tensor]) -> None:
         with frozen_bn_stats(module.model):
-            preds = module(batch["image"])
-            new = torch.stack([loss.float() for loss in module.task_losses(preds, batch).values()])
+            out = module.model.run(batch["image"])
+            new = torch.stack([loss.float() for loss in module.task_losses(out, batch).values()])
         self.update(all_reduce_mean_(new))

@@ -1,7 +1,7 @@
 """F-MTL: Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat Regions",
 2022 (arXiv:2211.13723).
 
-Per step, for each task ``i`` (REFERENCE.md): clean gradient ``g_i`` on the shared and on head
+Per step, for each task ``i`` (Multi-Task-Transformer code): clean gradient ``g_i`` on the shared and on head
 ``i``'s parameters; perturb shared + head ``i`` by ``ρ g/‖g‖`` (norms taken separately for the
 shared and the head set; ASAM variant ``ρ T²g/‖Tg‖``); gradient ``g_i^SAM`` at the perturbed
 point; flat component ``g_i^flat = g_i^SAM − g_i``; restore. Update: head ``i`` takes
@@ -24,9 +24,10 @@ import copy
 import torch
 from torchjd.aggregation import GradDrop
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.aggregation import GradientAggregation, weights_from_gramian
-from mtl.strategies.grads import all_reduce_mean_, frozen_bn_stats, gramian_stats, task_grads
-from mtl.strategies.jacobian import sync_weights
+from mtl.strategies.grads import GradientTargets, all_reduce_mean_, frozen_bn_stats, task_grads
+from mtl.strategies.jacobian import Measured, Update, sync_weights
 from mtl.strategies.sam import ascent_step, check_rho
 
 
@@ -55,7 +56,7 @@ class FlatMTL(GradientAggregation):
         super().__init__(aggregator=aggregator, rep_grad=False, diagnostics_every=diagnostics_every)
         self.rho, self.adaptive, self.eta = check_rho(rho), bool(adaptive), float(eta)
 
-    def setup(self, *, tasks, module) -> None:
+    def setup(self, *, tasks, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         self.flat_aggregator = copy.deepcopy(self.aggregator)
 
@@ -76,66 +77,64 @@ class FlatMTL(GradientAggregation):
             torch.mv(jac.T, w, out=out)
         return w
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
-        if batch is None:
-            raise ValueError("F-MTL needs the batch to evaluate each task at its perturbed weights")
-        self._prepare(module)
-        scale = float(module.grad_scale())
-        flat = self._flat.attach()
-        n_shared = sum(self._flat.sizes[: len(self._shared)])
-        ex = task_grads(extra * scale, self._flat.params) if extra is not None else None
-        jac = self.per_task(losses, scale).div_(scale)
-        gram = self.gramian(jac)  # rows averaged over the ranks
-        diagnose = self.diagnose_now()
-        self.tick()
-        heads = flat[n_shared:]
-        all_reduce_mean_(heads.div_(scale))  # clean head gradients, unscaled, union-averaged
-        if not bool(torch.isfinite(gram).all() and torch.isfinite(heads).all()):
-            flat.fill_(float("nan"))
-            return {"skipped": 1.0}
-        shared_dir = flat[:n_shared]
+    def measure(
+        self, step: StepForward, targets: GradientTargets, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The clean Gramian (rows averaged over the ranks); the clean head gradients unscaled and
+        union-averaged in place."""
+        gram, jac = super().measure(step, targets, scale)
+        all_reduce_mean_(self._heads(targets).div_(scale))
+        return gram, jac
+
+    def usable(self, gram: torch.Tensor, targets: GradientTargets) -> bool:
+        return super().usable(gram, targets) and bool(torch.isfinite(self._heads(targets)).all())
+
+    @staticmethod
+    def _heads(targets: GradientTargets) -> torch.Tensor:
+        """The task-specific part of the flat ``.grad``."""
+        return targets.flat.flat[targets.n_shared :]
+
+    def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
+        step, targets, gram, jac, scale = m.step, m.targets, m.gram, m.jac, m.scale
+        shared = targets.shared
+        flat, views, params = targets.flat.flat, targets.flat.views, targets.flat.params
+        ex = task_grads(step.aux * scale, params) if step.aux is not None else None  # at the clean point
+        heads = self._heads(targets)
+        shared_dir = flat[: targets.n_shared]
         w_clean = self._direction(self.aggregator, jac, gram, shared_dir, add=False)
         shared_views = self._jac.row_views
+        ns = len(shared)
         for i, t in enumerate(self.task_names):
-            head = self._task[t]
+            head = targets.task[t]
             head_grads = [p.grad for p in head]
-            e_shared = ascent_step(self._shared, shared_views[i], self.rho, self.adaptive, self.eta)
+            e_shared = ascent_step(shared, shared_views[i], self.rho, self.adaptive, self.eta)
             e_head = ascent_step(head, head_grads, self.rho, self.adaptive, self.eta) if head else []
-            backup = [p.detach().clone() for p in self._shared + head]  # exact restore
+            backup = [p.detach().clone() for p in shared + head]  # exact restore
             with torch.no_grad():
-                torch._foreach_add_(self._shared + head, e_shared + e_head)
+                torch._foreach_add_(shared + head, e_shared + e_head)
             del e_shared, e_head
             with frozen_bn_stats(module.model):
-                preds = module(batch["image"], task_subset=[t])
-                loss = self.task_objects[t].loss(preds[t], batch)
-                g = task_grads(loss.float() * scale, self._shared + head, retain_graph=False)
+                out = module.model.run(batch["image"], tasks=[t])
+                loss = module.tasks[t].loss(out.preds[t], batch)
+                g = task_grads(loss.float() * scale, shared + head, retain_graph=False)
             with torch.no_grad():
-                torch._foreach_copy_(self._shared + head, backup)
+                torch._foreach_copy_(shared + head, backup)
             del backup
-            ns = len(self._shared)
-            torch._foreach_sub_(
-                shared_views[i], torch._foreach_div(list(g[:ns]), scale)
-            )  # row i ← g_i − g_i^SAM
+            # row i ← g_i − g_i^SAM
+            torch._foreach_sub_(shared_views[i], torch._foreach_div(list(g[:ns]), scale))
             if head:
                 torch._foreach_copy_(head_grads, list(g[ns:]))  # head i ← g_i^SAM (scaled)
         all_reduce_mean_(jac.neg_())  # rows: rank-averaged g_i^SAM − g_i
         all_reduce_mean_(heads)
         gram_flat = jac @ jac.T
         if not bool(torch.isfinite(gram_flat).all()):
-            flat.fill_(float("nan"))
-            return {"skipped": 1.0}
+            return None
         w_flat = self._direction(self.flat_aggregator, jac, gram_flat, shared_dir, add=True)
         shared_dir.mul_(scale)
         if ex is not None:
-            torch._foreach_add_(self._flat.views, list(ex))
+            torch._foreach_add_(views, list(ex))
             all_reduce_mean_(flat)
-        logs = gramian_stats(gram, self.task_names, w_clean) if diagnose else {}
-        if w_clean is not None:
-            logs.update(
-                {f"{t}/weight": float(v) for t, v in zip(self.task_names, w_clean.cpu(), strict=True)}
-            )
+        logs = {}
         if w_flat is not None:
-            logs.update(
-                {f"{t}/flat_weight": float(v) for t, v in zip(self.task_names, w_flat.cpu(), strict=True)}
-            )
-        return logs
+            logs = {f"{t}/flat_weight": float(v) for t, v in zip(self.task_names, w_flat.cpu(), strict=True)}
+        return Update(w_clean, logs)

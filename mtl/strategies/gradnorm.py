@@ -16,14 +16,19 @@ averaged over the ranks first, so every rank holds the same weights.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.base import Strategy
 from mtl.strategies.grads import all_reduce_mean_, task_grads, trainable
 
+if TYPE_CHECKING:
+    from mtl.model import MultiTaskNet
 
-def last_shared_layer(model, name: str | None = None) -> list[torch.nn.Parameter]:
+
+def last_shared_layer(model: MultiTaskNet, name: str | None = None) -> list[torch.nn.Parameter]:
     """The shared parameters GradNorm measures: those whose name starts with ``name``, or by
     default the last shared weight tensor (ndim > 1) in registration order."""
     shared_ids = {id(p) for p in trainable(model.shared_parameters())}
@@ -65,7 +70,7 @@ class GradNorm(Strategy):
         self.register_buffer("weights", torch.zeros(0))
         self.register_buffer("initial_losses", torch.zeros(0))
 
-    def setup(self, *, tasks: Mapping, module) -> None:
+    def setup(self, *, tasks: Mapping, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         last_shared_layer(module.model, self.layer)  # fail early on a bad layer name
         self.weights = torch.ones(len(tasks))
@@ -82,7 +87,8 @@ class GradNorm(Strategy):
         w = (self.weights - self.lr * torch.sign(g - target) * norms).clamp_min(1e-6)
         self.weights = w * (len(w) / w.sum())
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        losses, extra = step.losses, step.aux
         layer = last_shared_layer(module.model, self.layer)
         scale = float(module.grad_scale())
         rows = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,27 @@ class FlatGrad:
         for p, v in zip(self.params, self.views, strict=True):
             p.grad = v
         return self.flat
+
+
+@dataclass
+class GradientTargets:
+    """What per-task-gradient strategies differentiate, collected once (after device moves / wrapping).
+
+    Attributes:
+        shared: the trainable parameters whose per-task gradients are combined (the shared
+            parameters, or at representation level the parameters below the representation).
+        task: task → its trainable task-specific parameters (they get their own task's gradient).
+        flat: the flat ``.grad`` buffer of ``shared`` followed by every task's parameters.
+    """
+
+    shared: list[nn.Parameter]
+    task: dict[str, list[nn.Parameter]]
+    flat: FlatGrad
+
+    @property
+    def n_shared(self) -> int:
+        """Number of elements of the shared parameters (the head of :attr:`flat`)."""
+        return sum(self.flat.sizes[: len(self.shared)])
 
 
 class TaskJacobian:

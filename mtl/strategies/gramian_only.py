@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mtl.strategies.grads import TaskJacobian, all_reduce_mean_, task_grads, world_size
+from mtl.strategies.grads import GradientTargets, TaskJacobian, all_reduce_mean_, task_grads, world_size
 
 _CHUNK = 1 << 20  # elements cast to float64 at a time
 
@@ -44,40 +44,49 @@ def _sq_norm(grads: Sequence[torch.Tensor], scratch: TaskJacobian) -> torch.Tens
 
 
 def polarised_gramian(
-    strategy, losses: Mapping[str, torch.Tensor], scale: float, scratch: TaskJacobian
+    targets: GradientTargets, objectives: Mapping[str, torch.Tensor], scale: float, scratch: TaskJacobian
 ) -> torch.Tensor:
     """The union's ``k × k`` Gramian of the shared parameters' task gradients (float64).
 
     Also adds each task's gradient of its own task-specific parameters to their ``.grad``
     (at the loss scale), as the buffered path does.
+
+    Args:
+        targets: the shared and task-specific parameters and their flat ``.grad``.
+        objectives: task → the scalar whose gradient is the task's row (in task order).
+        scale: the fp16 loss scale (the gradients are taken of ``objective · scale``).
+        scratch: a one-row buffer, used under DDP for the row that crosses ranks.
     """
-    names = strategy.task_names
-    shared = strategy._shared
+    names = list(objectives)
+    shared = targets.shared
     ns = len(shared)
     if world_size() > 1:
         scratch.ensure(shared)  # the flat row that crosses ranks
-    objectives = [strategy.task_objective(t, losses[t]).float() for t in names]
+    objs = [objectives[t] for t in names]
     k = len(names)
     gram = torch.zeros(k, k, dtype=torch.float64, device=shared[0].device)
     for i, t in enumerate(names):
-        grads = task_grads(objectives[i] * scale, shared + strategy._task[t])
+        own = targets.task[t]
+        grads = task_grads(objs[i] * scale, shared + own)
         gram[i, i] = _sq_norm(grads[:ns], scratch) / scale**2
         if len(grads) > ns:
-            torch._foreach_add_([p.grad for p in strategy._task[t]], list(grads[ns:]))
+            torch._foreach_add_([p.grad for p in own], list(grads[ns:]))
     for i in range(k):
         for j in range(i + 1, k):
-            both = _sq_norm(task_grads((objectives[i] + objectives[j]) * scale, shared), scratch) / scale**2
+            both = _sq_norm(task_grads((objs[i] + objs[j]) * scale, shared), scratch) / scale**2
             gram[i, j] = gram[j, i] = (both - gram[i, i] - gram[j, j]) / 2
     return gram
 
 
 def weighted_direction(
-    strategy, losses: Mapping[str, torch.Tensor], weights: torch.Tensor, scale: float
+    targets: GradientTargets, objectives: Mapping[str, torch.Tensor], weights: torch.Tensor, scale: float
 ) -> None:
-    """Writes ``∇_shared Σ_i w_i L_i`` (at the loss scale) into the shared parameters' ``.grad``."""
+    """Writes ``∇_shared Σ_i w_i L_i`` (at the loss scale) into the shared parameters' ``.grad``.
+
+    ``objectives`` maps every task, in the order of ``weights``, to its objective ``L_i``.
+    """
     total = sum(
-        float(w) * strategy.task_objective(t, losses[t]).float()
-        for t, w in zip(strategy.task_names, weights.tolist(), strict=True)
+        float(w) * objective for objective, w in zip(objectives.values(), weights.tolist(), strict=True)
     )
-    grads = task_grads(total * scale, strategy._shared)
-    torch._foreach_copy_(strategy._flat.views[: len(strategy._shared)], list(grads))
+    grads = task_grads(total * scale, targets.shared)
+    torch._foreach_copy_(targets.flat.views[: len(targets.shared)], list(grads))

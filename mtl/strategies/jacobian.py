@@ -26,12 +26,15 @@ At representation level (``rep_grad=True``) rows are gradients w.r.t. ``model.en
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.base import Strategy
 from mtl.strategies.grads import (
     FlatGrad,
+    GradientTargets,
     TaskJacobian,
     all_reduce_mean_,
     all_reduce_sum_,
@@ -43,8 +46,44 @@ from mtl.strategies.grads import (
 )
 
 
+@dataclass
+class Measured:
+    """One step after :meth:`PerTaskGradients.measure`: what :meth:`~PerTaskGradients.update` reads.
+
+    Attributes:
+        step: the training forward.
+        targets: the shared / task-specific parameters and their flat ``.grad``.
+        scale: the fp16 loss scale ``.grad`` is at.
+        gram: the union's ``k × k`` Gramian (unscaled).
+        jac: the ``k × n`` rows it came from (unscaled), or ``None`` when they are not kept.
+    """
+
+    step: StepForward
+    targets: GradientTargets
+    scale: float
+    gram: torch.Tensor
+    jac: torch.Tensor | None
+
+
+@dataclass
+class Update:
+    """What :meth:`PerTaskGradients.update` wrote: the task weights (``None`` for a direction
+    that is not a task combination, e.g. GradDrop's) and further scalars to log."""
+
+    weights: torch.Tensor | None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
 class PerTaskGradients(Strategy):
     """Base of strategies that combine per-task gradients of the shared part.
+
+    :meth:`backward` is the skeleton every such strategy shares (a template method): collect
+    the parameters once, attach the flat ``.grad``, :meth:`measure` the union's Gramian, tick,
+    poison ``.grad`` with NaN on a non-finite Gramian (the fp16 scaler skips the step), let
+    :meth:`update` write the update, log the weights and diagnostics. Subclasses override the
+    hooks: :meth:`task_objective`, :meth:`combine` (buffered Jacobian), or :meth:`measure` /
+    :meth:`usable` / :meth:`update` for another way to measure or to update (Gramian-only
+    aggregation, F-MTL).
 
     Args:
         rep_grad: per-task gradients w.r.t. the shared representation instead of the shared
@@ -60,20 +99,23 @@ class PerTaskGradients(Strategy):
         if rep_grad and not self.supports_rep_grad:
             raise ValueError(f"strategy {type(self).__name__} has no representation-level (rep_grad) variant")
         self.rep_grad = bool(rep_grad)
-        self._ready = False
+        self._targets: GradientTargets | None = None  # cache: parameter lists and the flat .grad
+        self._jac = TaskJacobian(0)
         self.last_weights: list[float] | None = None  # the last step's task weights (for inspection)
 
-    def setup(self, *, tasks: Mapping, module) -> None:
+    def method_name(self) -> str:
+        """The method's name in error messages (default: the class name)."""
+        return type(self).__name__
+
+    def setup(self, *, tasks: Mapping, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         if self.rep_grad:
             try:
                 self._rep_split(module.model)
             except ValueError as err:
-                agg = getattr(self, "aggregator", None) or getattr(self, "_make", None)
-                agg = getattr(agg, "func", agg)  # a partial constructor (Nash-MTL)
-                name = getattr(agg, "__name__", type(agg).__name__) if agg else type(self).__name__
-                raise ValueError(f"strategy {name} (rep_grad=true): {err}") from err
-        self._ready = False
+                raise ValueError(f"strategy {self.method_name()} (rep_grad=true): {err}") from err
+        self._targets = None
+        self._jac = TaskJacobian(len(self.task_names))
 
     @staticmethod
     def _rep_split(model) -> list:
@@ -84,42 +126,47 @@ class PerTaskGradients(Strategy):
                 "(model.representation_parameters() has none: is the backbone frozen entirely?)"
             )
         ids = {id(p) for p in rep}
+        shared_ids = {id(q) for q in model.shared_parameters()}
         above = [
             n
             for n, p in model.named_parameters()
-            if p.requires_grad and id(p) not in ids and id(p) in {id(q) for q in model.shared_parameters()}
+            if p.requires_grad and id(p) not in ids and id(p) in shared_ids
         ]
         if above:
-            decoder = type(getattr(model, "decoder", model)).__name__
             raise ValueError(
                 f"rep_grad=true: shared parameters {above[:4]}… lie above the representation returned by "
-                f"model.encode(); give the decoder ({decoder}) an encode()/decode() "
+                f"model.encode(); give the decoder ({type(model.decoder).__name__}) an encode()/decode() "
                 "split that includes its shared layers, or use rep_grad=false"
             )
         return rep
 
-    def _prepare(self, module) -> None:
-        """Parameter lists and buffers, collected at the first step (after device moves / wrapping)."""
-        if self._ready:
-            return
-        model = module.model
-        self._shared = self._rep_split(model) if self.rep_grad else trainable(model.shared_parameters())
-        self._task = {t: trainable(model.task_parameters(t)) for t in self.task_names}
-        params = self._shared + [p for t in self.task_names for p in self._task[t]]
-        self._flat = FlatGrad(params)
-        self._jac = TaskJacobian(len(self.task_names))
-        self._ready = True
+    def _prepare(self, module: StrategyHost) -> GradientTargets:
+        """Parameter lists and the flat ``.grad``, collected at the first step (after device moves /
+        wrapping) and reused."""
+        if self._targets is None:
+            model = module.model
+            shared = self._rep_split(model) if self.rep_grad else trainable(model.shared_parameters())
+            task = {t: trainable(model.task_parameters(t)) for t in self.task_names}
+            params = shared + [p for t in self.task_names for p in task[t]]
+            self._targets = GradientTargets(shared=shared, task=task, flat=FlatGrad(params))
+        return self._targets
 
     # ---------------------------------------------------------------- forward
-    def forward(self, batch: dict, *, module):
+    def forward(self, batch: dict, *, module: StrategyHost) -> StepForward:
         if not self.rep_grad:
             return super().forward(batch, module=module)
         x = batch["image"]
-        rep = module.model.encode(x)
-        self._rep = list(rep)
-        self._rep_in = [r.detach().requires_grad_(True) for r in self._rep]
-        preds = module.model.decode(self._rep_in, size=tuple(x.shape[-2:]))
-        return preds, module.task_losses(preds, batch), module.model.aux_loss()
+        rep, feats = module.model.encode_features(x)  # feats: the backbone's aux loss and statistics
+        rep = list(rep)
+        rep_in = [r.detach().requires_grad_(True) for r in rep]
+        out = module.model.decode(rep_in, size=tuple(x.shape[-2:]), features=feats)
+        return StepForward(
+            preds=out.preds,
+            losses=module.task_losses(out, batch),
+            aux=out.aux_loss,
+            rep=rep,
+            rep_in=rep_in,
+        )
 
     # ---------------------------------------------------------------- hooks for subclasses
     def task_objective(self, task: str, loss: torch.Tensor) -> torch.Tensor:
@@ -130,19 +177,41 @@ class PerTaskGradients(Strategy):
         """Returns ``(w, rows)`` with shared direction ``wᵀ rows``, or ``(None, direction)``."""
         raise NotImplementedError
 
+    def measure(
+        self, step: StepForward, targets: GradientTargets, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The union's ``k × k`` Gramian (unscaled) and the ``k × n`` rows it came from (``None``
+        when they are not kept); also adds every task's gradient of its task-specific parameters
+        to their ``.grad`` (at the loss scale). Default: the buffered Jacobian."""
+        jac = self.per_task(step, targets, scale)
+        if scale != 1.0:
+            jac.div_(scale)
+        return self.gramian(jac), jac
+
+    def usable(self, gram: torch.Tensor, targets: GradientTargets) -> bool:
+        """Whether the step can go on (default: a finite Gramian; fp16 overflow makes it inf/nan)."""
+        return bool(torch.isfinite(gram).all())
+
+    def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
+        """Writes the update into ``.grad`` (at the loss scale, synchronised over the ranks);
+        ``None`` means the step turned out unusable (``.grad`` is then poisoned, the step skipped).
+        Default: :meth:`combine` the buffered rows, then :meth:`write_update`."""
+        weights, rows = self.combine(m.jac, m.gram)
+        self.write_update(m.step, m.targets, weights, rows, m.scale)
+        return Update(weights)
+
     # ---------------------------------------------------------------- the step
-    def per_task(self, losses: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+    def per_task(self, step: StepForward, targets: GradientTargets, scale: float) -> torch.Tensor:
         """Fills the Jacobian buffer and the task-specific ``.grad``; returns the buffer (scaled)."""
-        inputs = self._rep_in if self.rep_grad else self._shared
+        inputs = step.rep_in if self.rep_grad else targets.shared
         jac = self._jac.ensure(inputs)
         ns = len(inputs)
         for i, t in enumerate(self.task_names):
-            grads = task_grads(
-                self.task_objective(t, losses[t]).float() * scale, list(inputs) + self._task[t]
-            )
+            own = targets.task[t]
+            grads = task_grads(self.task_objective(t, step.losses[t]).float() * scale, list(inputs) + own)
             self._jac.write(i, grads[:ns])
             if len(grads) > ns:
-                torch._foreach_add_([p.grad for p in self._task[t]], list(grads[ns:]))
+                torch._foreach_add_([p.grad for p in own], list(grads[ns:]))
         return jac
 
     def gramian(self, jac: torch.Tensor) -> torch.Tensor:
@@ -152,35 +221,27 @@ class PerTaskGradients(Strategy):
         all_reduce_mean_(jac)
         return jac @ jac.T
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        *,
-        module,
-        extra: torch.Tensor | None = None,
-        batch: dict | None = None,
-    ) -> dict[str, float]:
-        self._prepare(module)
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        targets = self._prepare(module)
         scale = float(module.grad_scale())
-        flat = self._flat.attach()
-        jac = self.per_task(losses, scale)
-        if scale != 1.0:
-            jac.div_(scale)
-        gram = self.gramian(jac)
+        flat = targets.flat.attach()
+        gram, jac = self.measure(step, targets, scale)
         diagnose = self.diagnose_now()
         self.tick()
-        if not bool(torch.isfinite(gram).all()):  # fp16 overflow: the scaler skips this step
+        done = None
+        if self.usable(gram, targets):
+            done = self.update(Measured(step, targets, scale, gram, jac), module=module, batch=batch)
+        if done is None:  # fp16 overflow: the scaler skips this step
             flat.fill_(float("nan"))
-            self._release()
             return {"skipped": 1.0}
-        weights, rows = self.combine(jac, gram)
+        weights = done.weights
         self.last_weights = None if weights is None else weights.tolist()
-        self.apply(flat, weights, rows, extra, scale)
         logs = gramian_stats(gram, self.task_names, weights) if diagnose else {}
         if weights is not None:
             logs.update(
                 {f"{t}/weight": float(w) for t, w in zip(self.task_names, weights.cpu(), strict=True)}
             )
+        logs.update(done.logs)
         return logs
 
     def shared_direction(self, weights: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor) -> None:
@@ -189,47 +250,44 @@ class PerTaskGradients(Strategy):
         else:
             torch.mv(rows.T, weights.to(rows.dtype), out=out)
 
-    def apply(
+    def write_update(
         self,
-        flat: torch.Tensor,
+        step: StepForward,
+        targets: GradientTargets,
         weights: torch.Tensor | None,
         rows: torch.Tensor,
-        extra: torch.Tensor | None,
         scale: float,
     ) -> None:
-        """Writes the shared direction and synchronises; ``.grad`` ends at the loss scale."""
-        ns = self._flat.sizes[: len(self._shared)]
-        n_shared = sum(ns)
+        """Writes the shared direction ``wᵀ rows`` (plus the auxiliary loss's gradient) into the
+        flat ``.grad`` and synchronises; ``.grad`` ends at the loss scale."""
+        flat = targets.flat.flat
+        views, params = targets.flat.views, targets.flat.params
+        extra = step.aux
         if not self.rep_grad:
+            n_shared = targets.n_shared
             self.shared_direction(weights, rows, flat[:n_shared])
             flat[:n_shared].mul_(scale)
             if extra is not None:
-                torch._foreach_add_(self._flat.views, list(task_grads(extra * scale, self._flat.params)))
+                torch._foreach_add_(views, list(task_grads(extra * scale, params)))
                 all_reduce_mean_(flat)
             else:
                 all_reduce_mean_(flat[n_shared:])
-        else:
-            dz = torch.empty(rows.shape[-1], device=rows.device, dtype=rows.dtype)  # rows: J, or a direction
-            self.shared_direction(weights, rows, dz)
-            dz.mul_(scale)
-            shapes = self._jac.shapes
-            dz_list = [
-                v.view(sh) for v, sh in zip(dz.split([sh.numel() for sh in shapes]), shapes, strict=True)
-            ]
-            if extra is not None:
-                ex = task_grads(extra * scale, self._rep_in + self._flat.params)
-                torch._foreach_add_(dz_list, list(ex[: len(self._rep_in)]))
-                torch._foreach_add_(self._flat.views, list(ex[len(self._rep_in) :]))
-            enc = torch.autograd.grad(
-                self._rep, self._shared, grad_outputs=dz_list, allow_unused=True, materialize_grads=True
-            )
-            torch._foreach_add_(self._flat.views[: len(self._shared)], list(enc))
-            all_reduce_mean_(flat)
-        self._release()
-
-    def _release(self) -> None:
-        self._rep = []
-        self._rep_in = []
+            return
+        rep, rep_in = step.rep, step.rep_in
+        dz = torch.empty(rows.shape[-1], device=rows.device, dtype=rows.dtype)  # rows: J, or a direction
+        self.shared_direction(weights, rows, dz)
+        dz.mul_(scale)
+        shapes = self._jac.shapes
+        dz_list = [v.view(sh) for v, sh in zip(dz.split([sh.numel() for sh in shapes]), shapes, strict=True)]
+        if extra is not None:
+            ex = task_grads(extra * scale, rep_in + params)
+            torch._foreach_add_(dz_list, list(ex[: len(rep_in)]))
+            torch._foreach_add_(views, list(ex[len(rep_in) :]))
+        enc = torch.autograd.grad(
+            rep, targets.shared, grad_outputs=dz_list, allow_unused=True, materialize_grads=True
+        )
+        torch._foreach_add_(views[: len(targets.shared)], list(enc))
+        all_reduce_mean_(flat)
 
 
 def sync_weights(weights: torch.Tensor) -> torch.Tensor:

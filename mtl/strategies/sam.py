@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.grads import FlatGrad, all_reduce_mean_, frozen_bn_stats, task_grads, trainable
 from mtl.strategies.weighting import FixedWeights
 
@@ -66,9 +67,8 @@ class SAM(FixedWeights):
         self.rho, self.adaptive, self.eta = check_rho(rho), bool(adaptive), float(eta)
         self._flat: FlatGrad | None = None
 
-    def backward(self, losses, *, module, extra=None, batch=None) -> dict[str, float]:
-        if batch is None:
-            raise ValueError("SAM needs the batch to evaluate the loss at the perturbed weights")
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        losses, extra = step.losses, step.aux
         params = trainable(module.model.parameters())
         if self._flat is None or [id(p) for p in self._flat.params] != [id(p) for p in params]:
             self._flat = FlatGrad(params)
@@ -89,10 +89,8 @@ class SAM(FixedWeights):
                 params, ascent_step(params, self._flat.views, self.rho, self.adaptive, self.eta)
             )
         with frozen_bn_stats(module.model):
-            preds = module(batch["image"])
-            losses2 = module.task_losses(preds, batch)
-            aux = module.model.aux_loss()
-            total2 = self.combine(losses2) + (aux if aux is not None else 0)
+            again = self.forward(batch, module=module)  # the loss at the perturbed point
+            total2 = self.combine(again.losses) + (again.aux if again.aux is not None else 0)
             grads = task_grads(total2 * scale, params, retain_graph=False)
         with torch.no_grad():
             torch._foreach_copy_(params, backup)

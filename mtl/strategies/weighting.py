@@ -1,7 +1,7 @@
 """Static loss weighting: equal weights (EW) or fixed per-task weights.
 
 EW is the "equal weighting" baseline of LibMTL (Lin & Zhang, 2023); the fixed weights
-default to the per-task weights used by ATRC / InvPT / TaskExpert (REFERENCE.md).
+default to the per-task weights used by ATRC / InvPT / TaskExpert (Multi-Task-Transformer code).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
+from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.base import Strategy
 
 
@@ -34,7 +35,7 @@ class FixedWeights(Strategy):
         self.uniform = uniform
         self.weights: dict[str, float] = {}
 
-    def setup(self, *, tasks: Mapping, module) -> None:
+    def setup(self, *, tasks: Mapping, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
         stray = sorted(set(self.overrides) - set(tasks))
         if stray:
@@ -48,14 +49,8 @@ class FixedWeights(Strategy):
         """The weighted total loss."""
         return sum(self.weights[t] * loss for t, loss in losses.items())
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        *,
-        module,
-        extra: torch.Tensor | None = None,
-        batch: dict | None = None,
-    ) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+        losses, extra = step.losses, step.aux
         w = torch.tensor([self.weights[t] for t in losses])
         logs = self.diagnostics(losses, module, w)
         self.tick()

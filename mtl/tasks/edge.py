@@ -6,17 +6,31 @@ Loss as in ATRC / InvPT / TaskExpert. Two metrics:
   (one threshold, a pixel tolerance by max-pooling), key ``f``;
 * ``eval.py``: the exact odsF / oisF / AP of the SEISM protocol
   (:class:`mtl.metrics.SEISMEdgeF`, keys ``odsf``, ``oisf``, ``ap``), which the published
-  tables report.
+  tables report. The matching tolerance defaults to the dataset's
+  (:attr:`mtl.data.base.DenseDataset.EDGE_MAX_DIST`), and PASCAL-Context's ground truth is
+  its ``LabelMap`` (the batch's ``edge_labelmap``), as SEISM's.
 """
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
+import torch
 from torchmetrics import Metric
 
 from mtl.metrics import ApproxEdgeF, SEISMEdgeF
+from mtl.tasks.registry import register_task
 from mtl.tasks.saliency import Saliency
 
+if TYPE_CHECKING:
+    from mtl.data.base import DenseDataset
 
+#: batch key of the segment label map the SEISM ground-truth boundaries come from (PASCAL-Context)
+LABEL_MAP_KEY = "edge_labelmap"
+
+
+@register_task
 class Edge(Saliency):
     """Edge detection.
 
@@ -33,6 +47,7 @@ class Edge(Saliency):
     higher_is_better = True
     directions = {"f": True, "odsf": True, "oisf": True, "ap": True}
     delta_m_metrics = ("odsf", "f")
+    score_metrics = ("odsf", "f")
 
     def __init__(
         self,
@@ -69,3 +84,15 @@ class Edge(Saliency):
         if not exact:
             return self.metric()
         return SEISMEdgeF(max_dist=max_dist, workers=workers, start_method=start_method)
+
+    @classmethod
+    def eval_metric_defaults(cls, dataset: type[DenseDataset]) -> dict:
+        """The dataset's matching tolerance; min(4, CPUs) worker processes."""
+        return {"max_dist": dataset.EDGE_MAX_DIST, "workers": min(4, os.cpu_count() or 1)}
+
+    def update_metric(self, metric: Metric, pred: torch.Tensor, batch: dict) -> None:
+        """SEISM on PASCAL-Context: ground-truth boundaries from the batch's label map."""
+        if LABEL_MAP_KEY in batch and isinstance(metric, SEISMEdgeF):
+            metric.update(pred, batch[self.name], label_map=batch[LABEL_MAP_KEY])
+        else:
+            metric.update(pred, batch[self.name])

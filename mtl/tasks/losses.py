@@ -2,10 +2,13 @@
 
 Each returns a scalar that is exactly zero (with a gradient path) when a batch has no
 valid pixel, so images without annotation for a task (e.g. PASCAL human parts on an
-image without people) never produce NaN.
+image without people) never produce NaN. The entropies at the end are the label-free
+objectives of the classification tasks (AdaMerging, :meth:`mtl.tasks.Task.label_free_loss`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -58,3 +61,15 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> 
     """
     valid = valid.expand_as(pred)
     return ((pred.float() - target.float()).abs() * valid).sum() / valid.sum().clamp(min=1)
+
+
+def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel Shannon entropy of the softmax over dim 1, divided by log K (in [0, 1])."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(dim=1).mean() / math.log(logits.shape[1])
+
+
+def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean binary entropy of σ(z) (= softplus(z) − z·σ(z)), divided by log 2 (in [0, 1])."""
+    z = logits.float()
+    return (F.softplus(z) - z * torch.sigmoid(z)).mean() / math.log(2.0)

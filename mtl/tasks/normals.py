@@ -1,18 +1,21 @@
 """Surface normal estimation: L1 between the L2-normalised prediction and the unit target.
 
 Loss and weight 10 as in ATRC / InvPT / TaskExpert; pixels whose ground-truth normal has
-zero length are ignored. Metric: mean angular error in degrees.
+zero length are ignored. Metric: mean angular error in degrees. Label-free objective
+(AdaMerging): 1 − cos(n, n_st), the mean angular disagreement with the single-task model.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
 
 from mtl.metrics import NormalsMetric
 from mtl.tasks.base import Task
 from mtl.tasks.losses import masked_l1
+from mtl.tasks.registry import register_task
 
 
 def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -20,6 +23,7 @@ def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=1, keepdim=True).clamp(min=eps))
 
 
+@register_task
 class Normals(Task):
     """Surface normals (camera frame, unit vectors).
 
@@ -40,6 +44,9 @@ class Normals(Task):
         "within_30": True,
     }
     delta_m_metrics = ("mean",)
+    score_metrics = ("within_22_5",)
+    score_factor = 0.01  # percent of pixels → fraction
+    label_free_needs_reference = True
     out_channels = 3
 
     def __init__(self, *, weight: float | None = None) -> None:
@@ -54,9 +61,14 @@ class Normals(Task):
     def metric(self) -> Metric:
         return NormalsMetric()
 
+    def label_free_loss(self, pred: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        if reference is None:
+            raise ValueError(f"task '{self.name}' needs the single-task model's predictions")
+        return 1.0 - F.cosine_similarity(pred.float(), reference, dim=1, eps=1e-6).mean()
+
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
         return unit(pred)
 
-    def _to_rgb(self, value: torch.Tensor) -> np.ndarray:
+    def to_rgb(self, value: torch.Tensor) -> np.ndarray:
         v = value.permute(1, 2, 0).numpy()
         return ((v + 1) * 127.5).clip(0, 255).astype(np.uint8)

@@ -1,7 +1,8 @@
 """Saliency estimation: binary foreground map, class-balanced BCE, maxF.
 
 Weight 5 and the balanced binary cross-entropy (positive weight = fraction of negatives in
-the batch) as in ATRC / InvPT / TaskExpert; maxF with β² = 0.3.
+the batch) as in ATRC / InvPT / TaskExpert; maxF with β² = 0.3. Label-free objective
+(AdaMerging): the binary entropy of the foreground probability divided by log 2.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from torchmetrics import Metric
 
 from mtl.metrics import SaliencyMaxF
 from mtl.tasks.base import Task
-from mtl.tasks.losses import balanced_bce
+from mtl.tasks.losses import balanced_bce, binary_entropy
+from mtl.tasks.registry import register_task
 
 
+@register_task
 class Saliency(Task):
     """Saliency.
 
@@ -29,6 +32,7 @@ class Saliency(Task):
     higher_is_better = True
     directions = {"maxf": True, "miou": True}
     delta_m_metrics = ("maxf",)
+    score_metrics = ("maxf",)
     out_channels = 1
 
     def __init__(self, *, pos_weight: float | None = None, weight: float | None = None) -> None:
@@ -42,10 +46,13 @@ class Saliency(Task):
     def metric(self) -> Metric:
         return SaliencyMaxF()
 
+    def label_free_loss(self, pred: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        return binary_entropy(pred)
+
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(pred)
 
-    def _to_rgb(self, value: torch.Tensor) -> np.ndarray:
+    def to_rgb(self, value: torch.Tensor) -> np.ndarray:
         v = value[0].clamp(0, 1).numpy() if value.dim() == 3 else value.numpy()
         v = np.where(v > 1, 0, v)  # ignore (255) shown black
         return np.repeat((v * 255).astype(np.uint8)[..., None], 3, axis=-1)

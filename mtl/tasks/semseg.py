@@ -1,7 +1,8 @@
 """Semantic segmentation: per-pixel classification, cross-entropy, mIoU.
 
 Loss and weight as in the multi-task dense-prediction literature (ATRC, InvPT, TaskExpert):
-cross-entropy ignoring label 255, weight 1.
+cross-entropy ignoring label 255, weight 1. Label-free objective (AdaMerging): the softmax
+entropy divided by log K.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from torchmetrics import Metric
 
 from mtl.metrics import ConfusionMatrixMetric
 from mtl.tasks.base import Task, palette
-from mtl.tasks.losses import masked_cross_entropy
+from mtl.tasks.losses import masked_cross_entropy, normalised_entropy
+from mtl.tasks.registry import register_task
 
 
+@register_task
 class SemSeg(Task):
     """Semantic segmentation.
 
@@ -30,6 +33,8 @@ class SemSeg(Task):
     higher_is_better = True
     directions = {"miou": True, "pixel_acc": True}
     delta_m_metrics = ("miou",)
+    score_metrics = ("miou",)
+    needs_num_classes = True
 
     def __init__(self, *, num_classes: int, ignore_index: int = 255, weight: float | None = None) -> None:
         if num_classes < 2:
@@ -46,8 +51,11 @@ class SemSeg(Task):
     def metric(self) -> Metric:
         return ConfusionMatrixMetric(self.num_classes, self.ignore_index)
 
+    def label_free_loss(self, pred: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        return normalised_entropy(pred)
+
     def postprocess(self, pred: torch.Tensor) -> torch.Tensor:
         return pred.argmax(dim=1)
 
-    def _to_rgb(self, value: torch.Tensor) -> np.ndarray:
+    def to_rgb(self, value: torch.Tensor) -> np.ndarray:
         return palette()[value.numpy().astype(np.uint8)]

@@ -126,7 +126,7 @@ def test_rejects_a_non_swin():
 @pytest.mark.slow
 def test_swin_t_r64_pascal_parameter_count(make_cfg, capsys):
     """Trainable parameters of MTLoRA Swin-T r = 64 on PASCAL's 5 tasks, next to the paper's 8.34M."""
-    from mtl.adapters.report import parameter_counts, parameter_report
+    from mtl.params import parameter_counts, parameter_report
     from mtl.pipeline import build_datamodule, build_module
 
     cfg = make_cfg(["experiment=pascal_mtlora", "model.backbone.pretrained=false"], fast=False)

@@ -55,9 +55,9 @@ def test_full_width_decoder_equals_plain_convolutions():
     bn = br.bn.bn[-1]  # the full-width statistics
     y = F.relu(F.batch_norm(F.conv2d(x, br.conv.weight, padding=1), bn.running_mean, bn.running_var,
                             bn.weight, bn.bias))  # fmt: skip
-    torch.testing.assert_close(dec(feats)["a"], F.conv2d(y, br.out.weight, br.out.bias))
+    torch.testing.assert_close(dec(feats).features["a"], F.conv2d(y, br.out.weight, br.out.bias))
     dec.set_widths({"a": 0.5})
-    assert dec(feats)["a"].shape == (2, 6, 6, 6)  # the head still reads the full width
+    assert dec(feats).features["a"].shape == (2, 6, 6, 6)  # the head still reads the full width
     assert br.bn.bn[1].num_features == 3
     with pytest.raises(ValueError, match="not one of"):
         dec.set_widths({"a": 0.3})

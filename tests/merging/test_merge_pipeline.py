@@ -12,8 +12,8 @@ import torch
 from conftest import compose_cfg
 from tiny_runs import TINY, train_single_task
 
+from mtl.initial_weights import state_fingerprint, stored_fingerprint
 from mtl.merging import AdaMerging, TaskArithmetic, TIESMerging
-from mtl.merging.fingerprint import state_fingerprint, stored_fingerprint
 from mtl.merging.io import key_owners, load_run
 from mtl.merging.run import merge_checkpoints, rebuild_initial_state
 from mtl.pipeline import evaluate
@@ -172,7 +172,7 @@ def evaluate_module_of(ckpt: Path):
 def test_runs_started_from_init_weights_merge_against_that_initialisation(ckpts, tmp_path):
     pre = ckpts["semseg"]  # any train.py checkpoint serves as the "pretrained" model
     init = [
-        "+callbacks.init_weights._target_=mtl.merging.init_weights.InitWeights",
+        "+callbacks.init_weights._target_=mtl.callbacks.InitWeights",
         f"+callbacks.init_weights.path={pre}",
     ]
     runs = [train_single_task(t, tmp_path / t, extra=init) for t in ("depth", "normals")]

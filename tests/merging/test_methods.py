@@ -163,3 +163,26 @@ def test_unsupervised_objectives():
     assert float(unsupervised_loss(tasks["normals"], -n, n)) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="single-task model's predictions"):
         unsupervised_loss(tasks["depth"], d, None)
+
+
+def test_training_callbacks_store_what_merging_reads(tmp_path):
+    """InitFingerprint (mtl.callbacks) saves under the key stored_fingerprint looks for; InitWeights
+    loads what init_weights_paths finds in a run's callbacks config, old target paths included."""
+    from mtl.callbacks import InitFingerprint, InitWeights
+    from mtl.initial_weights import init_weights_paths, state_fingerprint, stored_fingerprint
+
+    module = torch.nn.Linear(3, 2)
+    callback = InitFingerprint()
+    callback.on_fit_start(None, module)
+    ckpt = {"callbacks": {callback.state_key: callback.state_dict()}}
+    assert stored_fingerprint(ckpt) == state_fingerprint(module.state_dict())
+    callbacks = {
+        "init_weights": {"_target_": "mtl.callbacks.InitWeights", "path": "a.ckpt"},
+        "old": {"_target_": "mtl.merging.init_weights.InitWeights", "path": "b.ckpt"},
+        "other": {"_target_": "mtl.callbacks.PeriodicCheckpoint", "dirpath": "x"},
+    }
+    assert init_weights_paths(callbacks) == ["a.ckpt", "b.ckpt"]
+    source = torch.nn.Linear(3, 2)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "init.ckpt")
+    InitWeights(path=str(tmp_path / "init.ckpt")).setup(None, module, "fit")
+    assert torch.equal(module.weight, source.weight) and torch.equal(module.bias, source.bias)

@@ -101,6 +101,7 @@ def test_saliency_maxf_known_thresholds_and_miou():
     m = SaliencyMaxF()
     m.update(logits, gt)
     out = m.compute()
+
     # t ≤ 0.25: P = 2/3, R = 1; 0.3 ≤ t < 0.7: P = 1/2, R = 1/2; 0.7 ≤ t < 0.9: P = 1, R = 1/2
     def f(p, r):
         return 1.3 * p * r / (0.3 * p + r)

@@ -8,10 +8,15 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from mtl.adapters.lora import MergeLoRA
+from mtl.backbones.routing_report import RoutingReport
 from mtl.baselines import WriteBaseline, write_baseline
+from mtl.control.run import Control
+from mtl.eval_steps import EvalContext, EvalStep
 from mtl.metrics.delta_m import delta_m, delta_m_terms
-from mtl.pipeline import dataset_key, eval_metric_options, evaluate, train
+from mtl.pipeline import build_eval_steps, dataset_key, eval_metric_options, evaluate, train
 from mtl.tasks import build_tasks
+from mtl.visualise import PredictionPictures
 
 TASKS = "data.tasks=[semseg,depth,normals,edge]"
 
@@ -49,7 +54,7 @@ def test_baseline_collector_prefers_test_metrics(tmp_path):
     path = write_baseline(tmp_path / "sweep", tmp_path / "out")
     assert path.name == "synthetic_nyud_swin_mini.yaml"
     text = path.read_text()
-    assert text.startswith("# @package baseline")
+    assert text.startswith("# @package baselines\n")
     assert yaml.safe_load(text)["metrics"] == {"semseg/miou": 0.4, "edge/odsf": 0.5, "edge/f": 0.6}
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         write_baseline(tmp_path / "nothing", tmp_path / "out")
@@ -78,7 +83,7 @@ def test_eval_end_to_end_writes_tables_pictures_and_delta_m(make_cfg, tmp_path):
     baseline = tmp_path / "configs" / "baselines"
     baseline.mkdir(parents=True)
     (baseline / "tiny.yaml").write_text(
-        "# @package baseline\nmetrics:\n  semseg/miou: 0.1\n  depth/rmse: 2.0\n  normals/mean: 40.0\n"
+        "# @package baselines\nmetrics:\n  semseg/miou: 0.1\n  depth/rmse: 2.0\n  normals/mean: 40.0\n"
         "  edge/odsf: 0.2\n  edge/f: 0.2\n"
     )
     use_baseline = [f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "baselines=tiny"]
@@ -116,3 +121,76 @@ def test_eval_end_to_end_writes_tables_pictures_and_delta_m(make_cfg, tmp_path):
     pictures = sorted((out / "pictures").glob("*.png"))
     assert [p.name for p in pictures] == ["sample_000.png", "sample_001.png"]
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+class RecordingStep(EvalStep):
+    """A user's evaluation step (added by config): records what each hook saw."""
+
+    def __init__(self, *, label: str) -> None:
+        self.label = label
+
+    def before_test(self, ctx: EvalContext) -> None:
+        ctx.reports[self.label] = {"before": dict(ctx.metrics), "training": ctx.module.training}
+
+    def after_test(self, ctx: EvalContext) -> None:
+        ctx.reports[self.label]["after"] = dict(ctx.metrics)
+        ctx.reports[self.label]["loggers"] = len(ctx.trainer.loggers)
+        (ctx.output_dir / f"{self.label}.txt").write_text(str(sorted(ctx.metrics)))
+
+
+def _untrained_checkpoint(make_cfg, tmp_path, overrides=()):
+    import torch
+
+    from mtl.pipeline import build_datamodule, build_module
+
+    cfg = make_cfg(["data.tasks=[semseg,depth]", "logger=none", *overrides], config_name="eval")
+    ckpt = tmp_path / "untrained.ckpt"
+    torch.save({"state_dict": build_module(cfg, build_datamodule(cfg)).state_dict()}, ckpt)
+    cfg.ckpt_path = str(ckpt)
+    return cfg
+
+
+def test_eval_runs_the_configured_steps_in_order_around_the_test_pass(make_cfg, tmp_path):
+    target = f"{__name__}.RecordingStep"
+    cfg = _untrained_checkpoint(
+        make_cfg,
+        tmp_path,
+        [f"+eval_steps.mine._target_={target}", "+eval_steps.mine.label=mine", "eval.pictures=1"],
+    )
+    steps = build_eval_steps(cfg)
+    assert [type(s) for s in steps] == [MergeLoRA, Control, RoutingReport, PredictionPictures, RecordingStep]
+    metrics, objects = evaluate(cfg)
+    seen = objects["reports"]["mine"]
+    assert seen["before"] == {} and seen["after"] == metrics and "test/semseg/miou" in metrics
+    assert seen["loggers"] == 0  # logger=none
+    assert (tmp_path / "mine.txt").is_file()
+    assert objects["reports"]["pictures"] == [str(tmp_path / "pictures" / "sample_000.png")]
+    assert objects["control"] == {} and "lora_merge" not in objects["reports"]  # nothing asked
+
+
+def test_eval_steps_none_removes_them_and_a_wrong_target_is_refused(make_cfg, tmp_path):
+    cfg = _untrained_checkpoint(make_cfg, tmp_path, ["eval_steps=none", "eval.pictures=2"])
+    assert build_eval_steps(cfg) == []
+    evaluate(cfg)
+    assert not (tmp_path / "pictures").exists()
+    bad = make_cfg(["+eval_steps.oops._target_=collections.OrderedDict"], config_name="eval")
+    with pytest.raises(TypeError, match=r"eval_steps\.oops: collections\.OrderedDict .*EvalStep"):
+        build_eval_steps(bad)
+    bad = make_cfg(["+eval_steps.oops.n=1"], config_name="eval")
+    with pytest.raises(ValueError, match=r"eval_steps\.oops needs a _target_"):
+        build_eval_steps(bad)
+
+
+def test_eval_steps_read_the_user_keys_and_default_without_an_eval_config(make_cfg):
+    cfg = make_cfg(["adapter.merge=true", "eval.pictures=3", "control.budget=2.5"], config_name="eval")
+    merge, control, _, pictures = build_eval_steps(cfg)
+    assert merge.enabled and pictures.n == 3 and control.options["budget"] == 2.5
+    cfg.adapter.merge, cfg.eval.pictures = False, 0  # set after composing (as tests and scripts do)
+    merge, _, _, pictures = build_eval_steps(cfg)
+    assert not merge.enabled and pictures.n == 0
+    # a training config (merge.py's in-process evaluation) has no eval_steps, adapter or control keys
+    train_cfg = make_cfg([])
+    assert "eval_steps" not in train_cfg and "control" not in train_cfg
+    steps = build_eval_steps(train_cfg)
+    assert [type(s) for s in steps] == [MergeLoRA, Control, RoutingReport, PredictionPictures]
+    assert not steps[0].enabled and steps[1].options["budget"] is None and steps[3].n == 0

@@ -97,3 +97,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, name, kwar
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        ({}, (32, 48)),
+        ({"class_token": False, "global_pool": "avg"}, (32, 48)),
+        ({"reg_tokens": 2, "no_embed_class": True}, (32, 48)),
+        ({"dynamic_img_size": True}, (48, 64)),  # position embeddings resampled to another grid
+    ],
+    ids=["cls", "no-cls", "registers", "dynamic"],
+)
+def test_vit_tokens_match_timms_own_embedding(kwargs, size):
+    """Pins :func:`vit_tokens` (public timm pieces, instead of timm's private ``_pos_embed``) to
+    timm's ``forward_features``: this fails if timm changes how a ViT embeds its input."""
+    from mtl.backbones.timm_backbone import vit_tokens
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), **TINY_VIT, **kwargs).eval()
+    torch.nn.init.normal_(vit.pos_embed, std=0.5)  # timm initialises it small: make a mistake visible
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        tokens, grid = vit_tokens(vit, x)
+        ours = vit.norm(vit.blocks(tokens))
+        torch.testing.assert_close(ours, vit.forward_features(x))
+    assert grid == (size[0] // 16, size[1] // 16)
+    assert tokens.shape[1] == vit.num_prefix_tokens + grid[0] * grid[1]

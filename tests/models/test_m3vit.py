@@ -85,7 +85,7 @@ def test_m3vit_with_one_expert_equals_the_dense_vit():
         expert_init="upcycle",
     ).eval()
     x = torch.randn(2, 3, 32, 32)
-    for a, b in zip(dense(x), moe.forward_tasks(x)["b"], strict=True):
+    for a, b in zip(dense(x), moe.features(x, ["b"]).per_task["b"], strict=True):
         assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -166,8 +166,8 @@ def test_shared_pass_for_grouped_tasks_equals_separate_passes():
 
 def test_training_forward_aux_loss_and_task_parameters():
     model = tiny_model(decoder=TaskExpertDecoder).train()
-    preds = model(torch.randn(2, 3, 32, 32))
-    aux = model.aux_loss()
+    out = model.run(torch.randn(2, 3, 32, 32))
+    preds, aux = out.preds, out.aux_loss
     assert set(preds) == set(TASKS) and aux is not None and aux.requires_grad
     (sum(p.mean() for p in preds.values()) + aux).backward()
     for t in TASKS:
@@ -176,11 +176,50 @@ def test_training_forward_aux_loss_and_task_parameters():
     shared = {id(p) for p in model.shared_parameters()}
     assert all(id(p) in shared for p in model.backbone.moe_layers()[1].experts.parameters())
     model.eval()
-    model(torch.randn(2, 3, 32, 32))
-    stats = model.validation_stats()
+    out = model.run(torch.randn(2, 3, 32, 32))
+    stats = model.finish_stats(out.stats)
     assert {"experts/depth/layer1/entropy", "experts/depth/layer3/max_share"} <= set(stats)
     assert any(k.startswith("gates/") for k in stats)  # TaskExpert's gate statistics still there
-    assert model.aux_loss() is None
+    assert out.aux_loss is None
+
+
+def test_expert_usage_over_an_evaluation_equals_the_routing_counts():
+    """Per-forward usage (``ModelOutput.stats``), averaged over batches of different sizes as
+    ``MTLModule`` does, gives the entropy and largest share of the evaluation's total counts."""
+    from mtl.module import StatMeans
+
+    model = tiny_model().eval()
+    model.backbone.reset_routing_counts()
+    acc = StatMeans()
+    with torch.no_grad():
+        for b in (3, 1):
+            out = model.run(torch.randn(b, 3, 32, 32))
+            acc.update(out.stats, b)
+    stats = model.finish_stats(acc.compute())
+    assert not any(k.endswith("/usage") for k in stats)
+    for block, per_task in model.backbone.routing_counts().items():
+        for t, counts in per_task.items():
+            share = counts / counts.sum()
+            ent = -(share * share.clamp_min(1e-12).log()).sum() / torch.log(torch.tensor(float(len(share))))
+            torch.testing.assert_close(
+                stats[f"experts/{t}/layer{block}/entropy"].double(), ent, atol=1e-6, rtol=0
+            )
+            assert float(stats[f"experts/{t}/layer{block}/max_share"]) == pytest.approx(float(share.max()))
+
+
+def test_one_shared_pass_encode_decode_keeps_the_balance_loss():
+    """``task_groups=[[all]]``: a shared representation; ``encode_features`` + ``decode(features=)``
+    give what ``run`` gives, the backbone's balancing loss included."""
+    model = tiny_model(task_groups=[list(TASKS)], noisy_gating=False).train()
+    assert model.backbone.kind == "shared"
+    x = torch.randn(2, 3, 32, 32)
+    whole = model.run(x)
+    rep, feats = model.encode_features(x)
+    out = model.decode(rep, size=(32, 32), features=feats)
+    assert whole.aux_loss is not None
+    torch.testing.assert_close(out.aux_loss, whole.aux_loss)
+    for t in TASKS:
+        torch.testing.assert_close(out.preds[t], whole.preds[t])
 
 
 def test_bad_configuration_errors():

@@ -96,3 +96,155 @@ def test_shared_and_task_parameters_partition_the_model():
     out["depth"].mean().backward()
     assert all(p.grad is None for p in net.task_parameters("semseg"))
     assert any(p.grad is not None for p in net.task_parameters("depth"))
+
+
+# ---------------------------------------------------------------------------- typed contracts
+def _mtlora_swin(**kw):
+    from mtl.adapters.mtlora import MTLoRASwin
+
+    torch.manual_seed(0)
+    swin = dict(SWIN_MINI, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), embed_dim=16)
+    return MTLoRASwin(tasks=["semseg", "depth", "normals"], rank=4, task_rank=2, **swin, **kw)
+
+
+def _mtlora_vit():
+    from mtl.adapters.mtlora_vit import MTLoRAViT
+
+    torch.manual_seed(0)
+    vit = dict(name="vit_tiny_patch16_224", img_size=(32, 32), embed_dim=32, depth=4, num_heads=2)
+    return MTLoRAViT(tasks=["semseg", "depth", "normals"], out_indices=[1, 3], rank=4, task_rank=2, **vit)
+
+
+def _fork_counter(backbone):
+    """Counts the calls of the task-LoRA layers per active task (``None``: the shared stream)."""
+    from collections import Counter
+
+    from mtl.adapters.mtlora import TaskLoRALinear
+
+    calls, layers = Counter(), [m for m in backbone.modules() if isinstance(m, TaskLoRALinear)]
+    for m in layers:
+        m.register_forward_hook(lambda mod, args, out: calls.update([mod.active]))
+    return calls, len(layers)
+
+
+@pytest.mark.parametrize("make, size", [(_mtlora_swin, 64), (_mtlora_vit, 32)], ids=["swin", "vit"])
+def test_task_subset_forks_only_its_tasks_streams(make, size):
+    """``tasks_at_inference=[depth]``: the task-conditioned backbone forks for depth only, and the
+    shared stream stops at the last fork level (nothing reads it after)."""
+    backbone = make()
+    net = MultiTaskNet(
+        backbone=backbone,
+        decoder=functools.partial(MultiHeadDecoder, channels=8),
+        tasks={"semseg": 5, "depth": 1, "normals": 3},
+        tasks_at_inference=["depth"],
+    ).eval()
+    calls, n = _fork_counter(backbone)  # n: 3 adapted layers (proj, fc1, fc2) per fork level
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        full = net(x, task_subset=["semseg", "depth", "normals"])
+        assert dict(calls) == {None: n - 3, "semseg": n, "depth": n, "normals": n}
+        calls.clear()
+        only = net(x)
+    assert list(only) == ["depth"]
+    torch.testing.assert_close(only["depth"], full["depth"])
+    assert dict(calls) == {None: n - 3, "depth": n}
+
+
+def test_any_decoder_takes_per_task_features():
+    """MTLoRA + the multi-head decoder (the issue's failing combination) and TaskExpert: the
+    decoder runs once per task stream; each task equals its own single-task run."""
+    from mtl.decoders.taskexpert import TaskExpertDecoder
+
+    tasks = {"semseg": 5, "depth": 1, "normals": 3}
+    for decoder in (
+        functools.partial(MultiHeadDecoder, channels=8),
+        functools.partial(TaskExpertDecoder, channels=8, num_experts=2),
+    ):
+        net = MultiTaskNet(backbone=_mtlora_swin(), decoder=decoder, tasks=tasks).eval()
+        assert net.backbone.kind == "per_task"
+        x = torch.randn(2, 3, 64, 64)
+        out = net.run(x)
+        assert {t: tuple(v.shape) for t, v in out.preds.items()} == {
+            t: (2, k, 64, 64) for t, k in tasks.items()
+        }
+        for t in tasks:
+            torch.testing.assert_close(net.run(x, tasks=[t]).preds[t], out.preds[t])
+        if decoder.func is TaskExpertDecoder:  # gate maps and statistics of every pass, joined
+            assert set(out.maps) == {f"gates_{t}" for t in tasks}
+            assert {k.split("/")[1] for k in out.stats} == set(tasks)
+        with pytest.raises(ValueError, match="no shared representation for rep_grad"):
+            list(net.representation_parameters())
+        with pytest.raises(ValueError, match="no shared representation"):
+            net.encode(x)
+
+
+def test_mtlora_with_the_multihead_decoder_trains(make_cfg):
+    from mtl.pipeline import train
+
+    cfg = make_cfg(
+        [
+            "experiment=synthetic_mtlora",
+            "model.decoder._target_=mtl.decoders.multihead.MultiHeadDecoder",
+            "data.tasks=[semseg,depth]",
+            "logger=none",
+            "callbacks=none",
+            "debug=fdr",
+        ]
+    )
+    metrics, objects = train(cfg)
+    assert isinstance(objects["module"].model.decoder, MultiHeadDecoder)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_parts_are_typed_and_mismatches_are_refused_at_construction():
+    from mtl.contracts import Backbone, Decoder
+    from mtl.decoders.taskexpert import TaskExpertDecoder
+
+    net = _net()
+    assert isinstance(net.backbone, Backbone) and net.backbone.kind == "shared"
+    assert isinstance(net.decoder, Decoder) and net.decoder.splits_representation
+    x = torch.randn(1, 3, 64, 64)
+    rep = net.encode(x)
+    torch.testing.assert_close(net.decode(rep, size=(64, 64)).preds["depth"], net(x)["depth"])
+    with pytest.raises(TypeError, match="must be an mtl.contracts.Backbone"):
+        MultiTaskNet(backbone=torch.nn.Identity(), decoder=MultiHeadDecoder, tasks={"depth": 1})
+    built_for_two = functools.partial(TaskExpertDecoder, channels=8, num_experts=2)
+    with pytest.raises(
+        ValueError, match=r"built for 2 tapped layers of \[24, 48\] channels; the backbone gives 4"
+    ):
+        TaskExpertDecoder.check_features(
+            built_for_two(in_channels=[24, 48], tasks=["depth"]), _net().backbone.feature_info
+        )
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['edge'\]"):
+        net.run(x, tasks=["edge"])
+
+
+def test_no_attribute_probes_in_the_model():
+    import inspect
+
+    import mtl.model
+
+    source = inspect.getsource(mtl.model)
+    assert "getattr(" not in source and "hasattr(" not in source
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "model.decoder._target_=torch.nn.Identity",
+            r"model.decoder: 'torch.nn.Identity' is not a mtl.contracts.Decoder",
+        ),
+        (
+            "model.backbone._target_=mtl.decoders.hrnet.HRNetDecoder",
+            r"model.backbone: 'mtl.decoders.hrnet.HRNetDecoder' is not a mtl.contracts.Backbone",
+        ),
+    ],
+)
+def test_config_check_names_a_part_that_breaks_its_contract(make_cfg, override, expected):
+    from mtl.config_check import ConfigError, check_config
+
+    cfg = make_cfg(["experiment=synthetic_mtlora", override])
+    with pytest.raises(ConfigError, match=expected):
+        check_config(cfg)
+    check_config(make_cfg(["experiment=synthetic_mtlora"]))  # the preset itself is fine

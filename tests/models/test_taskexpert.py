@@ -10,6 +10,7 @@ from mtl.backbones import TimmBackbone
 from mtl.decoders.moe import gate_picture
 from mtl.decoders.taskexpert import TaskExpertDecoder
 from mtl.model import MultiTaskNet
+from mtl.module import StatMeans
 from mtl.tasks import build_tasks
 
 TASKS = ["semseg", "depth", "normals"]
@@ -39,7 +40,7 @@ def _randomise_gates(dec):
 @pytest.mark.parametrize("subset", [("depth",), ("semseg", "normals"), ("normals", "semseg", "depth")])
 def test_output_shapes_for_every_task_subset(subset):
     dec = _decoder([16, 16, 16])
-    out = dec(_feats([16, 16, 16], [(4, 5)] * 3), task_subset=list(subset))
+    out = dec(_feats([16, 16, 16], [(4, 5)] * 3), tasks=list(subset)).features
     assert {t: tuple(v.shape) for t, v in out.items()} == {t: (2, 8, 4, 5) for t in subset}
 
 
@@ -53,7 +54,7 @@ def test_output_shapes_for_every_task_subset(subset):
 )
 def test_output_at_finest_tap_for_any_tap_list(channels, sizes):
     dec = _decoder(channels)
-    out = dec(_feats(channels, sizes))
+    out = dec(_feats(channels, sizes)).features
     assert all(v.shape == (2, 8, *sizes[0]) for v in out.values())
     with pytest.raises(ValueError, match=f"built for {len(channels)} tapped layers"):
         dec(_feats(channels, sizes)[:-1] if len(channels) > 1 else _feats(channels, sizes) * 2)
@@ -63,8 +64,9 @@ def test_output_at_finest_tap_for_any_tap_list(channels, sizes):
 def test_gate_weights_sum_to_one_per_pixel(top_k):
     dec = _decoder([16, 16], top_k=top_k).eval()
     _randomise_gates(dec)
-    dec(_feats([16, 16], [(4, 5)] * 2))
-    for layers in dec.last_gates.values():
+    maps = dec(_feats([16, 16], [(4, 5)] * 2)).maps
+    assert set(maps) == {f"gates_{t}" for t in TASKS}
+    for layers in maps.values():
         assert len(layers) == 2
         for g in layers:  # (B, experts + memory, h, w)
             assert g.shape == (2, 4, 4, 5) and (g >= 0).all()
@@ -79,19 +81,20 @@ def test_memory_path_changes_the_output():
     feats = _feats([16, 16, 16], [(4, 5)] * 3)
     dec = _decoder([16, 16, 16]).eval()
     _randomise_gates(dec)
-    ref = dec(feats)
-    mem_gate = torch.stack([g[:, -1] for layers in dec.last_gates.values() for g in layers])
+    ref_out = dec(feats)
+    ref = ref_out.features
+    mem_gate = torch.stack([g[:, -1] for layers in ref_out.maps.values() for g in layers])
     assert (mem_gate > 0).all() and (mem_gate.mean(dim=(1, 2, 3)) > 0.01).all()  # read at every layer
     with torch.no_grad():  # a different memory initialisation (the first write) changes every task
         for branch in dec.per_task.values():
             branch.memory_proj.weight.mul_(-1.0)
-    out = dec(feats)
+    out = dec(feats).features
     for t in TASKS:
         assert (out[t] - ref[t]).abs().max() > 1e-3, t
     # the ablation without memory has no memory expert and produces other features
     no_mem = _decoder([16, 16, 16], use_memory=False).eval()
     assert no_mem.expert_names == ["expert0", "expert1", "expert2"]
-    assert (no_mem(feats)["depth"] - ref["depth"]).abs().max() > 1e-3
+    assert (no_mem(feats).features["depth"] - ref["depth"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -104,7 +107,7 @@ def test_memory_path_changes_the_output():
 )
 def test_gradients_reach_every_expert_gate_and_memory_parameter(options):
     dec = _decoder([16, 16, 16], **options).train()
-    out = dec(_feats([16, 16, 16], [(4, 5)] * 3))
+    out = dec(_feats([16, 16, 16], [(4, 5)] * 3)).features
     sum((v * torch.randn_like(v)).sum() for v in out.values()).backward()
     dead = [n for n, p in dec.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not dead, dead
@@ -132,33 +135,49 @@ def test_validation_stats_and_gate_pictures():
     dec = _decoder([16, 16]).eval()
     _randomise_gates(dec)
     feats = _feats([16, 16], [(4, 5)] * 2, b=3)
-    dec(feats)
-    dec(feats)
-    stats = dec.validation_stats()
+    out = dec(feats)
+    stats = out.stats
     for t, layer in itertools.product(TASKS, range(2)):
         means = [float(stats[f"gates/{t}/layer{layer}/{e}"]) for e in dec.expert_names]
         assert sum(means) == pytest.approx(1.0, abs=1e-5)
         assert 0 < float(stats[f"gates/{t}/layer{layer}/entropy"]) <= 1.0
     assert len(stats) == len(TASKS) * 2 * (len(dec.expert_names) + 1)
-    dec.reset_validation_stats()
-    assert dec.validation_stats() == {}
-    pics = dec.visual_maps(1, size=(16, 20))
+    assert torch.equal(dec(feats).stats["gates/depth/layer1/entropy"], stats["gates/depth/layer1/entropy"])
+    assert dec.train()(feats).stats == {} and dec(feats).maps == {}  # statistics and maps: eval only
+    dec.eval()
+    pics = dec.picture_maps(out.maps, 1, size=(16, 20))
     assert set(pics) == {f"gates_{t}" for t in TASKS}
     assert pics["gates_depth"].shape == (2 * 16, 2 * 20 + 2, 3)  # rows: dominant expert, memory weight
     picture = gate_picture([torch.tensor([[[1.0]], [[0.0]]])], size=(2, 2), memory=True)
     assert (picture[2:] == 0).all()  # memory weight 0 → black bottom row
 
 
+def test_gate_statistics_accumulate_to_those_of_the_whole_evaluation():
+    """Per-forward batch means, averaged with batch-size weights over an evaluation (MTLModule's
+    accumulation), equal the statistics of one forward over all the samples."""
+    dec = _decoder([16, 16]).eval()
+    _randomise_gates(dec)
+    feats = _feats([16, 16], [(4, 5)] * 2, b=5)
+    acc = StatMeans()
+    for part in ([f[:3] for f in feats], [f[3:] for f in feats]):
+        acc.update(dec(part).stats, part[0].shape[0])
+    whole = dec(feats).stats
+    means = acc.compute()
+    assert means.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(means[k], whole[k], msg=k)
+
+
 def test_balance_loss_and_intermediate_supervision():
     dec = _decoder([16, 16, 16], balance_weight=0.1, top_k=2, intermediate_supervision=True).train()
     _randomise_gates(dec)
-    dec(_feats([16, 16, 16], [(4, 5)] * 3))
-    assert dec.aux_loss() is not None and float(dec.aux_loss().detach()) > 0
-    assert len(dec.intermediate_features()) == 2
+    out = dec(_feats([16, 16, 16], [(4, 5)] * 3))
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0
+    assert len(out.intermediate) == 2 and out.intermediate_weight == 1.0
     dec.eval()
-    dec(_feats([16, 16, 16], [(4, 5)] * 3))
-    assert dec.aux_loss() is None and dec.intermediate_features() == []
-    assert _decoder([16]).train().aux_loss() is None
+    out = dec(_feats([16, 16, 16], [(4, 5)] * 3))
+    assert out.aux_loss is None and out.intermediate == []
+    assert _decoder([16]).train()(_feats([16], [(2, 2)])).aux_loss is None
 
 
 def test_intermediate_losses_through_the_heads():
@@ -173,11 +192,19 @@ def test_intermediate_losses_through_the_heads():
         "semseg": torch.randint(0, 4, (2, 32, 32)),
         "depth": torch.rand(2, 1, 32, 32) + 0.5,
     }
-    net.train()(batch["image"])
-    extra = net.intermediate_losses(tasks, batch)
+
+    def intermediate_losses(out):
+        return {
+            t: sum(out.intermediate_weight * tasks[t].loss(p, batch) for p in preds)
+            for t, preds in out.intermediate.items()
+        }
+
+    out = net.train().run(batch["image"])
+    assert out.intermediate_weight == 0.5
+    assert all(p.shape[-2:] == (32, 32) for preds in out.intermediate.values() for p in preds)
+    extra = intermediate_losses(out)
     assert set(extra) == {"semseg", "depth"} and all(float(v) > 0 for v in extra.values())
-    net.eval()(batch["image"])
-    assert net.intermediate_losses(tasks, batch) == {}
+    assert intermediate_losses(net.eval().run(batch["image"])) == {}
 
 
 @pytest.mark.parametrize(
@@ -198,4 +225,4 @@ def test_bad_options_are_named(kw, match):
 
 def test_unknown_task_in_subset_is_named():
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['edge'\]"):
-        _decoder([16])(_feats([16], [(2, 2)]), task_subset=["edge"])
+        _decoder([16])(_feats([16], [(2, 2)]), tasks=["edge"])

@@ -37,7 +37,7 @@ def test_sam_and_asam_take_the_gradient_at_the_perturbed_point(adaptive):
     before = [p.detach().clone() for p in params]
 
     def total_grad():
-        losses = module.task_losses(module(batch["image"]), batch)
+        losses = module.task_losses(module.model.run(batch["image"]), batch)
         return torch.autograd.grad(sum(losses.values()), params)
 
     g = total_grad()
@@ -62,7 +62,7 @@ def test_fmtl_matches_the_reference_algorithm():
     shared = list(model.shared_parameters())
 
     def task_grad(t, inputs):
-        loss = module.task_losses(model(batch["image"]), batch)[t]
+        loss = module.task_losses(model.run(batch["image"]), batch)[t]
         return torch.autograd.grad(loss, inputs)
 
     clean, flat, sam_heads = [], [], {}

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from toy import ToyModule, one_torch_thread  # noqa: F401
+from toy import TINY, ToyModule, one_torch_thread  # noqa: F401
 
 from mtl.pipeline import build_datamodule, build_module
 
@@ -18,14 +18,6 @@ STRATEGIES = [
     "mgda", "mgda_ub", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac",
     "graddrop", "dualproj", "config", "fairgrad", "sam", "asam", "fmtl",
 ]  # fmt: skip
-TINY = [
-    "data.tasks=[semseg,depth,normals]",
-    "data.dataset.resolution=[32,32]",
-    "data.dataset.length=4",
-    "data.batch_size=2",
-    "model.backbone.embed_dim=16",
-    "model.decoder.channels=16",
-]
 
 
 def _fit(make_cfg, overrides, *, steps=2, **trainer_kwargs):
@@ -82,8 +74,9 @@ def test_every_strategy_trains_without_nan(tiny_setup, tmp_path, name):
     opt = torch.optim.AdamW(real.parameters(), lr=1e-3)
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
-        _, losses, aux = strategy.forward(batch, module=module)
-        logs = strategy.backward(losses, module=module, extra=aux, batch=batch)
+        step = strategy.forward(batch, module=module)
+        losses = step.losses
+        logs = strategy.backward(step, module=module, batch=batch)
         opt.step()
         strategy.after_step(batch, module=module, losses=losses)
         assert all(torch.isfinite(loss) for loss in losses.values()), name

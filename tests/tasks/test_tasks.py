@@ -1,4 +1,4 @@
-"""Task losses: ignore handling, defaults from REFERENCE.md, and the task builder's errors."""
+"""Task losses: ignore handling, defaults from the papers, and the task builder's errors."""
 
 import pytest
 import torch
@@ -73,3 +73,86 @@ def test_visualise_gives_side_by_side_rgb():
         pred = torch.randn(2, task.out_channels, 6, 8)
         img = task.visualise(pred, batch)
         assert img.shape == (6, 16, 3) and img.dtype.name == "uint8", name
+
+
+def test_task_hooks_keep_the_published_tables_and_the_score():
+    """The hooks that replaced report.MAIN_COLUMNS, objective.SCORE_METRICS and CLASSIFICATION."""
+    tasks = build_tasks(list(TASKS), num_classes={"semseg": 3, "human_parts": 7})
+    headline = {t: task.headline_metrics for t, task in tasks.items()}
+    assert headline == {
+        "semseg": ("miou",),
+        "human_parts": ("miou",),
+        "saliency": ("maxf",),
+        "normals": ("mean",),
+        "depth": ("rmse",),
+        "edge": ("odsf", "f"),
+    }
+    score = {t: (task.score_metrics, task.score_factor) for t, task in tasks.items()}
+    assert score == {
+        "semseg": (("miou",), 1.0),
+        "human_parts": (("miou",), 1.0),
+        "saliency": (("maxf",), 1.0),
+        "edge": (("odsf", "f"), 1.0),
+        "depth": (("delta1",), 1.0),
+        "normals": (("within_22_5",), 0.01),
+    }
+    assert {t for t, task in tasks.items() if task.needs_num_classes} == {"semseg", "human_parts"}
+    assert {t: task.report_digits for t, task in tasks.items() if task.report_digits != 2} == {"depth": 4}
+    refs = {t for t, task in tasks.items() if task.label_free_needs_reference}
+    assert refs == {"depth", "normals"}
+
+
+def test_score_uses_each_tasks_metric_and_factor():
+    from mtl.objective import score
+
+    tasks = build_tasks(["semseg", "normals", "edge"], num_classes={"semseg": 3})
+    metrics = {
+        "val/semseg/miou": 0.4,
+        "val/normals/within_22_5": 60.0,
+        "val/edge/f": 0.7,
+        "val/edge/odsf": 0.5,
+    }
+    assert score(metrics, tasks) == pytest.approx((0.4 + 0.6 + 0.5) / 3)  # odsF preferred to F
+    with pytest.raises(KeyError, match="val/normals/within_22_5"):
+        score({"val/semseg/miou": 0.4, "val/edge/f": 0.7}, tasks)
+
+
+def test_edge_metric_update_uses_the_label_map_only_for_seism():
+    from mtl.metrics import SEISMEdgeF
+
+    edge = build_tasks(["edge"])["edge"]
+    calls = []
+
+    class Spy(SEISMEdgeF):
+        def update(self, logits, target, label_map=None):
+            calls.append(label_map)
+
+    pred, target = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    label_map = torch.ones(1, 4, 4, dtype=torch.int64)
+    edge.update_metric(Spy(max_dist=0.011), pred, {"edge": target, "edge_labelmap": label_map})
+    edge.update_metric(Spy(max_dist=0.011), pred, {"edge": target})
+    assert calls[0] is label_map and calls[1] is None
+    approx = edge.metric()
+    edge.update_metric(approx, pred, {"edge": target, "edge_labelmap": label_map})  # the approximate F
+    assert approx.update_called
+
+
+def test_register_task_is_open_and_refuses_a_second_class_for_a_name():
+    from mtl.tasks import Depth, register_task
+    from mtl.tasks.registry import TASKS as REGISTRY
+
+    class Fog(Depth):
+        name = "fog"
+
+    try:
+        assert register_task(Fog) is Fog and build_tasks(["fog"])["fog"].name == "fog"
+    finally:
+        REGISTRY.pop("fog", None)
+
+    class OtherDepth(Depth):
+        pass
+
+    with pytest.raises(ValueError, match="task name 'depth' is already registered by mtl.tasks.depth.Depth"):
+        register_task(OtherDepth)
+    with pytest.raises(TypeError, match="takes a Task subclass"):
+        register_task(int)

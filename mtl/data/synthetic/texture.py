@@ -1,9 +1,9 @@
 """Materials and procedural textures of the synthetic-scene renderer.
 
-A :class:`_Mat` mixes two RGB colours with one of the procedural patterns in ``_KINDS``
-(planks, tiles, wallpaper, noise, wood grain, bands, checker, stripes); :func:`_texture`
+A :class:`Material` mixes two RGB colours with one of the procedural patterns in ``_KINDS``
+(planks, tiles, wallpaper, noise, wood grain, bands, checker, stripes); :func:`texture`
 evaluates the albedo of many pixels at once, one vectorised pattern evaluation per kind;
-:func:`_texture_one` that of one material (a room plane).
+:func:`texture_one` that of one material (a room plane).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _F = np.float32
 
 
 @dataclass
-class _Mat:
+class Material:
     """Texture of a surface: pattern ``kind`` mixing colours ``c1`` / ``c2``."""
 
     kind: str  # one of _KINDS
@@ -77,7 +77,7 @@ def _colour(kind: int, q: Any, sel: np.ndarray) -> np.ndarray:
     return col * f if isinstance(f, np.ndarray) else col
 
 
-def _params(mats: list[_Mat]) -> np.ndarray:
+def _params(mats: list[Material]) -> np.ndarray:
     """(8, M) float32 table of the materials: scale, phase, c1 RGB, c2 RGB."""
     return np.array([(m.scale, m.phase, *m.c1, *m.c2) for m in mats], np.float32).T
 
@@ -85,7 +85,7 @@ def _params(mats: list[_Mat]) -> np.ndarray:
 _NO_Y = {"planks", "tiles", "wallpaper", "vstripes"}  # patterns independent of y
 
 
-def _texture_one(alb: np.ndarray, mat: _Mat, pix: np.ndarray, q: np.ndarray) -> None:
+def texture_one(alb: np.ndarray, mat: Material, pix: np.ndarray, q: np.ndarray) -> None:
     """Writes the albedo of one material into ``alb`` (3, N) at pixels ``pix`` (coordinates q (3, N))."""
     if not pix.size:
         return
@@ -100,7 +100,7 @@ def _texture_one(alb: np.ndarray, mat: _Mat, pix: np.ndarray, q: np.ndarray) -> 
         alb[c][pix] = col[c]
 
 
-def _texture(alb: np.ndarray, mats: list[_Mat], mat: np.ndarray, q: np.ndarray, pix: np.ndarray) -> None:
+def texture(alb: np.ndarray, mats: list[Material], mat: np.ndarray, q: np.ndarray, pix: np.ndarray) -> None:
     """Writes the albedo of n pixels ``pix`` into ``alb`` (3, N): sorted material ids ``mat`` (n,)
     into ``mats``, texture coordinates ``q`` (3, n). Each texture kind is evaluated once on all of its
     pixels (with scalar parameters when only one material uses it).

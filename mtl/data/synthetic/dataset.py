@@ -1,6 +1,6 @@
 """Synthetic indoor-scene dataset with exact ground truth for six dense prediction tasks.
 
-Samples are rendered on the fly by :func:`mtl.data.synthetic_render.render_scene` (a vectorised
+Samples are rendered on the fly by :func:`mtl.data.synthetic.render.render_scene` (a vectorised
 numpy ray caster of a furnished box room with an optional articulated "figure"), so the dataset
 needs no files on disk and every label is exact. The raw sample dict uses the decoded encodings
 of the real datasets (NYUD-v2 / PASCAL-Context): see :func:`render_scene` for the keys.
@@ -17,32 +17,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch.utils.data
 
-from mtl.data.synthetic_render import (
-    CLASSES,
-    NUM_PARTS,
-    PARTS,
-    ROOM_CLASSES,
-    SceneParams,
-    render_scene,
-)
-
-__all__ = [
-    "CLASSES",
-    "NUM_PARTS",
-    "PARTS",
-    "ROOM_CLASSES",
-    "SPLITS",
-    "SceneParams",
-    "SyntheticScenes",
-    "render_scene",
-]
+from mtl.data.base import DenseDataset
+from mtl.data.synthetic.render import render_scene
+from mtl.data.synthetic.scene import CLASSES, PARTS, SceneParams
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-class SyntheticScenes(torch.utils.data.Dataset):
+class SyntheticScenes(DenseDataset):
     """Procedurally rendered indoor scenes (deterministic per split, seed and index).
 
     Args:
@@ -61,8 +44,11 @@ class SyntheticScenes(torch.utils.data.Dataset):
         TypeError: On an unknown scene parameter.
     """
 
-    TASKS: tuple[str, ...] = ("semseg", "human_parts", "saliency", "normals", "depth", "edge")
-    NUM_CLASSES: dict[str, int] = {"semseg": len(CLASSES), "human_parts": NUM_PARTS + 1}
+    KEY = "synthetic"
+    TASKS = ("semseg", "human_parts", "saliency", "normals", "depth", "edge")
+    CLASS_NAMES = {"semseg": CLASSES, "human_parts": ("background", *PARTS)}
+    NUM_CLASSES = {t: len(names) for t, names in CLASS_NAMES.items()}
+    # EDGE_MAX_DIST: NYUD-v2's (the default)
 
     def __init__(
         self,

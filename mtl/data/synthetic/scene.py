@@ -1,10 +1,10 @@
 """Random indoor-scene sampling of the synthetic-scene renderer.
 
 Class and human-part vocabularies, the scene distribution knobs (:class:`SceneParams`) and
-the sampler of one scene (:func:`_sample_scene`): a closed box room with a tilted camera and a
+the sampler of one scene (:func:`sample_scene`): a closed box room with a tilted camera and a
 point light, furnished with spheres, boxes, vertical cylinders, a table, wall paintings and
 optionally the articulated "figure", all placed inside the view frustum. Geometry lives in
-:mod:`mtl.data.synthetic_geometry`, textures in :mod:`mtl.data.synthetic_texture`.
+:mod:`mtl.data.synthetic.geometry`, textures in :mod:`mtl.data.synthetic.texture`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from mtl.data.synthetic_geometry import _Cam, _camera_grid, _rot
-from mtl.data.synthetic_texture import _Mat
+from mtl.data.synthetic.geometry import Camera, camera_grid, rotation
+from mtl.data.synthetic.texture import Material
 
 CLASSES: tuple[str, ...] = (
     "floor",
@@ -94,7 +94,7 @@ class SceneParams:
 
 
 @dataclass
-class _Prim:
+class Primitive:
     """One primitive of the scene with its instance, class, human-part ids and material."""
 
     kind: str  # "sphere" | "box" | "cyl"
@@ -104,7 +104,7 @@ class _Prim:
     inst: int
     cls: int
     part: int
-    mat: _Mat
+    mat: Material
 
     def __post_init__(self) -> None:
         self.rot = _EYE if self.rot is None else self.rot
@@ -120,7 +120,7 @@ class _Prim:
         return [*c, *size, *(_EYE9 if self.rot is _EYE else self.rot.ravel().tolist())]
 
 
-class _Draw:
+class Draw:
     """Buffered scalar uniform draws from a numpy Generator (cheaper than per-call numpy)."""
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -156,46 +156,46 @@ _CLASS_MATS: dict[int, tuple[tuple[str, ...], tuple[float, ...], tuple[float, ..
 }
 
 
-def _class_mat(draw: _Draw, cls: int) -> _Mat:
+def _class_mat(draw: Draw, cls: int) -> Material:
     """A random instance of the texture family of class ``cls``."""
     kinds, c1, c2, (s0, s1) = _CLASS_MATS[cls]
     kind = kinds[draw.int(0, len(kinds))]
     if kind == "tiles":  # light tiles of alternating brightness
         c1, c2 = c2, tuple(0.7 * v for v in c2)
-    return _Mat(kind, draw.colour(c1), draw.colour(c2), draw(s0, s1), draw(0, 2 * math.pi))
+    return Material(kind, draw.colour(c1), draw.colour(c2), draw(s0, s1), draw(0, 2 * math.pi))
 
 
 @dataclass
-class _Scene:
+class Scene:
     """A sampled scene: camera, room box and materials, light, primitives and floor shadows."""
 
-    cam: _Cam
+    cam: Camera
     room: tuple[list[float], list[float]]  # (lo, hi) corners of the room box
-    room_mats: dict[int, _Mat]
+    room_mats: dict[int, Material]
     light: list[float]
-    prims: list[_Prim] = field(default_factory=list)
+    prims: list[Primitive] = field(default_factory=list)
     shadows: list[tuple[float, float, float]] = field(default_factory=list)  # floor (x, z, r)
 
-    def add(self, kind: str, c: Any, size: Any, rot: Any, cls: int, mat: _Mat, **kw: Any) -> None:
+    def add(self, kind: str, c: Any, size: Any, rot: Any, cls: int, mat: Material, **kw: Any) -> None:
         """Adds a primitive (a new instance unless ``same=True``; ``part`` = human part id)."""
         inst = self.prims[-1].inst if kw.get("same") else len(self.prims) + 10
-        self.prims.append(_Prim(kind, c, size, rot, inst, cls, kw.get("part", 0), mat))
+        self.prims.append(Primitive(kind, c, size, rot, inst, cls, kw.get("part", 0), mat))
 
 
-def _add_figure(sc: _Scene, draw: _Draw, x: float, z: float, s: float) -> None:
+def _add_figure(sc: Scene, draw: Draw, x: float, z: float, s: float) -> None:
     """Adds the articulated figure standing at (x, z), scale ``s``, roughly facing the camera."""
-    rf = _rot(1, math.atan2(sc.cam.pos[0] - x, sc.cam.pos[2] - z) + draw(-1.2, 1.2))
+    rf = rotation(1, math.atan2(sc.cam.pos[0] - x, sc.cam.pos[2] - z) + draw(-1.2, 1.2))
     base = np.array([x, 0.0, z])
-    skin = _Mat("plain", draw.colour((0.85, 0.64, 0.50)), (0, 0, 0))
+    skin = Material("plain", draw.colour((0.85, 0.64, 0.50)), (0, 0, 0))
     top = draw.colour((draw(0.15, 0.9), draw(0.15, 0.9), draw(0.15, 0.9)), 0.05)
-    shirt = _Mat("hstripes", top, draw.colour((0.9, 0.9, 0.9)), draw(15, 30), draw(0, 6))
-    pants = _Mat("plain", draw.colour((0.15, 0.18, 0.35)), (0, 0, 0))
+    shirt = Material("hstripes", top, draw.colour((0.9, 0.9, 0.9)), draw(15, 30), draw(0, 6))
+    pants = Material("plain", draw.colour((0.15, 0.18, 0.35)), (0, 0, 0))
     arms = shirt if draw() < 0.5 else skin
     parts = [("sphere", base + [0, 1.56 * s, 0], [0.12 * s], None, skin, HEAD)]
     parts.append(("box", base + [0, 1.15 * s, 0], [0.19 * s, 0.3 * s, 0.11 * s], rf, shirt, TORSO))
     for side in (-1, 1):
         shoulder = base + rf @ [side * 0.245 * s, 1.4 * s, 0]
-        ra = rf @ _rot(0, draw(-1.0, 1.0)) @ _rot(2, side * draw(0.1, 1.0))
+        ra = rf @ rotation(0, draw(-1.0, 1.0)) @ rotation(2, side * draw(0.1, 1.0))
         arm = shoulder + ra @ [0, -0.3 * s, 0]
         parts.append(("box", arm, [0.05 * s, 0.3 * s, 0.05 * s], ra, arms, ARMS))
         leg = base + rf @ [side * 0.1 * s, 0, 0]
@@ -205,17 +205,17 @@ def _add_figure(sc: _Scene, draw: _Draw, x: float, z: float, s: float) -> None:
     sc.shadows.append((x, z, 0.3 * s))
 
 
-def _sample_scene(draw: _Draw, prm: SceneParams, h: int, w: int) -> _Scene:
+def sample_scene(draw: Draw, prm: SceneParams, h: int, w: int) -> Scene:
     """Samples room, camera, light and objects (objects are placed inside the view frustum)."""
     wd, dp, ht = draw(*prm.room_width), draw(*prm.room_depth), draw(*prm.room_height)
     yaw = math.radians(draw(-prm.max_yaw_deg, prm.max_yaw_deg))
     pitch, roll = math.radians(draw(*prm.pitch_deg)), math.radians(draw(-1, 1) * prm.max_roll_deg)
     pos = np.array([draw(-0.3, 0.3) * wd / 2, min(draw(*prm.camera_height), ht - 0.3), -draw(0.25, 0.7)])
-    rot = _rot(1, yaw) @ _rot(0, pitch) @ _rot(2, roll)
-    cam = _Cam(pos, rot, _camera_grid(h, w, prm.fov_deg)[2], (w - 1) / 2, (h - 1) / 2, h, w)
+    rot = rotation(1, yaw) @ rotation(0, pitch) @ rotation(2, roll)
+    cam = Camera(pos, rot, camera_grid(h, w, prm.fov_deg)[2], (w - 1) / 2, (h - 1) / 2, h, w)
     mats = {c: _class_mat(draw, c) for c in ROOM_CLASSES}
     light = [draw(-wd / 4, wd / 4), ht - 0.15, -draw(0.3, 0.7) * dp]
-    sc = _Scene(cam, ([-wd / 2, 0.0, -dp], [wd / 2, ht, 0.0]), mats, light)
+    sc = Scene(cam, ([-wd / 2, 0.0, -dp], [wd / 2, ht, 0.0]), mats, light)
     placed: list[tuple[float, float, float]] = []
     tan_half, sy, cy = math.tan(math.radians(prm.fov_deg) / 2), math.sin(yaw), math.cos(yaw)
     px, pz = float(pos[0]), float(pos[2])
@@ -243,7 +243,7 @@ def _sample_scene(draw: _Draw, prm: SceneParams, h: int, w: int) -> _Scene:
     if draw() < prm.table_prob:
         tw, td, th = draw(0.8, 1.5), draw(0.6, 0.9), draw(0.65, 0.8)
         if (xz := place(math.hypot(tw, td) / 2)) is not None:
-            (x, z), rt, mat = xz, _rot(1, draw(-0.8, 0.8)), _class_mat(draw, TABLE)
+            (x, z), rt, mat = xz, rotation(1, draw(-0.8, 0.8)), _class_mat(draw, TABLE)
             sc.add("box", rt @ [0, th - 0.025, 0] + [x, 0, z], [tw / 2, 0.025, td / 2], rt, TABLE, mat)
             for sx, sz in itertools.product((-1, 1), repeat=2):
                 leg = rt @ [sx * (tw / 2 - 0.06), (th - 0.05) / 2, sz * (td / 2 - 0.06)] + [x, 0, z]
@@ -265,7 +265,7 @@ def _sample_scene(draw: _Draw, prm: SceneParams, h: int, w: int) -> _Scene:
         else:
             kind, size, y = "cyl", [draw(0.1, 0.35), draw(0.3, 1.3)], 0.0
             foot = size[0]
-        rot = _rot(1, draw(0, math.pi)) if cls == BOX and draw() < 0.6 else None
+        rot = rotation(1, draw(0, math.pi)) if cls == BOX and draw() < 0.6 else None
         if (xz := place(foot)) is not None:
             sc.add(kind, [xz[0], y, xz[1]], size, rot, cls, _class_mat(draw, cls))
             sc.shadows.append((*xz, foot))

@@ -13,8 +13,8 @@ optical axis in metres with ``0`` marking simulated sensor holes; ``meta["K"]`` 
 OpenCV intrinsics matrix (pixel ``(u, v)`` = (column, row) index of the pixel centre). World
 frame: y up, floor at ``y = 0``, the camera looks roughly along ``-z``.
 
-The scene sampler lives in :mod:`mtl.data.synthetic_scene`, camera / primitive geometry in
-:mod:`mtl.data.synthetic_geometry` and materials / textures in :mod:`mtl.data.synthetic_texture`;
+The scene sampler lives in :mod:`mtl.data.synthetic.scene`, camera / primitive geometry in
+:mod:`mtl.data.synthetic.geometry` and materials / textures in :mod:`mtl.data.synthetic.texture`;
 this module casts the rays, shades, and assembles the ground-truth maps.
 """
 
@@ -26,25 +26,22 @@ from typing import Any
 
 import numpy as np
 
-from mtl.data.synthetic_geometry import _camera_grid, _pairs, _screen_rects, _Table, _world_rays
-from mtl.data.synthetic_scene import (
+from mtl.data.synthetic.geometry import PrimitiveTable, camera_grid, candidate_pairs, screen_rects, world_rays
+from mtl.data.synthetic.scene import (
     CEILING,
-    CLASSES,
     FIGURE,
     FLOOR,
-    NUM_PARTS,
-    PARTS,
-    ROOM_CLASSES,
     WALL,
+    Draw,
+    Scene,
     SceneParams,
-    _Draw,
-    _sample_scene,
-    _Scene,
+    sample_scene,
 )
-from mtl.data.synthetic_texture import _F, _texture, _texture_one
+from mtl.data.synthetic.texture import texture, texture_one
 
-__all__ = ["CLASSES", "NUM_PARTS", "PARTS", "ROOM_CLASSES", "SceneParams", "render_scene"]
+__all__ = ["render_scene"]
 
+_F = np.float32
 
 _ROOM_CLS = np.array([WALL, WALL, FLOOR, CEILING, WALL, WALL], np.uint8)
 _ROOM_NRM = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.float32)
@@ -66,7 +63,7 @@ def _params(**scene_params: Any) -> SceneParams:
         return SceneParams(**scene_params)
 
 
-def _hole_mask(draw: _Draw, prm: SceneParams, h: int, w: int) -> np.ndarray:
+def _hole_mask(draw: Draw, prm: SceneParams, h: int, w: int) -> np.ndarray:
     """Random elliptic blobs covering roughly ``hole_fraction`` of the image."""
     mask = np.zeros((h, w), bool)
     if prm.hole_fraction <= 0:
@@ -84,11 +81,11 @@ def _hole_mask(draw: _Draw, prm: SceneParams, h: int, w: int) -> np.ndarray:
     return mask
 
 
-def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
+def _cast(sc: Scene, d: np.ndarray) -> tuple[Any, ...]:
     """Casts all rays d (3, N).
 
     Returns distances t, room face ids, hit primitive ids (-1 = room) into the primitive table
-    (:class:`_Table`), and the floor contact shadows: (shadow, pixel) candidate pairs and a
+    (:class:`PrimitiveTable`), and the floor contact shadows: (shadow, pixel) candidate pairs and a
     (3, S) float32 table of centre x, centre z and 1 / radius^2.
     """
     (lo, hi), o = sc.room, sc.cam.pos
@@ -103,12 +100,12 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
     pos = (isz & pz) | (isy & py) | (~(isy | isz) & px)
     face = ((isy.view(np.int8) + 2 * isz.view(np.int8)) * 2 + pos.view(np.int8)).astype(np.intp)
     pid = np.full(t.shape, -1, np.int16)
-    tab = _Table(sc.prims, o, sc.shadows)
+    tab = PrimitiveTable(sc.prims, o, sc.shadows)
     if not sc.prims:
         return t, face, pid, tab, None
     # One screen-rectangle / candidate-pair pass for the primitives and the shadow footprints,
     # then intersections per kind and a scatter-min.
-    k, ri, cnt = _pairs(_screen_rects(sc.cam, *tab.aabb), sc.cam.w)
+    k, ri, cnt = candidate_pairs(screen_rects(sc.cam, *tab.aabb), sc.cam.w)
     cut = np.searchsorted(k, tab.bounds).tolist()
     shadows = (k[cut[3] :] - tab.bounds[3], ri[cut[3] :], tab.shadows) if sc.shadows else None
     k, ri = k[: cut[3]], ri[: cut[3]]
@@ -124,7 +121,7 @@ def _cast(sc: _Scene, d: np.ndarray) -> tuple[Any, ...]:
     return t, face, pid, tab, shadows
 
 
-def _shade(sc: _Scene, pts: np.ndarray, nrm: np.ndarray, cls: np.ndarray, shadows: Any) -> np.ndarray:
+def _shade(sc: Scene, pts: np.ndarray, nrm: np.ndarray, cls: np.ndarray, shadows: Any) -> np.ndarray:
     """Point light with soft falloff, hemispheric ambient and soft floor contact shadows."""
     ldir = np.array(sc.light, np.float32)[:, None] - pts
     l2 = np.einsum("ij,ij->j", ldir, ldir)  # fused dot products: no (3, N) temporaries
@@ -162,11 +159,11 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
     h, w = int(height), int(width)
     if h <= 0 or w <= 0:
         raise ValueError(f"height and width must be positive, got {(height, width)}")
-    draw = _Draw(np.random.default_rng(np.random.SeedSequence([seed, index])))
-    sc = _sample_scene(draw, prm, h, w)
-    _, inv_norm, fx = _camera_grid(h, w, prm.fov_deg)
+    draw = Draw(np.random.default_rng(np.random.SeedSequence([seed, index])))
+    sc = sample_scene(draw, prm, h, w)
+    _, inv_norm, fx = camera_grid(h, w, prm.fov_deg)
     rot = sc.cam.rot.astype(np.float32)
-    d = _world_rays(h, w, prm.fov_deg, sc.cam.rot)  # (3, N); broadcast sums, not BLAS (threads)
+    d = world_rays(h, w, prm.fov_deg, sc.cam.rot)  # (3, N); broadcast sums, not BLAS (threads)
     with np.errstate(all="ignore"):
         t, face, pid, tab, shadows = _cast(sc, d)
         pts = sc.cam.pos.astype(np.float32)[:, None] + d * t
@@ -202,9 +199,9 @@ def render_scene(seed: int, index: int, *, height: int, width: int, **scene_para
             alb[...] = np.array(sc.room_mats[plain[0]].c1, np.float32)[:, None]
         for c, m in sc.room_mats.items():
             if c not in plain:
-                _texture_one(alb, m, np.flatnonzero(cls == c), pts)
+                texture_one(alb, m, np.flatnonzero(cls == c), pts)
         if oi.size:
-            _texture(alb, [p.mat for p in tab.prims], gp, oq, oi)
+            texture(alb, [p.mat for p in tab.prims], gp, oq, oi)
         alb *= shade * 255
         alb += 0.5
         np.minimum(alb, 255, out=alb)

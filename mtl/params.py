@@ -1,8 +1,10 @@
-"""Trainable / total parameter counts per group, printed at the start of every run.
+"""Trainable / total parameter counts per group of a :class:`~mtl.model.MultiTaskNet`.
 
-For parameter-efficient training (LoRA, MTLoRA) the numbers that matter are how many
-parameters train and where they sit: the task-agnostic and task-specific adapters, the rest
-of the backbone, the decoder, the heads.
+``train`` logs the table at the start of every run and sends the trainable counts to the
+loggers. The groups are the model's parts (backbone, decoder, heads); inside the backbone,
+parameter-efficient training (LoRA, MTLoRA) is told apart by the adapters' parameter names
+(``lora_A`` / ``lora_B``, task-specific ones under ``per_task``): how many parameters train
+and where they sit.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Pinhole camera rays, screen-space bounding rectangles of world AABBs, (rectangle, pixel) candidate
 pairs, and the vectorised ray / sphere, box and vertical-cylinder intersections with analytic
-surface normals (:class:`_Table`). World frame: y up, floor at ``y = 0``; the camera frame is
-the OpenGL one (x right, y up, z backwards). Used by :mod:`mtl.data.synthetic_scene` and
-:mod:`mtl.data.synthetic_render`.
+surface normals (:class:`PrimitiveTable`). World frame: y up, floor at ``y = 0``; the camera frame is
+the OpenGL one (x right, y up, z backwards). Used by :mod:`mtl.data.synthetic.scene` and
+:mod:`mtl.data.synthetic.render`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 from einops import rearrange
 
 if TYPE_CHECKING:
-    from mtl.data.synthetic_scene import _Prim
+    from mtl.data.synthetic.scene import Primitive
 
 
 @dataclass
-class _Cam:
+class Camera:
     """Pinhole camera: world pose, focal length / principal point (pixels) and image size."""
 
     pos: np.ndarray  # (3,) world position
@@ -35,7 +35,7 @@ class _Cam:
     w: int
 
 
-def _rot(axis: int, a: float) -> np.ndarray:
+def rotation(axis: int, a: float) -> np.ndarray:
     """Rotation matrix by angle ``a`` about world axis ``axis`` (0 = x, 1 = y, 2 = z)."""
     c, s = math.cos(a), math.sin(a)
     if axis == 0:
@@ -46,7 +46,7 @@ def _rot(axis: int, a: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _camera_grid(h: int, w: int, fov_deg: float) -> tuple[np.ndarray, np.ndarray, float]:
+def camera_grid(h: int, w: int, fov_deg: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Flat camera-frame ray directions (3, h*w) with forward component 1, 1/|d|, and fx."""
     fx = (w / 2) / math.tan(math.radians(fov_deg) / 2)
     cx, cy = (w - 1) / 2, (h - 1) / 2
@@ -60,13 +60,13 @@ def _camera_grid(h: int, w: int, fov_deg: float) -> tuple[np.ndarray, np.ndarray
     return d, inv_norm, fx
 
 
-def _world_rays(h: int, w: int, fov_deg: float, rot: np.ndarray) -> np.ndarray:
+def world_rays(h: int, w: int, fov_deg: float, rot: np.ndarray) -> np.ndarray:
     """World ray directions (3, h*w) ``rot @ d_cam``, from the cached separable pixel grid.
 
     The camera-frame direction of pixel (v, u) is ``(x_u, y_v, -1)``, so each world component
     is one broadcast sum of a row term and a column term (3 full-size ops instead of 9).
     """
-    d_cam = _camera_grid(h, w, fov_deg)[0].reshape(3, h, w)
+    d_cam = camera_grid(h, w, fov_deg)[0].reshape(3, h, w)
     xu, yv = d_cam[0, 0], d_cam[1, :, 0]
     d = np.empty((3, h, w), np.float32)
     for i in range(3):
@@ -78,7 +78,7 @@ def _world_rays(h: int, w: int, fov_deg: float, rot: np.ndarray) -> np.ndarray:
 _CORNERS = np.array(list(itertools.product((0, 1), repeat=3)), bool)
 
 
-def _screen_rects(cam: _Cam, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def screen_rects(cam: Camera, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Pixel rectangles (P, 4) = (v0, u0, v1, u1) covering the projections of P AABBs."""
     m = cam.rot[:, [1, 0, 2]] * [-cam.fx, cam.fx, -1.0]  # -> (fx * -y, fx * x, -z) camera frame
     q = (np.where(_CORNERS, hi[:, None], lo[:, None]) - cam.pos) @ m  # (P, 8, 3)
@@ -94,7 +94,7 @@ def _screen_rects(cam: _Cam, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return r
 
 
-def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, ...]:
+def candidate_pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, ...]:
     """Flattened (rectangle, pixel) candidate pairs of all pixels inside each rectangle, and
     the number of pairs per rectangle.
 
@@ -113,7 +113,7 @@ def _pairs(rects: np.ndarray, w: int) -> tuple[np.ndarray, ...]:
 KINDS: tuple[str, ...] = ("sphere", "box", "cyl")
 
 
-class _Table:
+class PrimitiveTable:
     """Structure-of-arrays table of all primitives relative to the camera.
 
     Primitives are ordered by kind (``KINDS``; stable within a kind): ids ``bounds[i]`` to
@@ -121,7 +121,7 @@ class _Table:
     primitive with per-primitive counts; ``aabb`` also holds the shadow footprints (``shadows``).
     """
 
-    def __init__(self, prims: list[_Prim], o: np.ndarray, shadows: list | None = None) -> None:
+    def __init__(self, prims: list[Primitive], o: np.ndarray, shadows: list | None = None) -> None:
         by = [[p for p in prims if p.kind == kind] for kind in KINDS]
         self.prims = [p for ps in by for p in ps]
         ns, nb, n = len(by[0]), len(by[1]), len(self.prims)

@@ -1,0 +1,305 @@
+"""Config groups along the real axes (issue 18): model/backbone × model/decoder presets, recipes, short
+dataset experiments, one `_target_` convention, group names = package names, and every experiment
+composing to the values it composed to before the redesign.
+
+``tests/configs/resolved_before_issue18.json`` holds, per experiment, the resolved config (without
+``hydra``) composed before the redesign from ``train.yaml`` (key ``<experiment>``) and ``eval.yaml``
+with ``ckpt_path=/CKPT`` (key ``eval_<experiment>``), with the paths below. Only the renames and
+new keys listed here, each with its reason, may differ; any other difference names the experiment
+and the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+BEFORE = json.loads((ROOT / "tests" / "configs" / "resolved_before_issue18.json").read_text())
+PATHS = [
+    "paths.data_dir=/DATA",
+    "paths.root_dir=/ROOT",
+    "paths.output_dir=/OUT",
+    "paths.log_dir=/LOG",
+    "paths.work_dir=/WORK",
+]
+
+# `_target_` renames: every mtl target now names the module that defines it (test below).
+RENAMED_TARGETS = {
+    "mtl.backbones.TimmBackbone": "mtl.backbones.timm_backbone.TimmBackbone",
+    "mtl.strategies.FixedWeights": "mtl.strategies.weighting.FixedWeights",
+    "mtl.strategies.GradientAggregation": "mtl.strategies.aggregation.GradientAggregation",
+    "mtl.strategies.DBMTL": "mtl.strategies.dbmtl.DBMTL",
+    "mtl.strategies.DynamicWeightAverage": "mtl.strategies.adaptive.DynamicWeightAverage",
+    "mtl.strategies.GeometricLoss": "mtl.strategies.adaptive.GeometricLoss",
+    "mtl.strategies.RandomLossWeighting": "mtl.strategies.adaptive.RandomLossWeighting",
+    "mtl.strategies.UncertaintyWeighting": "mtl.strategies.adaptive.UncertaintyWeighting",
+    "mtl.strategies.FAMO": "mtl.strategies.famo.FAMO",
+    "mtl.strategies.FlatMTL": "mtl.strategies.fmtl.FlatMTL",
+    "mtl.strategies.GradNorm": "mtl.strategies.gradnorm.GradNorm",
+    "mtl.strategies.SAM": "mtl.strategies.sam.SAM",
+    "mtl.merging.AdaMerging": "mtl.merging.adamerging.AdaMerging",
+    "mtl.merging.WeightAveraging": "mtl.merging.arithmetic.WeightAveraging",
+    "mtl.merging.TaskArithmetic": "mtl.merging.arithmetic.TaskArithmetic",
+    "mtl.merging.ModelBreadcrumbs": "mtl.merging.breadcrumbs.ModelBreadcrumbs",
+    "mtl.merging.TIESMerging": "mtl.merging.ties.TIESMerging",
+    # the training callback moved out of mtl/merging/ (issue 18: it is not a merging method)
+    "mtl.merging.fingerprint.InitFingerprint": "mtl.callbacks.InitFingerprint",
+}
+# key renames (old dotted path → new): the `baselines` group's package now has the group's name
+RENAMED_KEYS = {"baseline": "baselines"}
+# top-level keys that only the new compositions have, per entry point, with the reason
+NEW_KEYS = {
+    "eval": {"eval_steps": "pipeline.evaluate's pluggable evaluation steps (configs/eval_steps/)"},
+    "train": {},
+}
+# mtl targets that name a package's public surface instead of the defining module
+PUBLIC_PACKAGE_TARGETS = {
+    "mtl.data.synthetic.SyntheticScenes": "the mtl.data.synthetic package exports its one dataset",
+}
+# the seven dataset pairs that must be short lists of choices
+PAIRS = ["baseline", "m3vit", "mtlora", "single_task", "slimmable", "taskexpert", "taskexpert_vitb"]
+MAX_EXPERIMENT_LINES = 12
+
+
+@pytest.fixture(scope="module")
+def composer() -> Iterator:
+    """``composer(config_name, overrides)`` → the composed config (no Hydra run, no output folder)."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        yield lambda name, overrides, hydra=False: compose(
+            config_name=name, overrides=list(overrides), return_hydra_config=hydra
+        )
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.create({k: cfg[k] for k in cfg if k != "hydra"}), resolve=True)
+
+
+def renamed(node: Any) -> Any:
+    """``node`` (a config before the redesign) with the listed `_target_` renames applied."""
+    if isinstance(node, dict):
+        return {
+            k: RENAMED_TARGETS.get(v, v) if k == "_target_" and isinstance(v, str) else renamed(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [renamed(v) for v in node]
+    return node
+
+
+def move_key(cfg: dict, old: str, new: str) -> None:
+    *parents, leaf = old.split(".")
+    node = cfg
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            return
+        node = node[p]
+    if leaf in node:
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        node = cfg
+        for p in new_parents:
+            node = node.setdefault(p, {})
+        node[new_leaf] = value
+
+
+def differences(old: Any, new: Any, path: str = "") -> Iterator[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{path}.{k}" if path else str(k)
+            if k not in new:
+                yield f"{key}: removed (was {old[k]!r})"
+            elif k not in old:
+                yield f"{key}: added ({new[k]!r})"
+            else:
+                yield from differences(old[k], new[k], key)
+    elif old != new or type(old) is not type(new):
+        yield f"{path}: {old!r} → {new!r}"
+
+
+@pytest.mark.parametrize("entry", sorted(BEFORE))
+def test_experiment_composes_to_the_values_before_the_redesign(composer, entry):
+    config_name, experiment = ("eval", entry[5:]) if entry.startswith("eval_") else ("train", entry)
+    extra = ["ckpt_path=/CKPT"] if config_name == "eval" else []
+    now = resolved(composer(config_name, [*extra, f"experiment={experiment}", *PATHS]))
+    before = renamed(BEFORE[entry])
+    for old, new in RENAMED_KEYS.items():
+        move_key(before, old, new)
+    for key in NEW_KEYS[config_name]:
+        now.pop(key, None)
+    diff = list(differences(before, now))
+    assert not diff, f"experiment '{experiment}' ({config_name}.yaml) changed:\n  " + "\n  ".join(diff)
+
+
+def test_every_experiment_before_the_redesign_still_exists():
+    names = {e.removeprefix("eval_") for e in BEFORE}
+    assert names <= {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
+
+
+def test_renamed_targets_import():
+    for new in RENAMED_TARGETS.values():
+        module, _, name = new.rpartition(".")
+        assert getattr(importlib.import_module(module), name), new
+
+
+def _code_lines(path: Path) -> list[str]:
+    lines = (line.split(" #")[0].rstrip() for line in path.read_text().splitlines())
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("dataset", ["nyud", "pascal"])
+def test_dataset_experiments_are_short_lists_of_choices(dataset, pair):
+    path = CONFIGS / "experiment" / f"{dataset}_{pair}.yaml"
+    lines = _code_lines(path)
+    assert len(lines) <= MAX_EXPERIMENT_LINES, (
+        f"{path.name}: {len(lines)} lines of settings (at most {MAX_EXPERIMENT_LINES}); a recipe "
+        "(configs/recipe/) or a model/backbone or model/decoder option should hold the rest:\n"
+        + "\n".join(lines)
+    )
+    cfg = OmegaConf.load(path)
+    assert "defaults" in cfg, f"{path.name}: no defaults list (it should pick data, model, recipe, ...)"
+    picks = [next(iter(d)) if isinstance(d, DictConfig) else d for d in cfg.defaults]
+    assert any("/recipe" in str(p) for p in picks) or pair == "taskexpert_vitb", f"{path.name}: no recipe"
+
+
+@pytest.mark.parametrize("preset", ["multihead", "taskexpert", "m3vit", "mtlora", "mtlora_vit", "slimmable"])
+def test_model_presets_pick_a_backbone_and_a_decoder(composer, preset):
+    cfg = OmegaConf.load(CONFIGS / "model" / f"{preset}.yaml")
+    groups = {next(iter(d)) for d in cfg.defaults if isinstance(d, DictConfig)}
+    assert groups == {"backbone", "decoder"}, f"model/{preset}.yaml picks {groups}"
+    assert "_target_" not in (cfg.get("backbone") or {}) and "_target_" not in (cfg.get("decoder") or {})
+    composed = composer("train", [f"model={preset}", *PATHS], hydra=True)
+    choices = composed.hydra.runtime.choices
+    assert choices["model/backbone"] and choices["model/decoder"]
+
+
+@pytest.mark.parametrize("decoder", sorted(p.stem for p in (CONFIGS / "model" / "decoder").glob("*.yaml")))
+@pytest.mark.parametrize("preset", ["multihead", "m3vit", "mtlora"])
+def test_any_decoder_composes_with_any_preset(composer, preset, decoder):
+    overrides = [f"model={preset}", f"model/decoder={decoder}"]
+    if decoder == "slimmable":  # its widths follow a slimmable backbone's
+        overrides.append("model/backbone=slimmable_vit_tiny")
+    cfg = composer("train", [*overrides, *PATHS])
+    assert cfg.model.decoder._target_.startswith(f"mtl.decoders.{decoder}.")
+    OmegaConf.to_container(cfg.model, resolve=True)
+
+
+@pytest.mark.parametrize("backbone", sorted(p.stem for p in (CONFIGS / "model" / "backbone").glob("*.yaml")))
+def test_every_backbone_option_composes(composer, backbone):
+    cfg = composer("train", [f"model/backbone={backbone}", *PATHS])
+    assert cfg.model.backbone._target_.startswith("mtl.")
+    OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def test_overrides_keep_their_keys(composer):
+    cfg = composer(
+        "train",
+        [
+            "experiment=nyud_taskexpert",
+            "model.decoder.num_experts=15",
+            "model.decoder.memory_update=ema",
+            "model.backbone.out_indices=[1,2]",
+            *PATHS,
+        ],
+    )
+    assert cfg.model.decoder.num_experts == 15 and cfg.model.decoder.memory_update == "ema"
+    assert list(cfg.model.backbone.out_indices) == [1, 2]
+    cfg = composer("train", ["experiment=nyud_m3vit", "model/decoder=taskexpert", *PATHS])
+    assert cfg.model.decoder._target_.endswith("TaskExpertDecoder") and cfg.model.tasks_at_inference is None
+
+
+@pytest.mark.parametrize(
+    ("recipe", "optimizer", "lr", "scheduler", "trainer"),
+    [
+        ("synthetic_cpu", "torch.optim.AdamW", 1e-3, "poly", {"max_epochs": 3}),
+        ("invpt", "torch.optim.Adam", 2e-5, "poly", {"max_steps": 40000, "max_epochs": -1}),
+        ("invpt_ddp", "torch.optim.Adam", 2e-5, "poly", {"strategy": "ddp", "val_check_interval": 4000}),
+        ("mtlora", "torch.optim.AdamW", 3.125e-5, "cosine", {"max_epochs": 300}),
+    ],
+)
+def test_recipes_compose_alone(composer, recipe, optimizer, lr, scheduler, trainer):
+    cfg = composer("train", ["~experiment", f"recipe={recipe}", *PATHS])
+    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.scheduler.name) == (optimizer, lr, scheduler)
+    assert {k: cfg.trainer[k] for k in trainer} == trainer
+
+
+def test_command_line_choices_beat_the_recipe(composer):
+    cfg = composer("train", ["experiment=nyud_taskexpert", "trainer=gpu", "optimizer=adamw", *PATHS])
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.trainer.max_steps == 40000  # the recipe's length stays
+
+
+@pytest.mark.parametrize("experiment", ["synthetic_single_task", "nyud_single_task", "pascal_single_task"])
+def test_single_task_experiments_keep_their_run_folders_and_baseline_writer(composer, experiment):
+    cfg = composer("train", [f"experiment={experiment}", "task=depth", *PATHS], hydra=True)
+    assert list(cfg.data.tasks) == ["depth"] and cfg.task_name == "single_task" and cfg.test
+    assert cfg.hydra.sweep.subdir == "depth" and cfg.hydra.run.dir.endswith("_depth")
+    assert cfg.hydra.callbacks.write_baseline._target_ == "mtl.baselines.WriteBaseline"
+
+
+def _targets(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(where, target) of every ``_target_`` in a config file's tree (interpolations left as text)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "_target_" and isinstance(v, str):
+                yield f"{path}._target_", v
+            else:
+                yield from _targets(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{path}[{i}]")
+
+
+def test_mtl_targets_name_their_defining_module():
+    wrong = []
+    for file in sorted(CONFIGS.rglob("*.yaml")):
+        tree = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+        for where, target in _targets(tree, str(file.relative_to(CONFIGS))):
+            if not target.startswith("mtl.") or target in PUBLIC_PACKAGE_TARGETS:
+                continue
+            module, _, name = target.rpartition(".")
+            try:
+                obj = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError) as err:
+                wrong.append(f"{where}: {target} does not import ({err})")
+                continue
+            if f"{obj.__module__}.{obj.__qualname__}" != target:
+                wrong.append(f"{where}: {target} is defined as {obj.__module__}.{obj.__qualname__}")
+    assert not wrong, "mtl `_target_`s must be mtl.<package>.<module>.<Class>:\n  " + "\n  ".join(wrong)
+
+
+def test_group_and_package_names_agree():
+    wrong = []
+    for file in sorted(CONFIGS.rglob("*.yaml")):
+        group = file.parent.relative_to(CONFIGS)
+        first = file.read_text().splitlines()[:1]
+        if group == Path(".") or not first or not first[0].startswith("# @package"):
+            continue
+        package = first[0].split()[-1]
+        if package not in ("_global_", ".".join(group.parts)):
+            wrong.append(f"{file.relative_to(CONFIGS)}: package '{package}' in group '{group.as_posix()}'")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_baselines_select_into_the_baselines_key(composer):
+    cfg = composer("train", ["baselines=synthetic_nyud_swin_mini", *PATHS])
+    assert "baseline" not in cfg and cfg.baselines.metrics["semseg/miou"] > 0
+
+
+def test_baseline_metrics_read_under_the_group_name_and_the_legacy_package():
+    from mtl.pipeline import baseline_metrics
+
+    metrics = {"semseg/miou": 0.5, "depth/rmse": 0.6}
+    assert baseline_metrics(OmegaConf.create({"baselines": {"metrics": metrics}})) == metrics
+    # a baseline file written before the rename ('# @package baseline') still gives its Δm
+    assert baseline_metrics(OmegaConf.create({"baseline": {"metrics": metrics}})) == metrics
+    assert baseline_metrics(OmegaConf.create({"seed": 1})) is None
