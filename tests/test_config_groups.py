@@ -61,6 +61,12 @@ NEW_KEYS = {
     "eval": {"eval_steps": "pipeline.evaluate's pluggable evaluation steps (configs/eval_steps/)"},
     "train": {},
 }
+# deliberate value changes made by later issues, to match the field's reference code: experiment
+# (or "*" for every experiment) → dotted key or key prefix → reason. Only the listed keys may differ
+# from the snapshot; the tests of the issue that changed them assert the new values.
+CHANGED_LATER: dict[str, dict[str, str]] = {
+    "*": {},
+}
 # mtl targets that name a package's public surface instead of the defining module
 PUBLIC_PACKAGE_TARGETS = {
     "mtl.data.synthetic.SyntheticScenes": "the mtl.data.synthetic package exports its one dataset",
@@ -135,7 +141,12 @@ def test_experiment_composes_to_the_values_before_the_redesign(composer, entry):
         move_key(before, old, new)
     for key in NEW_KEYS[config_name]:
         now.pop(key, None)
-    diff = list(differences(before, now))
+    allowed = {**CHANGED_LATER.get("*", {}), **CHANGED_LATER.get(experiment, {})}
+    diff = [
+        d
+        for d in differences(before, now)
+        if not any(d.split(":")[0] == k or d.startswith(f"{k}.") for k in allowed)
+    ]
     assert not diff, f"experiment '{experiment}' ({config_name}.yaml) changed:\n  " + "\n  ".join(diff)
 
 
