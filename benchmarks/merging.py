@@ -50,8 +50,12 @@ METHODS = {
     "task arithmetic λ=1.0": ["method=task_arithmetic", "method.lam=1.0"],
     "TIES k=0.2 λ=1.0": ["method=ties"],
     "TIES k=0.2 λ=0.5": ["method=ties", "method.lam=0.5"],
-    "Breadcrumbs β=0.85 γ=0.01 λ=0.5": ["method=breadcrumbs"],
-    "Breadcrumbs β=0.85 γ=0.01 λ=1.0": ["method=breadcrumbs", "method.lam=1.0"],
+    "Breadcrumbs per tensor β=0.14 γ=0.01 α=0.5": ["method=breadcrumbs", "method.granularity=tensor"],
+    "Breadcrumbs per tensor β=0.14 γ=0.01 α=1.0": [
+        "method=breadcrumbs",
+        "method.granularity=tensor",
+        "method.alpha=1.0",
+    ],
     "AdaMerging (layer-wise, 50 steps)": ["method=adamerging"],
 }
 
@@ -146,7 +150,13 @@ def main() -> None:
     ckpts = ",".join(str(single / t / "checkpoints" / "best.ckpt") for t in TASKS)
     results: dict[str, dict[str, float]] = {}
     for name, overrides in METHODS.items():
-        slug = name.split(" (")[0].replace("λ", "lam").replace("β", "beta").replace("γ", "gamma")
+        slug = (
+            name.split(" (")[0]
+            .replace("λ", "lam")
+            .replace("β", "beta")
+            .replace("γ", "gamma")
+            .replace("α", "alpha")
+        )
         out = root / "merge" / re.sub(r"[^A-Za-z0-9.]+", "_", slug)  # Hydra overrides: ASCII paths
         if not (out / "eval" / "results.json").is_file():
             times[name] = run(["merge.py", *overrides, f"ckpts=[{ckpts}]", "evaluate=true",

@@ -21,7 +21,7 @@ from mtl.metrics.published import HEADLINES
 from mtl.tasks.base import Task
 
 #: metrics shown ×100 in tables (fractions in results.json / .csv)
-PERCENT = {"miou", "pixel_acc", "maxf", "odsf", "oisf", "ap", "f"}
+PERCENT = {"miou", "miou_present", "pixel_acc", "maxf", "maxf_prob", "odsf", "oisf", "ap", "f"}
 LABELS = {
     "miou": "mIoU",
     "maxf": "maxF",
@@ -32,6 +32,9 @@ LABELS = {
     "ap": "AP",
     "f": "F≈",
     "abs_rel": "absRel",
+    "sq_rel": "sqRel",
+    "miou_present": "mIoU (present)",
+    "maxf_prob": "maxF (prob.)",
     "log_rmse": "logRMSE",
     "median": "median",
     "pixel_acc": "pixAcc",

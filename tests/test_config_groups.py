@@ -66,6 +66,48 @@ NEW_KEYS = {
 # from the snapshot; the tests of the issue that changed them assert the new values.
 CHANGED_LATER: dict[str, dict[str, str]] = {
     "*": {},
+    **{
+        f"{dataset}_mtlora": {
+            "model.backbone.drop_path_rate": "issue 19 (new): stochastic depth 0.2, the MTLoRA reference's",
+            "model.backbone.shared_mode": "issue 19 (new): the reference's task path ('matrix') or a variant",
+            "model.backbone.lora_merging": "issue 19 (new): MTLoRA+ (LoRA on patch merging) switch, off",
+            **(
+                {}
+                if dataset == "synthetic"  # keeps its CPU-sized decoder width and its recipe
+                else {
+                    "model.decoder.channels": "issue 19: the MTLoRA reference's [18, 36, 72, 144] per level",
+                    "scheduler.min_ratio": "issue 19: the reference's cosine floor MIN_LR / BASE_LR = 0.01",
+                }
+            ),
+            **(
+                {
+                    "data.tasks": "issue 19: the paper's 4 tasks (no edge), as its 8.34M count",
+                    "model.backbone.tasks": "issue 19: follows data.tasks (the paper's 4 tasks)",
+                }
+                if dataset == "pascal"
+                else {}
+            ),
+        }
+        for dataset in ("nyud", "pascal", "synthetic")
+    },
+    "nyud_m3vit": {
+        "model.backbone.noisy_gating": "issue 19: no router noise, as M³ViT's reference runs",
+        "model.backbone.same_router_init": "issue 19 (new): task routers start identical, as the reference's",
+        "model.backbone.task_embed": "issue 19 (new): the reference's task code for a shared router",
+        "model.backbone.task_embed_dim": "issue 19 (new): width of that task code",
+    },
+    "pascal_m3vit": {
+        "model.backbone.noisy_gating": "issue 19: no router noise, as M³ViT's reference runs",
+        "model.backbone.same_router_init": "issue 19 (new): task routers start identical, as the reference's",
+        "model.backbone.task_embed": "issue 19 (new): the reference's task code for a shared router",
+        "model.backbone.task_embed_dim": "issue 19 (new): width of that task code",
+    },
+    "synthetic_m3vit": {
+        "model.backbone.noisy_gating": "issue 19: no router noise, as M³ViT's reference runs",
+        "model.backbone.same_router_init": "issue 19 (new): task routers start identical, as the reference's",
+        "model.backbone.task_embed": "issue 19 (new): the reference's task code for a shared router",
+        "model.backbone.task_embed_dim": "issue 19 (new): width of that task code",
+    },
 }
 # mtl targets that name a package's public surface instead of the defining module
 PUBLIC_PACKAGE_TARGETS = {
@@ -73,6 +115,7 @@ PUBLIC_PACKAGE_TARGETS = {
 }
 # the seven dataset pairs that must be short lists of choices
 PAIRS = ["baseline", "m3vit", "mtlora", "single_task", "slimmable", "taskexpert", "taskexpert_vitb"]
+PAIRS += ["m3vit_ref"]  # issue 19: M³ViT's own recipe (SGD, 100 epochs, PUP heads)
 MAX_EXPERIMENT_LINES = 12
 
 
@@ -235,6 +278,7 @@ def test_overrides_keep_their_keys(composer):
         ("invpt", "torch.optim.Adam", 2e-5, "poly", {"max_steps": 40000, "max_epochs": -1}),
         ("invpt_ddp", "torch.optim.Adam", 2e-5, "poly", {"strategy": "ddp", "val_check_interval": 4000}),
         ("mtlora", "torch.optim.AdamW", 3.125e-5, "cosine", {"max_epochs": 300}),
+        ("m3vit", "torch.optim.SGD", 0.002, "poly", {"max_epochs": 100, "max_steps": -1, "strategy": "ddp"}),
     ],
 )
 def test_recipes_compose_alone(composer, recipe, optimizer, lr, scheduler, trainer):

@@ -1,98 +1,239 @@
 """MTLoRA: task-agnostic and task-specific low-rank adaptation of a Swin backbone.
 
 Agiza, Neseem & Reda, "MTLoRA: Low-Rank Adaptation Approach for Efficient Multi-Task
-Learning", CVPR 2024; facts from the paper and scale-lab/MTLoRA:
+Learning", CVPR 2024; the computation follows the authors' released code (scale-lab/MTLoRA,
+``models/lora.py``, ``models/swin_transformer_mtlora.py``, ``models/swin_mtl.py``) in the
+configuration behind the paper's table (``configs/mtlora/tiny_448/mtlora_tiny_448_r64_scale4_pertask.yaml``,
+shared mode ``matrix``):
 
 - task-agnostic LoRA (TA-LoRA, rank ``r`` ∈ {16, 32, 64}) on ``qkv``, ``proj``, ``fc1``, ``fc2``
-  of every Swin block; ``y = W x + s·B A x``, ``s`` = 4.0 used as is, dropout 0.05;
-- task-specific LoRA (TS-LoRA, rank 4) only in the last block of each of the 4 stages, on
-  ``proj``, ``fc1``, ``fc2``: there the token stream forks per task — each task's stream runs
-  the block with its own TS-LoRA added to the TA-LoRA, the shared stream (TA-LoRA only)
-  continues to the next stage;
+  of every Swin block: ``y = W x + b + s·B A dropout(x)``, ``s`` = 4.0 used as is, dropout 0.05;
+- task-specific LoRA (TS-LoRA, rank 4) on ``proj``, ``fc1``, ``fc2`` of the last block of each
+  stage (a *forked* layer). Attention is computed once, on the shared stream; a forked layer
+  with shared input ``x`` and task input ``x_t`` gives the shared output ``W x + b + s·B A d``
+  and, per task, ``W x + b + s·B_t A_t x_t`` — the frozen ``W`` applied to the *shared*
+  stream, no TA-LoRA term on the task path, only the task's LoRA sees the task stream
+  (:class:`TaskLoRALinear`, :func:`fork_swin_block`). At ``proj`` the task input is the shared
+  attention output; ``d = dropout(x)`` is drawn once and the task LoRA reads the same dropped
+  input. At ``fc1`` the task input is ``norm2`` of the task's residual stream after attention,
+  at ``fc2`` the task's hidden activation; there, as in the reference, the task LoRA reads its
+  input without dropout. Stochastic depth draws its mask per stream, as the reference's
+  separate calls do;
 - each task's stream then passes the stage's shared patch merging (timm places that merging
-  at the start of the next stage; the last stage has none), giving per task 4 feature maps
-  with the channels and strides of the merged tokens (Swin-T: 192, 384, 768, 768 at strides
-  8, 16, 32, 32) for an HRNet-style decoder (:mod:`mtl.decoders.hrnet`);
+  at the start of the next stage; the last stage has none and, as in the reference, no final
+  LayerNorm), giving per task 4 feature maps with the channels and strides of the merged
+  tokens (Swin-T: 192, 384, 768, 768 at strides 8, 16, 32, 32) for the HRNet-style decoder
+  (:mod:`mtl.decoders.hrnet`);
 - frozen: the pretrained Linear weights (and their biases); trainable: LoRA, patch
-  embedding, norms, relative position bias, patch merging, decoders (each switchable).
+  embedding, norms, relative position bias, patch merging, decoders (each switchable);
+  stochastic depth 0.2;
+- MTLoRA+ (``lora_merging=True``, the reference's ``DOWNSAMPLER_ENABLED``): TA-LoRA also on the
+  patch-merging reduction, whose pretrained weight then stays frozen.
+
+Options beside the reference's default (``shared_mode``): ``"matrixv2"`` (the reference's other
+mode: the task path adds the TA-LoRA of the shared stream, ``W x + b + s·B A d + s·B_t A_t x_t``)
+and ``"task_stream"``: each task's stream passes the whole adapted layer,
+``W x_t + b + s·B A d_t + s·B_t A_t d_t`` (``d_t = dropout(x_t)``). The latter is this
+project's earlier reading of the paper's text, kept to reproduce runs made with it; it is not
+what the authors' code computes.
 
 The backbone gives per-task features (:class:`~mtl.contracts.Features` of kind ``"per_task"``,
 ``{task: [4 × (B, C_l, H_l, W_l)]}``), forking only for the tasks asked for; any decoder takes them
-(:class:`~mtl.model.MultiTaskNet` runs it once per task stream).
+(:class:`~mtl.model.MultiTaskNet` runs it once per task stream). The forked layers are not folded
+by :func:`~mtl.adapters.lora.merge_lora`: their task outputs need the unadapted ``W``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from torch import nn
 
-from mtl.adapters.lora import LoRALinear, inject_lora
+from mtl.adapters.lora import inject_lora
 from mtl.backbones import TimmBackbone
 from mtl.contracts import Backbone, Features
 
 TA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 TS_TARGETS = ("proj", "fc1", "fc2")
+SharedMode = Literal["matrix", "matrixv2", "task_stream"]
+SHARED_MODES: tuple[str, ...] = ("matrix", "matrixv2", "task_stream")
 
 
 class LowRankUpdate(nn.Module):
-    """The low-rank branch ``s · B A dropout(x)`` alone (A kaiming-uniform, B zero).
+    """The low-rank branch ``s · B A x`` alone (A kaiming-uniform, B zero); the caller applies dropout.
 
     Args:
         in_features: input width.
         out_features: output width.
         rank: rank of ``B A``.
         scale: the factor ``s`` (used as is).
-        dropout: dropout on the input.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, *, rank: int, scale: float, dropout: float
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"task-specific LoRA rank must be >= 1, got {rank}")
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.scale = float(scale)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
 class TaskLoRALinear(nn.Module):
-    """A TA-LoRA layer plus one TS-LoRA low-rank update per task, selected by :attr:`active`.
+    """A forked layer: a frozen Linear with TA-LoRA (``shared``) and one TS-LoRA per task.
 
-    ``active = None`` gives the shared output ``W x + s·B A x``; ``active = t`` adds
-    ``s·B_t A_t x``.
+    Called as a module it gives the shared output ``W x + b + s·B A dropout(x)`` (so timm's own
+    block code computes the shared stream); :meth:`fork` gives the shared and the task outputs.
 
     Args:
-        shared: the layer's :class:`LoRALinear` (TA-LoRA).
+        base: the pretrained layer (frozen).
         tasks: task names.
-        rank: TS-LoRA rank.
-        scale: TS-LoRA scale.
-        dropout: TS-LoRA input dropout.
+        rank: TA-LoRA rank.
+        task_rank: TS-LoRA rank.
+        scale: LoRA scale (both kinds, as the reference's default per-task scale).
+        dropout: dropout on the LoRA input.
+        mode: how a task output is formed (module docstring): ``"matrix"`` (the reference's
+            default), ``"matrixv2"`` or ``"task_stream"``.
     """
 
-    def __init__(self, shared: LoRALinear, *, tasks: Sequence[str], rank: int, scale: float, dropout: float):
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        tasks: Sequence[str],
+        rank: int,
+        task_rank: int,
+        scale: float,
+        dropout: float,
+        mode: SharedMode = "matrix",
+    ) -> None:
         super().__init__()
-        self.shared = shared
-        dims = (shared.in_features, shared.out_features)
-        self.per_task = nn.ModuleDict(
-            {t: LowRankUpdate(*dims, rank=rank, scale=scale, dropout=dropout) for t in tasks}
-        )
-        self.active: str | None = None
+        if mode not in SHARED_MODES:
+            raise ValueError(f"MTLoRA shared_mode must be one of {list(SHARED_MODES)}, got '{mode}'")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        dims = (base.in_features, base.out_features)
+        self.shared = LowRankUpdate(*dims, rank=rank, scale=scale)
+        self.per_task = nn.ModuleDict({t: LowRankUpdate(*dims, rank=task_rank, scale=scale) for t in tasks})
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.shared(x)
-        return y if self.active is None else y + self.per_task[self.active](x)
+        """The shared output ``W x + b + s·B A dropout(x)``."""
+        return self.base(x) + self.shared(self.dropout(x))
+
+    def fork(
+        self,
+        x: torch.Tensor,
+        x_tasks: Mapping[str, torch.Tensor] | None,
+        tasks: Sequence[str],
+        *,
+        shared: bool = True,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The shared output (``None`` unless ``shared``) and the output of each of ``tasks``.
+
+        Args:
+            x: the shared stream's input.
+            x_tasks: task → the task stream's input; ``None``: the tasks read the shared input
+                (the first forked layer of a block, ``proj``), with the same dropout mask.
+            tasks: the tasks to compute.
+            shared: compute the shared output too.
+        """
+        d = self.dropout(x)
+        pre = self.base(x)
+        ta = self.shared(d) if shared or self.mode != "matrix" else None
+        outs: dict[str, torch.Tensor] = {}
+        for t in tasks:
+            ts = self.per_task[t]
+            if self.mode == "task_stream" and x_tasks is not None:
+                d_t = self.dropout(x_tasks[t])
+                outs[t] = self.base(x_tasks[t]) + self.shared(d_t) + ts(d_t)
+                continue
+            y = ts(d if x_tasks is None else x_tasks[t])  # the reference: no dropout on a task input
+            outs[t] = pre + y if self.mode == "matrix" else pre + ta + y
+        return (pre + ta if shared else None), outs
+
+
+def window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """(Shifted-)window self-attention of ``block`` on ``x`` (``B × H × W × C``, already
+    normalised), *before* the output projection, back in the image layout.
+
+    The windowing of timm's ``SwinTransformerBlock`` (cyclic shift, padding to whole windows,
+    the shift mask, the reverse) with the attention of its ``WindowAttention`` (relative
+    position bias); the projection is token-wise, so it is applied afterwards by the caller.
+    """
+    attn: WindowAttention = block.attn
+    b, h, w, c = x.shape
+    (wh, ww), (sh, sw) = block.window_size, block.shift_size
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+    hp, wp = x.shape[1:3]
+    mask = block.get_attn_mask(x) if block.dynamic_mask else block.attn_mask
+    windows = rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=wh, ww=ww)
+    q, k, v = rearrange(attn.qkv(windows), "n t (three h d) -> three n h t d", three=3, h=attn.num_heads)
+    n_tok = wh * ww
+    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+    bias = rearrange(bias, "(i j) h -> 1 h i j", i=n_tok)
+    if mask is not None:  # (nW, N, N): per window of each image, 0 or -100
+        bias = rearrange(bias + mask[:, None].to(bias.dtype), "nw h i j -> 1 nw h i j")
+        bias = bias.expand(windows.shape[0] // mask.shape[0], -1, -1, -1, -1).reshape(-1, *bias.shape[2:])
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+    )
+    out = rearrange(out, "(b nh nw) h (wh ww) d -> b (nh wh) (nw ww) (h d)", b=b, nh=hp // wh, wh=wh)
+    out = out[:, :h, :w]
+    return torch.roll(out, shifts=(sh, sw), dims=(1, 2)) if sh or sw else out
+
+
+def fork_mlp(
+    block: nn.Module,
+    h: torch.Tensor,
+    h_tasks: Mapping[str, torch.Tensor],
+    tasks: Sequence[str],
+    *,
+    shared: bool,
+    layer_scale: nn.Module | None = None,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The MLP half of a forked block (``norm2``, forked ``fc1`` / ``fc2``, residual) on the shared
+    stream ``h`` and the task streams ``h_tasks``; ``layer_scale``: ViT's ``ls2`` (Swin: none)."""
+    mlp = block.mlp
+    fc1: TaskLoRALinear = mlp.fc1
+    fc2: TaskLoRALinear = mlp.fc2
+    scale = layer_scale or nn.Identity()
+
+    def hidden(y: torch.Tensor) -> torch.Tensor:
+        return mlp.norm(mlp.drop1(mlp.act(y)))
+
+    f, f_t = fc1.fork(block.norm2(h), {t: block.norm2(h_tasks[t]) for t in tasks}, tasks)
+    o, o_t = fc2.fork(hidden(f), {t: hidden(f_t[t]) for t in tasks}, tasks, shared=shared)
+    out_t = {t: h_tasks[t] + block.drop_path2(scale(mlp.drop2(o_t[t]))) for t in tasks}
+    return (h + block.drop_path2(scale(mlp.drop2(o))) if shared else None), out_t
+
+
+def fork_swin_block(
+    block: SwinTransformerBlock, x: torch.Tensor, tasks: Sequence[str], *, shared: bool = True
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """A Swin block whose ``proj``, ``fc1``, ``fc2`` are :class:`TaskLoRALinear`, on the shared
+    stream ``x`` (``B × H × W × C``): the shared output (``None`` unless ``shared``) and each
+    task's output. Attention runs once, on the shared stream."""
+    proj: TaskLoRALinear = block.attn.proj
+    a = window_attention(block, block.norm1(x))
+    p, p_t = proj.fork(a, None, tasks)
+    drop = block.attn.proj_drop
+    h = x + block.drop_path1(drop(p))
+    h_t = {t: x + block.drop_path1(drop(p_t[t])) for t in tasks}
+    return fork_mlp(block, h, h_t, tasks, shared=shared)
 
 
 def adapt(
@@ -105,29 +246,40 @@ def adapt(
     task_rank: int,
     scale: float,
     dropout: float,
+    shared_mode: SharedMode = "matrix",
 ) -> None:
-    """Freezes ``body``, adds TA-LoRA to every target Linear under ``blocks`` and TS-LoRA to
-    ``proj``, ``fc1`` and ``fc2`` of each block in ``fork_blocks``."""
+    """Freezes ``body``, turns ``proj``, ``fc1`` and ``fc2`` of each block in ``fork_blocks`` into
+    :class:`TaskLoRALinear` layers and adds TA-LoRA to every other target Linear under ``blocks``."""
     for p in body.parameters():
         p.requires_grad_(False)
-    inject_lora(blocks, rank=rank, targets=TA_TARGETS, scale=scale, dropout=dropout)
     for blk in fork_blocks:
         for parent, attr in ((blk.attn, "proj"), (blk.mlp, "fc1"), (blk.mlp, "fc2")):
-            shared = getattr(parent, attr)
-            setattr(
-                parent,
-                attr,
-                TaskLoRALinear(shared, tasks=tasks, rank=task_rank, scale=scale, dropout=dropout),
+            base = getattr(parent, attr)
+            if not isinstance(base, nn.Linear):
+                raise TypeError(f"MTLoRA forks nn.Linear layers; {attr} is a {type(base).__name__}")
+            forked = TaskLoRALinear(
+                base,
+                tasks=tasks,
+                rank=rank,
+                task_rank=task_rank,
+                scale=scale,
+                dropout=dropout,
+                mode=shared_mode,
             )
+            setattr(parent, attr, forked.train(base.training))
+    inject_lora(blocks, rank=rank, targets=TA_TARGETS, scale=scale, dropout=dropout)  # skips the forked ones
 
 
 def set_trainable(body: nn.Module, *, patch_embed: bool, norms: bool, pos: bool, merging: bool) -> None:
     """LoRA factors always train; the patch embedding, norms, position embeddings / relative
-    position bias and patch merging train when their flag is set; everything else stays frozen."""
+    position bias and patch merging train when their flag is set; a LoRA-adapted layer's
+    pretrained weight (``base``) and everything else stay frozen."""
     for pname, p in body.named_parameters():
         leaf = pname.split(".")
         if "lora_A" in leaf or "lora_B" in leaf:
             p.requires_grad_(True)
+        elif "base" in leaf:
+            continue
         elif (
             (patch_embed and leaf[0] == "patch_embed")
             or (norms and any(n.startswith("norm") for n in leaf[:-1]))
@@ -135,13 +287,6 @@ def set_trainable(body: nn.Module, *, patch_embed: bool, norms: bool, pos: bool,
             or (merging and "downsample" in leaf)
         ):
             p.requires_grad_(True)
-
-
-def set_active(block: nn.Module, task: str | None) -> None:
-    """Selects the TS-LoRA of ``task`` (``None``: the shared stream) in every layer of ``block``."""
-    for m in block.modules():
-        if isinstance(m, TaskLoRALinear):
-            m.active = task
 
 
 def check_tasks(backbone: Backbone, tasks: Sequence[str] | None) -> list[str]:
@@ -167,7 +312,7 @@ class MTLoRASwin(Backbone):
 
     Args:
         name: timm Swin name (``swin_tiny_patch4_window7_224``, …).
-        tasks: task names (one TS-LoRA per task and adapted layer).
+        tasks: task names (one TS-LoRA per task and forked layer).
         img_size: input ``(H, W)``.
         pretrained: load timm's pretrained weights before injecting the adapters.
         checkpoint_path: a local weight file instead of the hub's.
@@ -175,6 +320,12 @@ class MTLoRASwin(Backbone):
         task_rank: TS-LoRA rank.
         scale: LoRA scale (both kinds).
         dropout: LoRA dropout (both kinds).
+        shared_mode: the task path of a forked layer: ``"matrix"`` (the reference's default),
+            ``"matrixv2"`` or ``"task_stream"`` (module docstring).
+        lora_merging: MTLoRA+: TA-LoRA on the patch-merging reductions too (their pretrained
+            weight then stays frozen).
+        drop_path_rate: stochastic depth of the last block (linear in depth from 0), 0.2 as in
+            the reference's configuration.
         train_patch_embed: keep the patch embedding trainable.
         train_norms: keep LayerNorms trainable.
         train_pos_bias: keep the relative position bias tables trainable.
@@ -196,6 +347,9 @@ class MTLoRASwin(Backbone):
         task_rank: int = 4,
         scale: float = 4.0,
         dropout: float = 0.05,
+        shared_mode: SharedMode = "matrix",
+        lora_merging: bool = False,
+        drop_path_rate: float = 0.2,
         train_patch_embed: bool = True,
         train_norms: bool = True,
         train_pos_bias: bool = True,
@@ -208,15 +362,18 @@ class MTLoRASwin(Backbone):
             img_size=img_size,
             pretrained=pretrained,
             checkpoint_path=checkpoint_path,
-            norm=True,
+            norm=False,  # the reference has no LayerNorm after the last stage
+            drop_path_rate=drop_path_rate,
             **kwargs,
-        ).model  # the timm model, final norm kept
+        ).model
         if not isinstance(body, SwinTransformer):
             raise ValueError(f"MTLoRASwin needs a timm Swin (stages with blocks), got '{name}'")
         self.tasks = list(tasks)
         self.model = body
         adapt(body, body.layers, [stage.blocks[-1] for stage in body.layers], tasks=self.tasks, rank=rank,
-              task_rank=task_rank, scale=scale, dropout=dropout)  # fmt: skip
+              task_rank=task_rank, scale=scale, dropout=dropout, shared_mode=shared_mode)  # fmt: skip
+        if lora_merging:
+            inject_lora(body.layers, rank=rank, targets=("reduction",), scale=scale, dropout=dropout)
         set_trainable(
             body, patch_embed=train_patch_embed, norms=train_norms, pos=train_pos_bias, merging=train_merging
         )
@@ -242,15 +399,9 @@ class MTLoRASwin(Backbone):
             x = stage.downsample(x)
             for blk in stage.blocks[:-1]:
                 x = blk(x)
-            last = stage.blocks[-1]
-            forks = {}
-            for t in tasks:
-                set_active(last, t)
-                forks[t] = last(x)
-            set_active(last, None)
-            if i + 1 < n:
-                x = last(x)  # the shared stream continues (after the last stage nothing reads it)
-            merge = body.layers[i + 1].downsample if i + 1 < n else body.norm
+            # the shared stream continues to the next stage; after the last one nothing reads it
+            x, forks = fork_swin_block(stage.blocks[-1], x, tasks, shared=i + 1 < n)
+            merge = body.layers[i + 1].downsample if i + 1 < n else nn.Identity()
             for t in tasks:
                 feats[t].append(rearrange(merge(forks[t]), "b h w c -> b c h w").contiguous())
         return Features(per_task=feats)

@@ -1,10 +1,12 @@
 """M³ViT: a ViT whose MLPs in every other block are task-conditioned mixtures of experts.
 
 Liang et al., "M³ViT: Mixture-of-Experts Vision Transformer for Efficient Multi-task Learning
-with Model-Accelerator Co-design", NeurIPS 2022. The MoE layer (routers, noisy top-k gating,
-balancing loss, sparse dispatch) is :mod:`mtl.backbones.moe_mlp`; this file builds the backbone
-on a timm ViT (Dosovitskiy et al., ICLR 2021), so timm's pretrained weights load under timm's
-names, and runs it per task.
+with Model-Accelerator Co-design", NeurIPS 2022; reference code: VITA-Group/M3ViT
+(``models/vision_transformer_moe.py``, ``models/models.py``, ``train_fastmoe.py`` and the command
+its README gives for the paper's runs). The MoE layer (routers, top-k gating, balancing loss,
+sparse dispatch) is :mod:`mtl.backbones.moe_mlp`; this file builds the backbone on a timm ViT
+(Dosovitskiy et al., ICLR 2021), so timm's pretrained weights load under timm's names, and runs
+it per task.
 
 * Training runs the backbone **once per task with that task's routing** (the paper), giving
   per-task feature lists (:meth:`M3ViT.features`); the blocks before the first MoE block do
@@ -13,14 +15,16 @@ names, and runs it per task.
   (default) a group costs one pass instead of one per task — ``task_groups=[[all tasks]]`` is the
   cheapest (one pass, a task-agnostic MoE ViT, the shared representation "-UB" strategies need).
 * Inference for a task subset runs only those tasks' passes (``model.tasks_at_inference``).
-* Expert initialisation (``expert_init``): the paper does not say how its MoE layers start from the
-  pretrained ViT. ``"upcycle"`` (sparse upcycling, Komatsuzaki et al., ICLR 2023) copies the
-  pretrained MLP into the experts — with M³ViT's expert hidden width = embedding width each expert
-  takes one ``C``-wide slice of the ``4C`` hidden units, slices assigned round-robin;
-  ``"random"``: timm's ViT initialisation. ``"auto"``: upcycle when weights are pretrained.
-* The balancing loss ``balance_weight · (cv²(importance) + cv²(load))`` (0.01, as the paper) is
-  summed over MoE layers and averaged over the passes of a training forward
-  (:attr:`~mtl.contracts.Features.aux_loss`).
+* Initialisation: the reference starts from its own MoE-pretrained checkpoint (not public) and
+  copies that checkpoint's single gate into every task's gate. Here (``expert_init``)
+  ``"upcycle"`` (sparse upcycling, Komatsuzaki et al., ICLR 2023) copies the pretrained dense
+  MLP into the experts — with M³ViT's expert hidden width = embedding width each expert takes one
+  ``C``-wide slice of the ``4C`` hidden units, slices assigned round-robin; ``"random"``: timm's
+  ViT initialisation; ``"auto"``: upcycle when weights are pretrained. Every task's router starts
+  from the same weights (``same_router_init``, as the reference's copied gate).
+* The balancing loss ``balance_weight · Σ (cv²(importance) + cv²(load))`` (0.01) is **summed**
+  over the MoE layers and over the passes (task gates) of a training forward, as the reference
+  sums the loss of every gate module (:attr:`~mtl.contracts.Features.aux_loss`).
 * Expert usage: every eval-mode forward gives each task's token assignments per expert and MoE
   block (``experts/<task>/layer<i>/usage`` in :attr:`~mtl.contracts.Features.stats`);
   :meth:`M3ViT.finish_stats` turns an evaluation's usage into the logged entropy and largest share.
@@ -38,7 +42,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mtl.backbones.moe_mlp import MoEMlp
+from mtl.backbones.moe_mlp import MoEMlp, TaskCode
 from mtl.backbones.timm_backbone import TimmBackbone, vit_tokens
 from mtl.contracts import FeatureKind, Features
 
@@ -56,12 +60,21 @@ class M3ViT(TimmBackbone):
         moe_every: replace the MLP of every ``moe_every``-th block (blocks ``moe_every−1``,
             ``2·moe_every−1``, …), ignored when ``moe_blocks`` is given.
         moe_blocks: explicit block indices whose MLP becomes an MoE.
-        router: ``"per_task"`` (a router per task) or ``"task_embedding"`` (one router fed the
-            token plus a learned task embedding).
+        router: ``"per_task"`` (a router per task, the reference's multi-gate of the paper's runs) or
+            ``"task_embedding"`` (one router whose input carries the task, see ``task_embed``).
         task_groups: lists of tasks sharing a route (``None``: every task its own).
         shared_pass: one backbone pass per group instead of per task (same result, cheaper).
-        noisy_gating: learned noise on the router logits while training (Shazeer et al.).
-        balance_weight: weight of the load-balancing loss.
+        noisy_gating: learned noise on the router logits while training (Shazeer et al.); off
+            by default, as the reference's runs (v-MoE gate, noise std 0).
+        task_embed: ``router=task_embedding`` only: ``"concat"`` (the reference: a one-hot task
+            code through an MLP, :class:`~mtl.backbones.moe_mlp.TaskCode`, shared by all MoE
+            layers and concatenated to every token the gates read) or ``"add"`` (a learned vector
+            per task and layer added to the token).
+        task_embed_dim: width of the concatenated task code (64, the width the reference's
+            task-conditioned config names).
+        same_router_init: every task's router starts from the same weights (the reference copies
+            its pretrained gate into every task's gate); ``False``: independent draws.
+        balance_weight: weight of the load-balancing loss (summed over layers and passes).
         expert_init: ``"auto"``, ``"upcycle"`` or ``"random"``.
         dispatch: ``"sparse"`` or ``"dense"`` (see :class:`~mtl.backbones.moe_mlp.MoEMlp`).
         **kwargs: :class:`TimmBackbone` arguments (a timm ``vit_*`` name, taps, ``img_size``, …).
@@ -79,7 +92,10 @@ class M3ViT(TimmBackbone):
         router: str = "per_task",
         task_groups: Sequence[Sequence[str]] | None = None,
         shared_pass: bool = True,
-        noisy_gating: bool = True,
+        noisy_gating: bool = False,
+        task_embed: str = "concat",
+        task_embed_dim: int = 64,
+        same_router_init: bool = True,
         balance_weight: float = 0.01,
         expert_init: str = "auto",
         dispatch: str = "sparse",
@@ -112,16 +128,25 @@ class M3ViT(TimmBackbone):
         if expert_init == "auto":
             expert_init = "upcycle" if kwargs.get("pretrained") or kwargs.get("checkpoint_path") else "random"
         dim = int(self.model.embed_dim)
+        keys = [g[0] for g in self.groups]
+        self.task_code = (
+            TaskCode(keys=keys, dim=task_embed_dim)
+            if router == "task_embedding" and task_embed == "concat"
+            else None
+        )
         for i in self.moe_blocks:
             old = blocks[i].mlp
             moe = MoEMlp(
                 dim=dim,
-                keys=[g[0] for g in self.groups],
+                keys=keys,
                 num_experts=num_experts,
                 hidden=expert_hidden,
                 top_k=top_k,
                 router=router,
                 noisy_gating=noisy_gating,
+                task_embed=task_embed,
+                task_embed_dim=task_embed_dim,
+                same_router_init=same_router_init,
                 dispatch=dispatch,
                 act_layer=type(old.act),
                 drop=float(old.drop1.p),
@@ -174,21 +199,21 @@ class M3ViT(TimmBackbone):
 
     # ------------------------------------------------------------------ forward
     def _block(
-        self, i: int, x: torch.Tensor, key: str | None
+        self, i: int, x: torch.Tensor, key: str | None, code: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         blk = self.model.blocks[i]
         if not isinstance(blk.mlp, MoEMlp):
             return blk(x), None, None
         x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-        y, balance, usage = blk.mlp.forward_with_usage(blk.norm2(x), key=key)
+        y, balance, usage = blk.mlp.forward_with_usage(blk.norm2(x), key=key, code=code)
         return x + blk.drop_path2(blk.ls2(y)), balance, usage
 
     def _run(
-        self, i: int, x: torch.Tensor, key: str | None
+        self, i: int, x: torch.Tensor, key: str | None, code: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if self.model.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block, i, x, key, use_reentrant=False)
-        return self._block(i, x, key)
+            return checkpoint(self._block, i, x, key, code, use_reentrant=False)
+        return self._block(i, x, key, code)
 
     def _to_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         m = self.model
@@ -200,7 +225,8 @@ class M3ViT(TimmBackbone):
 
         Only the passes of ``tasks`` run. Per task (:attr:`kind` ``"per_task"``; tasks served by
         the same pass share one list) or one shared list (one pass serves every task). Training:
-        the balancing loss (``aux_loss``); eval: each task's expert usage per MoE block (``stats``).
+        the balancing loss (``aux_loss``: ``balance_weight`` × its sum over MoE layers and passes);
+        eval: each task's expert usage per MoE block (``stats``).
         """
         tasks = list(tasks or self.tasks)
         m = self.model
@@ -216,8 +242,9 @@ class M3ViT(TimmBackbone):
         stats: dict[str, torch.Tensor] = {}
         for group in self.passes(tasks):
             key, h, taps, terms = self.route_key[group[0]], z, dict(shared_taps), []
+            code = self.task_code(key) if self.task_code is not None else None
             for i in range(first, len(m.blocks)):
-                h, b, usage = self._run(i, h, key)
+                h, b, usage = self._run(i, h, key, code)
                 if b is not None:
                     terms.append(b)
                 if usage is not None:  # eval: token assignments per expert, per image
@@ -228,7 +255,8 @@ class M3ViT(TimmBackbone):
                 balance.append(torch.stack(terms).sum())
             feats = [self._to_map(taps[i], grid) for i in self.out_indices]
             out.update({t: feats for t in group})
-        aux = self.balance_weight * torch.stack(balance).mean() if balance and self.balance_weight else None
+        # the reference adds up the loss of every gate module used: every layer, every task's gate
+        aux = self.balance_weight * torch.stack(balance).sum() if balance and self.balance_weight else None
         if self.kind == "shared":
             return Features(shared=out[tasks[0]], aux_loss=aux, stats=stats)
         return Features(per_task=out, aux_loss=aux, stats=stats)

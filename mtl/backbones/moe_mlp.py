@@ -1,19 +1,29 @@
 """Task-conditioned sparse mixture-of-experts MLP for ViT blocks, as in M³ViT.
 
 Liang et al., "M³ViT: Mixture-of-Experts Vision Transformer for Efficient Multi-task Learning
-with Model-Accelerator Co-design", NeurIPS 2022: the MLP of a transformer block becomes ``E``
-expert MLPs (hidden width = embedding width), and a task-conditioned router sends every token
-to ``k`` of them. Gating and balancing follow Shazeer et al., "Outrageously Large Neural
-Networks: The Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017:
+with Model-Accelerator Co-design", NeurIPS 2022; reference code: VITA-Group/M3ViT
+(``models/custom_moe_layer.py``, ``models/gate_funs/noisy_gate_vmoe.py``,
+``models/vision_transformer_moe.py``). The MLP of a transformer block becomes ``E`` expert MLPs
+(hidden width = embedding width), and a task-conditioned router sends every token to ``k`` of
+them. Gating and balancing follow Shazeer et al., "Outrageously Large Neural Networks: The
+Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017, as the reference's v-MoE gate computes them:
 
 * gates: a softmax over **all** ``E`` router logits, then the ``k`` largest kept **without
-  renormalisation** (M³ViT's order; Shazeer keeps the top-k logits first). With
-  ``noisy_gating``, training adds ``N(0, 1) · softplus(x W_noise)`` to the logits (the noise
-  scale is learned per token and expert; no noise in eval mode).
-* load balancing: ``cv²(importance) + cv²(load)``, where importance is the sum over tokens of the
-  gate values and load is, with noisy gating, Shazeer's smooth estimator
-  ``Σ_x Φ((clean_i(x) − threshold_i(x)) / noise_std_i(x))`` (differentiable), otherwise the
-  number of tokens routed to each expert (a count: only the importance term has a gradient).
+  renormalisation** (M³ViT's order; Shazeer keeps the top-k logits first). No noise by default:
+  the paper's runs use the reference's v-MoE gate with noise std 0. With ``noisy_gating``
+  (an option), training adds Shazeer's learned noise ``N(0, 1) · softplus(x W_noise)`` to the
+  logits (no noise in eval mode).
+* routers: one linear router per route key (``per_task``, the reference's "multi-gate", the
+  paper's runs), or one router shared by all tasks (``task_embedding``) whose input is the token
+  concatenated with a task code — the reference's task-conditioned gate: a one-hot task vector
+  through an MLP (``T → D``, GELU, ``D → D``, LayerNorm; :class:`TaskCode`, one per backbone,
+  shared by every MoE layer). ``task_embed="add"`` instead adds a learned per-task vector to the
+  token (an option of this project).
+* load balancing: ``cv²(importance) + cv²(load)`` with the **unbiased** sample variance (the
+  reference's ``torch.var``), where importance is the sum over tokens of the gate values and load
+  is the number of tokens routed to each expert (a count: only the importance term has a
+  gradient), or, with noisy gating, Shazeer's smooth estimator
+  ``Σ_x Φ((clean_i(x) − threshold_i(x)) / noise_std_i(x))`` (differentiable).
 * dispatch: tokens are sorted by expert and each expert runs only on its own tokens
   (``index_select`` → expert MLP → gate-weighted ``index_add_``), so the expert FLOPs are
   ``k/E`` of evaluating every expert on every token. ``dispatch="dense"`` evaluates every expert
@@ -31,15 +41,17 @@ from timm.layers import Mlp
 from torch import nn
 
 ROUTERS = ("per_task", "task_embedding")
+TASK_EMBEDS = ("concat", "add")
 DISPATCH = ("sparse", "dense")
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation ``Var(x) / mean(x)²`` (population variance); 0 when uniform."""
+    """Squared coefficient of variation ``Var(x) / (mean(x)² + 1e-10)`` with the unbiased sample
+    variance (``n − 1``, as the M³ViT reference's ``torch.var``); 0 when uniform or for one value."""
     x = x.float()
     if x.numel() <= 1:
         return x.new_zeros(())
-    return x.var(correction=0) / (x.mean() ** 2 + 1e-10)
+    return x.var(correction=1) / (x.mean() ** 2 + 1e-10)
 
 
 def smooth_load(
@@ -64,9 +76,42 @@ def smooth_load(
     return normal.cdf((clean - threshold) / noise_std).sum(dim=0)
 
 
+class TaskCode(nn.Module):
+    """The reference's task code for a shared router: a one-hot task vector through an MLP.
+
+    ``one_hot(task) → Linear(T, D) → GELU → Linear(D, D) → LayerNorm(D, eps 1e-6)``, the module
+    the M³ViT reference builds once per backbone (``gate_task_represent``) and feeds to every MoE
+    layer's gate, concatenated to each token. Linear weights start as the reference's ViT
+    initialisation (truncated normal, std 0.02; zero biases).
+
+    Args:
+        keys: route keys, in one-hot order.
+        dim: width ``D`` of the code (the reference's ``gate_task_specific_dim``).
+    """
+
+    def __init__(self, *, keys: Sequence[str], dim: int) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"task_embed_dim must be >= 1 for task_embed=concat, got {dim}")
+        self.keys = list(keys)
+        self.fc1 = nn.Linear(len(self.keys), dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        for layer in (self.fc1, self.fc2):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, key: str) -> torch.Tensor:
+        """The code of route key ``key``: a ``D`` vector (on the module's device)."""
+        one_hot = torch.zeros(len(self.keys), device=self.fc1.weight.device, dtype=self.fc1.weight.dtype)
+        one_hot[self.keys.index(key)] = 1.0
+        return self.norm(self.fc2(self.act(self.fc1(one_hot))))
+
+
 class TaskRouter(nn.Module):
-    """Router logits per route key: one linear router per key, or one shared router fed the
-    token plus a learned per-key embedding.
+    """Router logits per route key: one linear router per key, or one shared router whose input
+    carries the task (the token concatenated with a :class:`TaskCode`, or plus a learned vector).
 
     Args:
         dim: token width.
@@ -74,50 +119,93 @@ class TaskRouter(nn.Module):
         keys: route keys (task names, or a group's first task when tasks share a router).
         mode: ``"per_task"`` or ``"task_embedding"``.
         noisy: learn a noise scale per token and expert (Shazeer's ``W_noise``).
+        task_embed: with ``task_embedding``: ``"concat"`` (the reference: the gate reads
+            ``[token, code]``, ``C + D`` inputs) or ``"add"`` (token + a learned per-key vector).
+        task_embed_dim: width ``D`` of the concatenated code.
+        same_init: ``per_task``: every key's router starts from the same weights (the reference
+            copies its one pretrained gate into every task's gate); ``False`` draws each.
     """
 
-    def __init__(self, *, dim: int, num_experts: int, keys: Sequence[str], mode: str, noisy: bool) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        keys: Sequence[str],
+        mode: str,
+        noisy: bool,
+        task_embed: str = "concat",
+        task_embed_dim: int = 64,
+        same_init: bool = True,
+    ) -> None:
         super().__init__()
         if mode not in ROUTERS:
             raise ValueError(f"router={mode!r}; expected one of {ROUTERS}")
+        if task_embed not in TASK_EMBEDS:
+            raise ValueError(f"task_embed={task_embed!r}; expected one of {TASK_EMBEDS}")
         self.mode = mode
+        self.concat = mode == "task_embedding" and task_embed == "concat"
+        width = dim + (task_embed_dim if self.concat else 0)
 
         def linear(std: float) -> nn.Linear:
-            layer = nn.Linear(dim, num_experts, bias=False)
+            layer = nn.Linear(width, num_experts, bias=False)
             nn.init.normal_(layer.weight, std=std) if std else nn.init.zeros_(layer.weight)
             return layer
 
         # router weights: small random (distinct experts per token at the start); noise weights: zero,
         # so the initial noise scale is softplus(0) ≈ 0.69 everywhere (Shazeer initialises both at 0)
+        self.task_embed = None
         if mode == "per_task":
-            self.gate = nn.ModuleDict({k: linear(0.02) for k in keys})
+            gates = {k: linear(0.02) for k in keys}
+            if same_init:
+                first = gates[keys[0]].weight
+                with torch.no_grad():
+                    for layer in gates.values():
+                        layer.weight.copy_(first)
+            self.gate = nn.ModuleDict(gates)
             self.noise = nn.ModuleDict({k: linear(0.0) for k in keys}) if noisy else None
-            self.task_embed = None
         else:
             self.gate = linear(0.02)
+            if self.concat:  # the code's columns start at zero, as the reference pads its pretrained gate
+                with torch.no_grad():
+                    self.gate.weight[:, dim:] = 0.0
+            else:
+                self.task_embed = nn.ParameterDict({k: nn.Parameter(torch.randn(dim) * 0.02) for k in keys})
             self.noise = linear(0.0) if noisy else None
-            self.task_embed = nn.ParameterDict({k: nn.Parameter(torch.randn(dim) * 0.02) for k in keys})
 
-    def forward(self, tokens: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Clean logits ``N × E`` and the noise scale ``N × E`` (``None`` without noisy gating), fp32."""
+    def forward(
+        self, tokens: torch.Tensor, key: str, code: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clean logits ``N × E`` and the noise scale ``N × E`` (``None`` without noisy gating), fp32.
+
+        ``code``: the :class:`TaskCode` of ``key`` (``task_embed="concat"`` only).
+        """
+        if self.concat and code is None:
+            raise ValueError(
+                "router=task_embedding with task_embed=concat needs the task code (TaskCode(key)); "
+                "M3ViT passes it to every MoE layer"
+            )
         with torch.autocast(tokens.device.type, enabled=False):
             x = tokens.float()
             if self.mode == "per_task":
                 gate, noise = self.gate[key], self.noise[key] if self.noise is not None else None
             else:
                 gate, noise = self.gate, self.noise
-                x = x + self.task_embed[key].float()  # (N, C): the token plus the task embedding
+                if self.concat:  # (N, C + D): the token and the task code
+                    x = torch.cat([x, code.float().expand(x.shape[0], -1)], dim=-1)
+                else:
+                    x = x + self.task_embed[key].float()  # (N, C): the token plus the task embedding
             clean = F.linear(x, gate.weight.float())
             std = F.softplus(F.linear(x, noise.weight.float())) + 1e-2 if noise is not None else None
         return clean, std
 
     def key_parameters(self, key: str) -> Iterator[nn.Parameter]:
-        """Parameters that only route key ``key`` uses."""
+        """Parameters that only route key ``key`` uses (none for the shared concatenating router)."""
         if self.mode == "per_task":
             yield from self.gate[key].parameters()
             if self.noise is not None:
                 yield from self.noise[key].parameters()
-        else:
+        elif self.task_embed is not None:
             yield self.task_embed[key]
 
 
@@ -131,7 +219,9 @@ class MoEMlp(nn.Module):
         hidden: hidden width of every expert (M³ViT: ``C``).
         top_k: experts per token ``k``.
         router: ``"per_task"`` or ``"task_embedding"``.
-        noisy_gating: Shazeer's learned noise on the router logits while training.
+        noisy_gating: Shazeer's learned noise on the router logits while training (an option; the
+            reference's runs use none).
+        task_embed, task_embed_dim, same_router_init: see :class:`TaskRouter` (``same_init``).
         dispatch: ``"sparse"`` (each expert on its tokens only) or ``"dense"`` (every expert on
             every token, masked; same result).
         act_layer: expert activation.
@@ -147,7 +237,10 @@ class MoEMlp(nn.Module):
         hidden: int | None = None,
         top_k: int = 4,
         router: str = "per_task",
-        noisy_gating: bool = True,
+        noisy_gating: bool = False,
+        task_embed: str = "concat",
+        task_embed_dim: int = 64,
+        same_router_init: bool = True,
         dispatch: str = "sparse",
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
@@ -164,12 +257,26 @@ class MoEMlp(nn.Module):
         self.experts = nn.ModuleList(
             Mlp(dim, self.hidden, act_layer=act_layer, drop=drop) for _ in range(num_experts)
         )
-        self.router = TaskRouter(dim=dim, num_experts=num_experts, keys=keys, mode=router, noisy=noisy_gating)
+        self.router = TaskRouter(
+            dim=dim,
+            num_experts=num_experts,
+            keys=keys,
+            mode=router,
+            noisy=noisy_gating,
+            task_embed=task_embed,
+            task_embed_dim=task_embed_dim,
+            same_init=same_router_init,
+        )
         self.counts: dict[str, torch.Tensor] = {}  # eval-mode routing counts per key (plain tensors)
 
-    def route(self, tokens: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Top-k gate values and expert indices (``N × k``) and the balancing terms (training)."""
-        clean, std = self.router(tokens, key)
+    def route(
+        self, tokens: torch.Tensor, key: str, code: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Top-k gate values and expert indices (``N × k``) and the balancing loss (training).
+
+        ``code``: the task code of ``key`` for the concatenating task-embedding router.
+        """
+        clean, std = self.router(tokens, key, code)
         noisy = self.training and std is not None
         logits = clean + torch.randn_like(clean) * std if noisy else clean
         probs = logits.softmax(dim=-1)  # over all experts, then top-k without renormalisation
@@ -184,18 +291,20 @@ class MoEMlp(nn.Module):
             balance = cv_squared(importance) + cv_squared(load)
         return values, index, balance
 
-    def forward(self, x: torch.Tensor, *, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, *, key: str, code: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``B × N × C`` tokens routed with key ``key`` → (output, balance loss or ``None`` in eval)."""
-        y, balance, _ = self.forward_with_usage(x, key=key)
+        y, balance, _ = self.forward_with_usage(x, key=key, code=code)
         return y, balance
 
     def forward_with_usage(
-        self, x: torch.Tensor, *, key: str
+        self, x: torch.Tensor, *, key: str, code: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """:meth:`forward` plus, in eval mode, this call's token assignments per expert (``E``, fp32)."""
         b = x.shape[0]
         tokens = rearrange(x, "b n c -> (b n) c")
-        values, index, balance = self.route(tokens, key)
+        values, index, balance = self.route(tokens, key, code)
         usage = None
         if not self.training:
             usage = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()

@@ -71,19 +71,27 @@ def read_npy(path: Path, sample_id: str) -> np.ndarray:
         raise BadSampleError(sample_id, path, f"cannot read .npy ({err})") from err
 
 
-def decode_normals(stored: np.ndarray) -> np.ndarray:
-    """Decodes an 8-bit normals PNG: ``2·v/255 − 1``; impossible vectors become 0 (= invalid).
+def decode_normals(stored: np.ndarray, ignore_black: bool = False) -> np.ndarray:
+    """Decodes an 8-bit normals PNG: ``2·v/255 − 1``, every pixel, as the field's loaders do.
 
-    A stored triple of zero length (0, 0, 0) and one that decodes to a near-zero vector
-    (mid-grey, ``|n| < 0.5``) cannot be unit normals: both are marked invalid by setting the
-    vector to 0, which every normals loss and metric here ignores. Valid vectors are kept as
-    decoded (not re-normalised), as the field's loaders do.
+    The Multi-Task-Transformer loaders decode every pixel and only ignore normals of zero
+    length, which no 8-bit triple decodes to (255 is odd): a stored (0, 0, 0) becomes the
+    valid target (−1, −1, −1). Valid vectors are kept as decoded (not re-normalised).
+
+    Args:
+        stored: ``H × W × 3`` uint8 PNG values.
+        ignore_black: also mark as invalid (vector 0) a stored zero triple and a triple that
+            decodes to a near-zero vector (mid-grey, ``|n| < 0.5``), neither of which can be a
+            unit normal; for copies of the data that store missing normals that way. Off by
+            default: the field's numbers count those pixels.
     """
     if stored.ndim != 3 or stored.shape[2] != 3:
         raise ValueError(f"normals must be an RGB image (H, W, 3), got shape {stored.shape}")
-    n = stored.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
-    invalid = (stored.astype(np.int32).sum(axis=2) == 0) | ((n * n).sum(axis=2) < 0.25)
-    n[invalid] = 0.0
+    # (2·v) / 255 − 1 in float32, in the reference's order of operations (identical bits)
+    n = stored.astype(np.float32) * np.float32(2) / np.float32(255) - np.float32(1)
+    if ignore_black:
+        invalid = (stored.astype(np.int32).sum(axis=2) == 0) | ((n * n).sum(axis=2) < 0.25)
+        n[invalid] = 0.0
     return n
 
 

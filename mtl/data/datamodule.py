@@ -116,11 +116,12 @@ class MTLDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_split, self.val_split = train_split, val_split
         self.augment = dict(augment) if augment is not None else {"hflip": 0.5}
-        unknown = set(self.augment) - {"hflip", "scale", "crop", "cat_max_ratio", "photometric"}
+        known = {"hflip", "scale", "crop", "cat_max_ratio", "photometric", "scale_normals"}
+        unknown = set(self.augment) - known
         if unknown:
             raise ValueError(
                 f"data.augment: unknown key(s) {sorted(unknown)}; expected hflip, scale, crop, "
-                "cat_max_ratio, photometric"
+                "cat_max_ratio, photometric, scale_normals"
             )
         self.pad_to = tuple(pad_to) if pad_to is not None else None
         self.resize = tuple(resize) if resize is not None else None

@@ -74,8 +74,7 @@ def write_nyud(root: str | Path, *, n_train: int = 3, n_val: int = 2, size=(448,
             edge = np.zeros((h, w), dtype=np.uint8)
             edge[:, 1:][region[:, 1:] != region[:, :-1]] = 255
             edge[1:, :][region[1:, :] != region[:-1, :]] = 255
-            nrm = _encode_normals(normals)
-            nrm[region == 0] = 0  # stored zero vector = invalid
+            nrm = _encode_normals(normals)  # every pixel a unit normal: the field's loader counts them all
             Image.fromarray(image.astype(np.uint8)).save(root / "images" / f"{sid}.png")
             Image.fromarray(seg).save(root / "segmentation" / f"{sid}.png")
             np.save(root / "depth" / f"{sid}.npy", depth)

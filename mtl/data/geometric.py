@@ -1,8 +1,12 @@
 """Geometric joint transforms of a raw numpy sample: random scale and random crop.
 
 The recipe of the ATRC / InvPT / TaskExpert family (Brüggemann et al., ICCV 2021; Ye & Xu,
-ECCV 2022), after mmsegmentation's ``Resize(ratio_range)`` and ``RandomCrop(cat_max_ratio)``:
-every task map moves with the image, with the resampling each encoding needs.
+ECCV 2022), as the Multi-Task-Transformer code computes it (``data/transforms.py``:
+``RandomScaling``, ``RandomCrop``): every task map moves with the image. Random scaling resizes
+to ``int(h·s) × int(w·s)`` (truncated), the image bilinearly in floating point (the reference loads
+images as float32), every task map (normals included) by nearest neighbour, and divides depth by
+``s``; the crop window's offsets are uniform integers and ``cat_max_ratio`` redraws it up to 10
+times.
 """
 
 from __future__ import annotations
@@ -26,44 +30,72 @@ def _resize(arr: np.ndarray, size: tuple[int, int], interpolation: int) -> np.nd
 class RandomScale:
     """Rescales the image and every task map by one factor drawn from ``U(lo, hi)``.
 
-    Image: bilinear. Label and binary maps: nearest. Depth: nearest, then divided by the
-    factor (enlarging the picture brings the scene closer). Normals: bilinear, then
-    re-normalised to unit length; pixels invalid (zero) after nearest resampling stay zero.
+    The new size is ``(int(h·s), int(w·s))`` (truncation, as the reference). Image: bilinear on
+    float32 (the result stays float32; :class:`~mtl.data.photometric.PhotoMetricDistortion`
+    truncates it to uint8 as the reference does). Label, binary and normal maps: nearest (the
+    reference does not blend normals). Depth: nearest, then divided by the factor (enlarging the
+    picture brings the scene closer).
 
     Args:
         scale: ``(lo, hi)`` range of the factor.
+        normals: ``"nearest"`` (the reference) or ``"bilinear"`` (blend, then re-normalise to unit
+            length; a smoother target, which the field's published numbers were not trained with).
         seed: optional seed of a private generator.
     """
 
-    def __init__(self, scale: Sequence[float] = (0.5, 2.0), seed: int | None = None) -> None:
+    def __init__(
+        self, scale: Sequence[float] = (0.5, 2.0), normals: str = "nearest", seed: int | None = None
+    ) -> None:
         lo, hi = (float(v) for v in scale)
         if not 0 < lo <= hi:
             raise ValueError(f"RandomScale: scale must be (lo, hi) with 0 < lo <= hi, got {tuple(scale)}")
+        _check_normals_mode(normals)
         self.lo, self.hi = lo, hi
+        self.normals = normals
         self.rng = _rng(seed)
 
     def __call__(self, sample: dict) -> dict:
         s = float(self.rng.uniform(self.lo, self.hi))
-        return rescale(sample, s)
+        return rescale(sample, s, normals=self.normals)
 
 
-def rescale(sample: dict, s: float, size: tuple[int, int] | None = None) -> dict:
+NORMALS_MODES = ("nearest", "bilinear")
+
+
+def _check_normals_mode(mode: str) -> None:
+    if mode not in NORMALS_MODES:
+        raise ValueError(f"normals resampling must be one of {NORMALS_MODES}, got {mode!r}")
+
+
+def scaled_size(h: int, w: int, s: float) -> tuple[int, int]:
+    """``(int(h·s), int(w·s))``, at least 1: the reference's truncation of the scaled size."""
+    return max(1, int(h * s)), max(1, int(w * s))
+
+
+def rescale(sample: dict, s: float, size: tuple[int, int] | None = None, *, normals: str = "nearest") -> dict:
     """Applies :class:`RandomScale`'s resampling rules for a factor ``s`` (or to a fixed ``size``).
 
     With ``size``, depth is divided by the geometric mean of the two axis factors.
+
+    Args:
+        sample: raw sample (numpy maps).
+        s: scale factor (ignored for the size when ``size`` is given).
+        size: ``(h, w)`` to resize to instead of :func:`scaled_size`.
+        normals: ``"nearest"`` or ``"bilinear"`` (blend, then re-normalise), see :class:`RandomScale`.
     """
+    _check_normals_mode(normals)
     h, w = sample["image"].shape[:2]
     if size is None:
-        size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+        size = scaled_size(h, w, s)
     else:
         s = float(np.sqrt(size[0] / h * size[1] / w))
     out = {}
     for key, value in sample.items():
         if key == "image":
-            value = _resize(value, size, cv2.INTER_LINEAR)
+            value = _resize(np.asarray(value, dtype=np.float32), size, cv2.INTER_LINEAR)
         elif key == "depth":
             value = _resize(value, size, cv2.INTER_NEAREST) / np.float32(s)
-        elif key == "normals":
+        elif key == "normals" and normals == "bilinear":
             value = _rescale_normals(value, size)
         elif isinstance(value, np.ndarray) and value.ndim >= 2:
             value = _resize(value, size, cv2.INTER_NEAREST)
@@ -92,17 +124,20 @@ class Resize:
 
     Args:
         size: ``(h, w)``.
+        normals: ``"bilinear"`` (blend, then re-normalise; the default) or ``"nearest"``.
     """
 
-    def __init__(self, size: Sequence[int]) -> None:
+    def __init__(self, size: Sequence[int], normals: str = "bilinear") -> None:
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"Resize: size must be (h, w) of positive ints, got {size}")
+        _check_normals_mode(normals)
         self.size = (int(size[0]), int(size[1]))
+        self.normals = normals
 
     def __call__(self, sample: dict) -> dict:
         if sample["image"].shape[:2] == self.size:
             return sample
-        out = rescale(sample, 1.0, size=self.size)
+        out = rescale(sample, 1.0, size=self.size, normals=self.normals)
         if isinstance(out.get("meta"), dict):  # the unpadded size evaluation crops to
             out["meta"] = {**out["meta"], "size": self.size}
         return out
@@ -113,9 +148,10 @@ class RandomCrop:
 
     Args:
         size: ``(h, w)`` of the window.
-        cat_max_ratio: if < 1, redraw the window (up to 10 times) until no single semseg
-            class covers more than this fraction of its labelled pixels and at least two
-            classes are present (mmsegmentation's rule).
+        cat_max_ratio: if < 1, check the window up to 10 times: keep it when at least two
+            semseg classes are present and none covers ``cat_max_ratio`` or more of the labelled
+            pixels, else draw another; after 10 failed checks the last drawn window is used
+            unchecked (mmsegmentation's rule, as the reference applies it).
         ignore_index: label ignored when counting classes.
         seed: optional seed of a private generator.
     """

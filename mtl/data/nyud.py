@@ -9,7 +9,7 @@ Layout (``root`` = ``NYUDv2/``)::
     images/<id>.png          RGB, 448×576
     segmentation/<id>.png    stored class + 1 (0 = unlabelled) → value − 1, 0 → 255 = ignore; 40 classes
     depth/<id>.npy           float metres, 0 = missing
-    normals/<id>.png         2·v/255 − 1; zero-length vectors = invalid
+    normals/<id>.png         2·v/255 − 1 at every pixel (as the field's loader; see ``ignore_black_normals``)
     edge/<id>.png            binary boundary map (v/255)
     gt_sets/{train,val}.txt  795 / 654 ids
 
@@ -20,6 +20,7 @@ cannot hold them, so loading one raises an error that says which copy to use.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,8 @@ class NYUDv2(FolderDataset):
         tasks: subset of :attr:`TASKS` (default: all).
         transform: joint transform of the raw sample.
         skip_bad_samples: log and skip unreadable samples instead of raising.
+        ignore_black_normals: mark stored (0, 0, 0) and mid-grey normals invalid
+            (:func:`~mtl.data.base.decode_normals`); off by default, as the field's loader.
     """
 
     KEY = "nyud"
@@ -78,6 +81,10 @@ class NYUDv2(FolderDataset):
     CLASS_NAMES = {"semseg": SEMSEG_CLASSES}
     NUM_CLASSES = {"semseg": NUM_SEMSEG}
     EDGE_MAX_DIST = NYUD_EDGE_MAX_DIST
+
+    def __init__(self, *, ignore_black_normals: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ignore_black_normals = ignore_black_normals
 
     def split_file(self, split: str) -> Path:
         return self.root / "gt_sets" / f"{split}.txt"
@@ -114,7 +121,7 @@ class NYUDv2(FolderDataset):
                 if task == "normals":
                     if stored.ndim != 3 or stored.shape[2] != 3:
                         raise BadSampleError(sample_id, p, f"expected an RGB png, got shape {stored.shape}")
-                    arr = decode_normals(stored)
+                    arr = decode_normals(stored, ignore_black=self.ignore_black_normals)
                 else:
                     if stored.ndim != 2:
                         msg = f"expected a single-channel png, got {stored.shape}"

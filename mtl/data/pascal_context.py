@@ -8,9 +8,10 @@ ATRC, InvPT, TaskPrompter, TaskExpert and MTLoRA.
 Layout (``root`` = ``PASCALContext/``)::
 
     JPEGImages/<id>.jpg                    RGB, variable size (≤ 500 px a side)
+    semseg/VOC12/<id>.png                  read instead of pascal-context's where present (field's loader)
     semseg/pascal-context/<id>.png         21 classes incl. background (0), 255 = ignore
     human_parts/<id>.mat                   PASCAL-Part ``anno``; 6 parts + background
-    sal_distill/<id>.png                   saliency, value/255 > 0.5 → salient
+    sal_distill/<id>.png                   saliency, single-channel, stored value/255 > 0.5 → salient
     normals_distill/<id>.png               2·v/255 − 1, valid on NYU-compatible context classes only
     pascal-context/trainval/<id>.mat       ``LabelMap`` (459 context classes): edges and normal validity
     ImageSets/Context/{train,val}.txt      4998 / 5105 ids
@@ -22,13 +23,14 @@ import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import scipy.io
-from pyEdgeEval.preprocess import binary_thin
 
 from mtl.data.base import BadSampleError, FolderDataset, decode_normals, read_png
+from mtl.metrics.morphology import thin
 
 SPLIT_SIZES = {"train": 4998, "val": 5105}
 #: the 20 PASCAL VOC classes and background, label id = index
@@ -85,11 +87,14 @@ def edges_from_label_map(label_map: np.ndarray) -> np.ndarray:
     """Boundary pixels: non-zero 3×3 Laplacian of the label map, thinned to one pixel.
 
     The Laplacian is OpenCV's (4-neighbour kernel, ``BORDER_REFLECT_101``) on the float label
-    map, as the field's loaders compute it; thinning is MATLAB's ``bwmorph(·, 'thin', Inf)``
-    (pyEdgeEval's port).
+    map, as the field's loaders compute it. The thinning is the reference loader's
+    ``skimage.morphology.thin``: Guo & Hall's two sub-iterations repeated until a whole iteration
+    changes nothing (the same as MATLAB's ``bwmorph(·, 'thin', Inf)``), computed by
+    :func:`mtl.metrics.morphology.thin`. pyEdgeEval's ``binary_thin`` stops when a first
+    sub-iteration changes nothing and leaves extra pixels (on about a third of irregular label maps).
     """
     lap = cv2.Laplacian(label_map.astype(np.float64), cv2.CV_64F)
-    return binary_thin(lap != 0).astype(np.uint8)
+    return thin(lap != 0).astype(np.uint8)
 
 
 def read_human_parts(path: Path, sample_id: str, size: tuple[int, int]) -> np.ndarray:
@@ -132,6 +137,8 @@ class PASCALContext(FolderDataset):
         tasks: subset of :attr:`TASKS` (default: all).
         transform: joint transform of the raw sample.
         skip_bad_samples: log and skip unreadable samples instead of raising.
+        ignore_black_normals: mark stored (0, 0, 0) and mid-grey normals invalid
+            (:func:`~mtl.data.base.decode_normals`); off by default, as the field's loader.
     """
 
     KEY = "pascal_context"
@@ -140,11 +147,24 @@ class PASCALContext(FolderDataset):
     NUM_CLASSES = {"semseg": NUM_SEMSEG, "human_parts": len(set(PART_IDS.values())) + 1}
     EDGE_MAX_DIST = 0.0075
 
+    def __init__(self, *, ignore_black_normals: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ignore_black_normals = ignore_black_normals
+
     def split_file(self, split: str) -> Path:
         return self.root / "ImageSets" / "Context" / f"{split}.txt"
 
     def path(self, kind: str, sample_id: str) -> Path:
-        """Path of one file: ``kind`` is ``image``, a task name or ``context`` (the LabelMap)."""
+        """Path of one file: ``kind`` is ``image``, a task name or ``context`` (the LabelMap).
+
+        Semantic segmentation reads ``semseg/VOC12/<id>.png`` when that file exists and
+        ``semseg/pascal-context/<id>.png`` otherwise, as the field's loader
+        (``_get_semseg_fname``) does.
+        """
+        if kind == "semseg":
+            voc = self.root / "semseg" / "VOC12" / f"{sample_id}.png"
+            if voc.is_file():
+                return voc
         rel = {
             "image": ("JPEGImages", ".jpg"),
             "semseg": ("semseg/pascal-context", ".png"),
@@ -183,9 +203,14 @@ class PASCALContext(FolderDataset):
             elif task == "human_parts":
                 arr = read_human_parts(p, sample_id, hw)
             elif task == "saliency":
-                arr = (read_png(p, sample_id, mode="L") > 127.5).astype(np.uint8)
+                stored = read_png(p, sample_id)  # the stored values, as the reference reads them
+                if stored.ndim != 2:
+                    msg = f"expected a single-channel png, got shape {stored.shape}"
+                    raise BadSampleError(sample_id, p, msg)
+                arr = (stored > 127.5).astype(np.uint8)  # value/255 > 0.5
             elif task == "normals":
-                arr = decode_normals(read_png(p, sample_id, mode="RGB"))
+                stored = read_png(p, sample_id, mode="RGB")
+                arr = decode_normals(stored, ignore_black=self.ignore_black_normals)
                 valid = normals_valid_classes()[np.clip(label_map, 0, 511)]
                 arr[~valid] = 0.0
             else:  # edge

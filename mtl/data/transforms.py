@@ -17,10 +17,12 @@ encodings of the real datasets (as the released Multi-Task-Transformer loaders d
 floating-point map (``(H, W)`` or ``(H, W, C)``) becomes a ``C×H×W`` float target like depth
 and normals, and is resampled by nearest neighbour and padded with 0.
 
-The field's recipe (ATRC / InvPT / TaskExpert, as in the released Multi-Task-Transformer code): at training
-time random scale 0.5–2.0, random crop with ``cat_max_ratio`` 0.75, horizontal flip,
-photometric distortion, normalisation and padding to the fixed size; at test time
-normalisation and padding only. :func:`build_transform` assembles either from config.
+The field's recipe (ATRC / InvPT / TaskExpert, as the released Multi-Task-Transformer code computes
+it, ``utils/common_config.py: get_transformations`` and ``data/transforms.py``): at training time
+random scale 0.5–2.0, random crop with ``cat_max_ratio`` 0.75, horizontal flip, photometric
+distortion, normalisation, padding to the fixed size (centred) and the ignore rule of the human
+parts (:class:`IgnoreUnannotatedParts`); at test time normalisation, padding and that rule only.
+:func:`build_transform` assembles either from config.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ class RandomHorizontalFlip:
 class ToTensor:
     """Converts a raw numpy sample into tensors and normalises the image.
 
+    The image becomes ``(x / 255 − mean) / std`` in float32, the three operations in that order
+    as the reference's ``Normalize`` does them (so the values agree to the last bit).
+
     Args:
         mean: per-channel mean of the image in [0, 1] units.
         std: per-channel standard deviation.
@@ -102,9 +107,6 @@ class ToTensor:
     ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        # (x / 255 - mean) / std == x * scale - bias: one pass over the image.
-        self.scale = 1.0 / (255.0 * self.std)
-        self.bias = self.mean / self.std
 
     def __call__(self, sample: dict) -> dict:
         out: dict = {}
@@ -112,7 +114,7 @@ class ToTensor:
             if key == "image":
                 img = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
                 img = img.to(torch.float32, memory_format=torch.contiguous_format)
-                out[key] = img.mul_(self.scale).sub_(self.bias)
+                out[key] = img.div_(255.0).sub_(self.mean).div_(self.std)
             elif key in LABEL_TASKS:
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.int64))
             elif key in BINARY_TASKS:
@@ -134,11 +136,14 @@ class ToTensor:
 
 
 class Pad:
-    """Pads the tensors of a sample at the bottom and right to a fixed ``(h, w)``.
+    """Pads the tensors of a sample to a fixed ``(h, w)``, the sample centred.
 
-    Image: 0 (the mean colour after normalisation); label and binary maps: 255 (ignore);
-    depth: 0 (missing); normals: 0 (invalid). ``meta["size"]`` keeps the unpadded size so
-    evaluation can crop the padding away.
+    As the reference's ``PadImage``: ``⌊Δh/2⌋`` rows above and the rest below, ``⌊Δw/2⌋``
+    columns on the left and the rest on the right. Image: 0 (the mean colour after
+    normalisation); label and binary maps: 255 (ignore); depth: 0 (missing); normals: 0
+    (invalid). ``meta["size"]`` keeps the unpadded size and ``meta["pad_offset"]`` the
+    ``(top, left)`` of the sample in the padded frame, so evaluation can crop the padding away
+    (the metrics ignore padded pixels by their targets anyway).
 
     Args:
         size: ``(h, w)`` after padding.
@@ -159,19 +164,45 @@ class Pad:
                 "set data.pad_to (and the crop size) to at least the image size, or use the dataset copy "
                 "the README names (NYUD-v2: 448×576, not MTI-Net's 480×640)"
             )
-        if ph == 0 and pw == 0:
-            return sample
+        top, left = ph // 2, pw // 2
         out = {}
         for key, value in sample.items():
-            if isinstance(value, torch.Tensor) and value.ndim >= 2:
+            if isinstance(value, torch.Tensor) and value.ndim >= 2 and (ph or pw):
                 fill = (
                     255
                     if key in LABEL_TASKS or key in BINARY_TASKS
                     else (-1 if key == "edge_labelmap" else 0)
                 )
-                value = F.pad(value, (0, pw, 0, ph), value=fill)
+                value = F.pad(value, (left, pw - left, top, ph - top), value=fill)
+            elif key == "meta" and isinstance(value, dict):
+                value = {**value, "pad_offset": (top, left)}
             out[key] = value
         return out
+
+
+class IgnoreUnannotatedParts:
+    """Ignores a human-parts map that shows no part pixel (all values 0 or 255 → all 255).
+
+    The reference's ``AddIgnoreRegions`` applies this after cropping and padding, in training
+    and at test time: a training crop that cuts every annotated person away carries no parts
+    supervision at all (its background pixels are ignored too), as do images whose people have
+    no part annotation (the loaders already give those all 255).
+
+    Args:
+        key: the task key of the parts map.
+        ignore_index: the ignore label.
+    """
+
+    def __init__(self, key: str = "human_parts", ignore_index: int = 255) -> None:
+        self.key = key
+        self.ignore_index = ignore_index
+
+    def __call__(self, sample: dict) -> dict:
+        value = sample.get(self.key)
+        if value is None or not bool(((value == 0) | (value == self.ignore_index)).all()):
+            return sample
+        full = torch.full_like if isinstance(value, torch.Tensor) else np.full_like
+        return {**sample, self.key: full(value, self.ignore_index)}
 
 
 def build_transform(
@@ -184,11 +215,13 @@ def build_transform(
     photometric: bool = False,
     pad_to: Sequence[int] | None = None,
     resize: Sequence[int] | None = None,
+    scale_normals: str = "nearest",
 ) -> Compose:
     """Assembles the train or test pipeline.
 
     Args:
-        train: add training-time augmentation (the test pipeline is ToTensor + Pad only).
+        train: add training-time augmentation (the test pipeline is ToTensor, Pad and
+            :class:`IgnoreUnannotatedParts` only).
         hflip: horizontal-flip probability (0 disables).
         scale: ``(lo, hi)`` of :class:`RandomScale`, or ``None``.
         crop: ``(h, w)`` of :class:`RandomCrop`, or ``None``.
@@ -196,6 +229,8 @@ def build_transform(
         photometric: add :class:`~mtl.data.photometric.PhotoMetricDistortion`.
         pad_to: ``(h, w)`` of :class:`Pad`, or ``None``.
         resize: ``(h, w)`` every sample is first resized to (train and test), or ``None``.
+        scale_normals: how :class:`RandomScale` resamples normals: ``"nearest"`` (the
+            reference) or ``"bilinear"`` (blend, then re-normalise).
 
     Returns:
         A :class:`Compose`.
@@ -203,7 +238,7 @@ def build_transform(
     steps: list[Callable[[dict], dict]] = [Resize(resize)] if resize is not None else []
     if train:
         if scale is not None:
-            steps.append(RandomScale(scale))
+            steps.append(RandomScale(scale, normals=scale_normals))
         if crop is not None:
             steps.append(RandomCrop(crop, cat_max_ratio=cat_max_ratio))
         if hflip > 0:
@@ -213,4 +248,5 @@ def build_transform(
     steps.append(ToTensor())
     if pad_to is not None:
         steps.append(Pad(pad_to))
+    steps.append(IgnoreUnannotatedParts())
     return Compose(steps)

@@ -100,8 +100,8 @@ def check_fraction(name: str, value: float, *, low_open: bool = False) -> float:
     return v
 
 
-def check_lam(lam: float) -> float:
-    """The task-vector scaling λ, which must be positive."""
+def check_lam(lam: float, name: str = "method.lam (task-vector scaling λ)") -> float:
+    """The task-vector scaling λ, which must be positive (``name`` is the key the error names)."""
     if not float(lam) > 0:
-        raise ValueError(f"method.lam (task-vector scaling λ) must be > 0, got {lam}")
+        raise ValueError(f"{name} must be > 0, got {lam}")
     return float(lam)

@@ -1,13 +1,27 @@
 """Binary dense metrics: saliency maxF and a cheap approximate boundary F-measure.
 
-Saliency maxF follows the protocol of the multi-task literature (ATRC / InvPT): precision
-and recall pooled over the whole split at thresholds 0.05, 0.10, …, 0.95, then
-F_β = (1 + β²)·P·R / (β²·P + R) with β² = 0.3, maximised over thresholds. Probabilities are
-taken as ``sigmoid(logit)`` once (no second squeeze, see the papers). Saliency mIoU follows
-the ASTMT / ATRC meter (K.-K. Maninis et al., "Attentive Single-Tasking of Multiple Tasks",
-CVPR 2019): per image, the Jaccard index of ``prob > t`` with the ground truth at 15
-thresholds ``linspace(0.2, 0.9, 15)`` (1 when both are empty), averaged over images, best
-threshold. The per-threshold sums and the image count are sum states.
+Saliency maxF (key ``maxf``) is the field's ``SaliencyMeter`` (Multi-Task-Transformer,
+``TaskPrompter/evaluation/eval_sal.py`` with ``threshold_step=0.05``, ``beta_squared=0.3`` from
+``evaluate_utils.py``; the same meter in ATRC and InvPT), which every published table since
+ATRC reports:
+
+* the network's foreground probability ``p`` is written as ``255·p`` (``get_output``), the meter
+  divides it by 255 and then applies a **second** sigmoid: it thresholds ``q = sigmoid(p)``,
+  which lies in [0.5, 0.731], so only the thresholds 0.55, 0.60, 0.65, 0.70 (and "everything")
+  separate pixels — in terms of ``p``: 0.2007, 0.4055, 0.6190, 0.8473;
+* thresholds ``torch.arange(0.05, 1, 0.05)`` in float32 (19 values; the 12th is 0.59999996, not
+  float32(0.6)); a pixel is positive when ``q >= t`` (**at or above**), compared in float32;
+* TP, predicted positives and actual positives summed over the split per threshold;
+  P = TP / predicted, R = TP / actual, F = (1 + β²)·P·R / (β²·P + R) with β² = 0.3, a 0/0 F
+  counted as 0; maxF = the largest F.
+
+``maxf_prob`` is offered beside it: the same meter on the probability itself (one sigmoid),
+whose 19 thresholds all act; it is not the published number. Saliency mIoU (key ``miou``)
+follows the ASTMT / MTI-Net ``eval_sal`` (K.-K. Maninis et al., "Attentive Single-Tasking of
+Multiple Tasks", CVPR 2019): per image, the Jaccard index of ``prob > t`` (strictly above) with
+the ground truth at 15 thresholds ``linspace(0.2, 0.9, 15)`` (1 when both are empty), averaged
+over images, best threshold; there the probability is read back from an 8-bit PNG, here it is
+used unquantised. The per-threshold sums and the image count are sum states.
 
 :class:`ApproxEdgeF` is the cheap validation-time boundary score: predictions binarised at
 one threshold, a prediction pixel counts as correct if a ground-truth boundary lies within
@@ -27,11 +41,16 @@ def _f_measure(p: torch.Tensor, r: torch.Tensor, beta2: float) -> torch.Tensor:
     return (1 + beta2) * p * r / (beta2 * p + r).clamp(min=1e-12)
 
 
+def field_saliency_thresholds(step: float = 0.05) -> torch.Tensor:
+    """The field meter's thresholds: ``torch.arange(step, 1, step)`` in float32."""
+    return torch.arange(step, 1, step, dtype=torch.float32)
+
+
 class SaliencyMaxF(Metric):
-    """maxF (β² = 0.3) of a binary map pooled over the split.
+    """maxF (β² = 0.3) of a binary map pooled over the split, as the field's meter computes it.
 
     Args:
-        thresholds: probability thresholds (default 0.05 … 0.95 step 0.05).
+        thresholds: probability thresholds (default: the field's 19, 0.05 … 0.95).
         beta2: β² of the F-measure.
         ignore_index: target value to ignore.
     """
@@ -45,26 +64,39 @@ class SaliencyMaxF(Metric):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
-        thr = thresholds or [round(0.05 * i, 2) for i in range(1, 20)]
-        self.register_buffer("thresholds", torch.tensor(thr, dtype=torch.float32), persistent=False)
+        thr = field_saliency_thresholds() if thresholds is None else torch.tensor(thresholds)
+        self.register_buffer("thresholds", thr.float(), persistent=False)
         self.beta2 = beta2
         self.ignore_index = ignore_index
         n = len(thr)
-        for name in ("tp", "pred_pos", "gt_pos"):
+        for name in ("tp", "pred_pos", "tp_prob", "pred_pos_prob"):
             self.add_state(name, default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("gt_pos", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         iou_thr = torch.linspace(0.2, 0.9, 15, dtype=torch.float64).float()
         self.register_buffer("iou_thresholds", iou_thr, persistent=False)
         self.add_state("iou_sum", default=torch.zeros(15, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @staticmethod
+    def field_scores(logits: torch.Tensor) -> torch.Tensor:
+        """What the field's meter thresholds: ``sigmoid((255·sigmoid(x)) / 255)``, in float32."""
+        written = torch.sigmoid(logits.float()) * 255.0  # get_output: the probability × 255
+        return torch.sigmoid(written / 255.0)  # the meter: ÷ 255, then "squash logits" again
+
+    def _count(self, scores: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        above = scores[None, :] >= self.thresholds.to(scores.device)[:, None]  # (T, N), at or above
+        return (above & gt[None]).sum(dim=1).double(), above.sum(dim=1).double()
+
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Adds ``B × 1 × H × W`` logits and binary targets."""
         valid = target != self.ignore_index
-        prob = torch.sigmoid(logits.float())[valid]
         gt = target[valid] > 0.5
-        above = prob[None, :] > self.thresholds.to(prob.device)[:, None]  # (T, N)
-        self.tp += (above & gt[None]).sum(dim=1).double()
-        self.pred_pos += above.sum(dim=1).double()
+        tp, pred_pos = self._count(self.field_scores(logits)[valid], gt)
+        self.tp += tp
+        self.pred_pos += pred_pos
+        tp, pred_pos = self._count(torch.sigmoid(logits.float())[valid], gt)
+        self.tp_prob += tp
+        self.pred_pos_prob += pred_pos
         self.gt_pos += gt.sum().double()
         self._update_iou(torch.sigmoid(logits.float()).reshape(target.shape[0], -1), target)
 
@@ -79,12 +111,20 @@ class SaliencyMaxF(Metric):
         self.iou_sum += iou.sum(0)
         self.n_images += prob.shape[0]
 
+    def _maxf(self, tp: torch.Tensor, pred_pos: torch.Tensor) -> torch.Tensor:
+        p = tp / pred_pos
+        r = tp / self.gt_pos
+        f = (1 + self.beta2) * p * r / (self.beta2 * p + r)
+        return torch.nan_to_num(f, nan=0.0).max()  # the field: a 0/0 F counts as 0
+
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``maxf`` and ``miou``."""
-        p = self.tp / self.pred_pos.clamp(min=1)
-        r = self.tp / self.gt_pos.clamp(min=1)
+        """Returns ``maxf`` (the field's), ``maxf_prob`` (one sigmoid) and ``miou``."""
         miou = (self.iou_sum / self.n_images.clamp(min=1)).max()
-        return {"maxf": _f_measure(p, r, self.beta2).max().float(), "miou": miou.float()}
+        return {
+            "maxf": self._maxf(self.tp, self.pred_pos).float(),
+            "maxf_prob": self._maxf(self.tp_prob, self.pred_pos_prob).float(),
+            "miou": miou.float(),
+        }
 
 
 class ApproxEdgeF(Metric):

@@ -1,9 +1,15 @@
 """Segmentation metrics from a confusion matrix accumulated over the whole split.
 
 mIoU as reported by the multi-task dense-prediction literature (e.g. Vandenhende et al.,
-"Multi-Task Learning for Dense Prediction Tasks: A Survey", TPAMI 2021): one confusion
-matrix summed over every valid pixel of every image (and, under DDP, every rank), then
-IoU_c = TP_c / (TP_c + FP_c + FN_c), averaged over classes.
+"Multi-Task Learning for Dense Prediction Tasks: A Survey", TPAMI 2021) and computed by its
+evaluators (Multi-Task-Transformer, ``TaskPrompter/evaluation/eval_semseg.py`` and
+``eval_human_parts.py``, after ATRC / ASTMT): one confusion matrix summed over every valid pixel
+of every image (and, under DDP, every rank), then IoU_c = TP_c / max(TP_c + FP_c + FN_c, 1e-8)
+for **every** class, averaged over all ``C`` classes. A class absent from both the predictions
+and the ground truth of the evaluated images therefore counts as IoU 0, exactly as there: on a
+full split every class is present and this is the usual mIoU; on a subset or a short validation
+it is lower. The mean over the classes that do occur (union > 0) is reported beside it as
+``miou_present``; it is not the number of the published tables.
 """
 
 from __future__ import annotations
@@ -52,14 +58,16 @@ class ConfusionMatrixMetric(Metric):
         self.confmat += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.confmat)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``miou``, ``pixel_acc`` and ``iou_<c>`` for every class."""
+        """Returns ``miou`` (all classes, the field's), ``miou_present`` (classes with a non-empty
+        union only), ``pixel_acc`` and ``iou_<c>`` for every class."""
         cm = self.confmat.double()
         tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
+        union = cm.sum(0) + cm.sum(1) - tp  # TP + FP + FN
         present = union > 0
-        iou = torch.where(present, tp / union.clamp(min=1), torch.zeros_like(tp))
+        iou = tp / union.clamp(min=1e-8)
         out = {
-            "miou": iou[present].mean() if present.any() else iou.new_tensor(0.0),
+            "miou": iou.mean(),
+            "miou_present": iou[present].mean() if present.any() else iou.new_tensor(0.0),
             "pixel_acc": tp.sum() / cm.sum().clamp(min=1),
         }
         out.update({f"iou_{c}": iou[c] for c in range(self.num_classes)})

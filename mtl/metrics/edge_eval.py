@@ -1,28 +1,37 @@
 """Exact boundary odsF / oisF / AP over a split (SEISM protocol), in parallel worker processes.
 
 Protocol: J. Pont-Tuset, F. Marques, "Supervised Evaluation of Image Segmentation and Object
-Proposal Techniques", TPAMI 2016 (SEISM), with the BSDS definitions of ODS, OIS and AP
-(D. Martin et al., TPAMI 2004; P. Arbeláez et al., "Contour Detection and Hierarchical Image
-Segmentation", TPAMI 2011). Per-image work is :func:`mtl.metrics.seism.evaluate_pair`.
+Proposal Techniques", TPAMI 2016 (SEISM, github.com/jponttuset/seism), with the BSDS definitions
+of ODS, OIS and AP (D. Martin et al., TPAMI 2004; P. Arbeláez et al., "Contour Detection and
+Hierarchical Image Segmentation", TPAMI 2011). Per-image work is
+:func:`mtl.metrics.seism.evaluate_pair`.
 
-Aggregation over the split, from each image's ``T × 4`` count table
-(matched GT, GT, matched predicted, predicted):
+Aggregation over the split from each image's ``T × 4`` count table (matched GT ``cntR``, GT
+``sumR``, matched predicted ``cntP``, predicted ``sumP``), as SEISM's ``gather_measure.m``,
+``general_ods.m``, ``general_ois.m`` and ``general_ap.m`` compute it:
 
-* ODS: counts summed over images per threshold; ``R = ΣmatchedGT / ΣGT``,
-  ``P = Σmatchedpred / Σpred``, ``F = 2PR / (P + R)``; odsF = max over the 101 thresholds.
-* OIS: each image's own best threshold (max of its F, first on ties); the counts at those
-  thresholds are summed over images and turned into one F.
-* AP: BSDS's area under the pooled precision–recall curve: precision interpolated linearly
-  at recall 0, 0.01, …, 1 over the unique recalls (zero outside their range), times 0.01.
-* No interpolation between thresholds for odsF/oisF (SEISM takes the maximum over its
-  thresholds; the BSDS scripts additionally interpolate, which can only raise F slightly).
+* precision and recall of pooled counts: ``R = cntR / sumR``, ``P = cntP / sumP`` where
+  ``sumP ≠ 0`` and ``cntR ≠ 0``; where a threshold predicts no pixel (``sumP = 0``):
+  **P = 1**, R = 0; where there is no ground truth (``sumR = 0``): R = 1, P = 0; otherwise
+  (predictions, none matched) P = R = 0. ``F = 2PR / (P + R)``, 0 when ``P + R = 0``.
+* ODS: counts summed over images per threshold; odsF = the largest F over the 101 thresholds
+  (the first on ties), no interpolation between thresholds.
+* OIS: each image's best threshold by its own F (``eval_cont.m``: the same rules per image),
+  the F values as SEISM's result files hold them (``%f``: 6 decimals), the first on ties;
+  the counts at those thresholds are summed over images and turned into one F.
+* AP: the recalls of the 101 thresholds made unique (each keeps the precision of its first
+  occurrence in threshold order, i.e. the lowest threshold, as MATLAB's ``unique``), the
+  precision interpolated linearly at recall 0, 0.01, …, 1 (``interp1``; nothing outside the
+  recall range), the defined values summed and divided by 100; 0 with fewer than two distinct
+  recalls. A split whose high thresholds predict nothing thus ends its curve at (R 0, P 1).
 
-Predictions are 8-bit (``round(255·sigmoid(logit))``, as the PNG files of the field are),
-cropped to the unpadded region (the bounding box of target pixels ≠ ``ignore_index``).
-Images are sent to a process pool as they arrive (``workers`` processes; 0 = in-process) and
-only their count tables come back, so memory stays at a few in-flight maps. States are sums
-(``dist_reduce_fx="sum"``): under DDP every rank evaluates its own images and the counts are
-pooled exactly.
+Predictions are the field's 8-bit PNGs: ``uint8(255 / (1 + exp(−logit)))`` in float32, a
+truncation (Multi-Task-Transformer's ``get_output`` and ``save_model_pred_for_one_task`` write
+``astype(np.uint8)``), cropped to the unpadded region (the bounding box of target pixels ≠
+``ignore_index``). Images are sent to a process pool as they arrive (``workers`` processes;
+0 = in-process) and only their count tables come back, so memory stays at a few in-flight maps.
+States are sums (``dist_reduce_fx="sum"``): under DDP every rank evaluates its own images and the
+counts are pooled exactly.
 """
 
 from __future__ import annotations
@@ -39,23 +48,33 @@ from mtl.metrics.seism import GT, MATCHED_GT, MATCHED_PRED, PRED, THRESHOLDS, ev
 
 
 def _pr(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall and F (β = 1) of count rows ``(..., 4)``; BSDS: 0/0 counts as 0."""
-    counts = counts.astype(np.float64)
-    r = counts[..., MATCHED_GT] / np.where(counts[..., GT] == 0, 1, counts[..., GT])
-    p = counts[..., MATCHED_PRED] / np.where(counts[..., PRED] == 0, 1, counts[..., PRED])
+    """Precision, recall and F (β = 1) of count rows ``(..., 4)`` by SEISM's rules (module doc)."""
+    c = counts.astype(np.float64)
+    cnt_r, sum_r, cnt_p, sum_p = c[..., MATCHED_GT], c[..., GT], c[..., MATCHED_PRED], c[..., PRED]
+    general = (sum_p != 0) & (cnt_r != 0)
+    r = np.where(general, cnt_r / np.where(general, sum_r, 1.0), 0.0)
+    p = np.where(general, cnt_p / np.where(general, sum_p, 1.0), 0.0)
+    no_gt = (sum_r == 0) & (cnt_p == 0)
+    r, p = np.where(no_gt, 1.0, r), np.where(no_gt, 0.0, p)
+    no_pred = (sum_p == 0) & (cnt_r == 0)  # applied last, as in gather_measure.m
+    r, p = np.where(no_pred, 0.0, r), np.where(no_pred, 1.0, p)
     s = p + r
-    f = 2 * p * r / np.where(s == 0, 1, s)
+    f = np.where(s == 0, 0.0, 2 * p * r / np.where(s == 0, 1.0, s))
     return p, r, f
 
 
 def average_precision(p: np.ndarray, r: np.ndarray) -> float:
-    """BSDS AP: precision interpolated at recall 0:0.01:1 over the unique recalls, summed × 0.01."""
+    """SEISM's AP (``general_ap.m``): precision at the unique recalls (first occurrence), linearly
+    interpolated at recall 0:0.01:1, the values inside the recall range summed, ÷ 100."""
     ru, idx = np.unique(r, return_index=True)
     if ru.size < 2:
         return 0.0
     grid = np.linspace(0.0, 1.0, 101)
     pi = np.interp(grid, ru, p[idx], left=np.nan, right=np.nan)
-    return float(np.nan_to_num(pi, nan=0.0).sum() * 0.01)
+    total = 0.0
+    for v in pi[~np.isnan(pi)]:  # summed in order, as MATLAB's sum of a short vector
+        total += float(v)
+    return total / 100
 
 
 def scores_from_counts(counts: np.ndarray, ois_counts: np.ndarray) -> dict[str, float]:
@@ -74,9 +93,16 @@ def scores_from_counts(counts: np.ndarray, ois_counts: np.ndarray) -> dict[str, 
 
 
 def best_image_counts(table: np.ndarray) -> np.ndarray:
-    """The row of one image's count table at its own best-F threshold (OIS)."""
+    """The row of one image's count table at its own best-F threshold (OIS): F as SEISM's result
+    files print it (``%f``), the first threshold on ties."""
     _, _, f = _pr(table)
-    return table[int(np.argmax(f))]
+    printed = np.array([float(f"{v:f}") for v in f])
+    return table[int(np.argmax(printed))]
+
+
+def to_8bit(logits: torch.Tensor) -> torch.Tensor:
+    """The field's 8-bit edge PNG of logits: ``255 / (1 + exp(−x))`` in float32, truncated to uint8."""
+    return (255.0 / (1.0 + torch.exp(-logits.float()))).to(torch.uint8)
 
 
 def valid_crop(target: torch.Tensor, ignore_index: int) -> tuple[slice, slice]:
@@ -174,10 +200,9 @@ class SEISMEdgeF(Metric):
         """
         if logits.dim() != 4 or logits.shape[1] != 1:
             raise ValueError(f"edge logits must be B × 1 × H × W, got {tuple(logits.shape)}")
-        prob = torch.sigmoid(logits.detach().float())[:, 0]
-        pred_u8 = torch.floor(prob * 255 + 0.5).to(torch.uint8).cpu()  # MATLAB im2uint8 rounding
-        target = target.detach().reshape(prob.shape).cpu()
-        for b in range(prob.shape[0]):
+        pred_u8 = to_8bit(logits.detach()[:, 0]).cpu()
+        target = target.detach().reshape(pred_u8.shape).cpu()
+        for b in range(pred_u8.shape[0]):
             rs, cs = valid_crop(target[b], self.ignore_index)
             p = pred_u8[b, rs, cs].numpy()
             if p.size == 0:

@@ -6,17 +6,27 @@ S. Vandenhende et al., "Multi-Task Learning for Dense Prediction Tasks: A Survey
 2021): every error is summed over every valid pixel of the split and divided by the number
 of valid pixels, never averaged per image. All states are sums, so DDP pools them exactly.
 
-Depth (valid: ground truth > ``min_depth``): ``rmse`` = √mean((p − g)²), ``abs_rel`` =
-mean(|p − g| / g), ``log_rmse`` = √mean((ln p − ln g)²) with predictions clamped to
-``min_pred`` first (ATRC clamps non-positive predictions to 1e-9), and ``delta1..3`` = the
-fraction of pixels with max(p/g, g/p) < 1.25, 1.25², 1.25³.
+Depth, as the field's evaluator computes it (Multi-Task-Transformer,
+``TaskPrompter/utils/utils.py`` ``get_output`` and ``TaskPrompter/evaluation/eval_depth.py``
+``DepthMeter``, after ASTMT): valid pixels are ``min_depth < g < max_depth`` (0 and 80 m there);
+every prediction is first clamped to ≥ 0 and then every value ≤ 0 is replaced by 1e-9, so a
+non-positive prediction counts as 1e-9 m in **every** term, RMSE and abs-rel included (the
+project computed those on the raw prediction before). Then ``rmse`` = √mean((p − g)²),
+``abs_rel`` = mean(|p − g| / g), ``sq_rel`` = mean((p − g)² / g), ``log_rmse`` =
+√mean((ln p − ln g)²), and, beyond the field's meter, ``delta1..3`` = the fraction of pixels
+with max(p/g, g/p) < 1.25, 1.25², 1.25³ (Eigen et al.), on the same clamped prediction.
 
-Normals (valid: ground-truth vector of non-zero length; predictions L2-normalised): angular
-error in degrees; ``mean``, ``rmse``, ``median`` and the percentages ``within_11_25``,
-``within_22_5``, ``within_30``. The median needs every error; it is read off a 0.001°
-histogram of the errors (a sum state, 180 000 bins): the middle order statistics (the mean
-of the two middle ones for an even count, as ``numpy.median``) are bin centres, so the
-median is exact to 0.0005°.
+Normals (the field's ``NormalsMeter``, Multi-Task-Transformer ``code/evaluation/eval_normals.py``,
+after ASTMT): a ground-truth pixel is invalid when any of its channels holds the ignore value
+255 (the field's data pipeline writes 255 into all three channels of zero-length normals) or
+when its vector has zero length (this project's encoding of the same pixels); prediction and
+ground truth are L2-normalised and the angle is 2·atan2(‖p̂ − ĝ‖, ‖p̂ + ĝ‖) in degrees (the
+field's formula, equal to acos(p̂·ĝ) without its loss of precision near 0° and 180°); ``mean``,
+``rmse``, ``median`` and the percentages ``within_11_25``, ``within_22_5``, ``within_30``
+(strictly below). The median needs every error; it is read off a 0.001° histogram of the
+errors (a sum state, 180 000 bins): the middle order statistics (the mean of the two middle
+ones for an even count, as ``numpy.median``) are bin centres, so the median is exact to
+0.0005°.
 """
 
 from __future__ import annotations
@@ -26,49 +36,57 @@ import math
 import torch
 from torchmetrics import Metric
 
-_DEPTH_SUMS = ("sq_err", "abs_rel", "sq_log", "delta1", "delta2", "delta3")
+_DEPTH_SUMS = ("sq_err", "abs_rel", "sq_rel", "sq_log", "delta1", "delta2", "delta3")
 
 
 class DepthMetric(Metric):
-    """Depth RMSE, abs-rel, log-RMSE and δ accuracies over valid pixels.
+    """Depth RMSE, abs-rel, sq-rel, log-RMSE and δ accuracies over valid pixels (the field's rules).
 
     Args:
         min_depth: ground-truth values at or below this are missing.
-        min_pred: predictions are clamped to at least this before logs and ratios.
+        max_depth: ground-truth values at or above this are out of range (80 m in the field's
+            evaluator, inherited from its Cityscapes setting; no NYUD-v2 depth reaches it).
+        min_pred: the value a non-positive prediction takes (1e-9 in the field's evaluator).
     """
 
     full_state_update = False
 
-    def __init__(self, min_depth: float = 0.0, min_pred: float = 1e-9) -> None:
+    def __init__(self, min_depth: float = 0.0, max_depth: float = 80.0, min_pred: float = 1e-9) -> None:
         super().__init__()
+        if not max_depth > min_depth:
+            raise ValueError(f"max_depth ({max_depth}) must exceed min_depth ({min_depth})")
         self.min_depth = min_depth
+        self.max_depth = max_depth
         self.min_pred = min_pred
         for name in _DEPTH_SUMS:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Adds a batch of ``B × 1 × H × W`` predictions and targets (metres)."""
+        """Adds a batch of ``B × 1 × H × W`` raw predictions and targets (metres)."""
         if pred.shape != target.shape:
             raise ValueError(f"depth prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-        valid = target > self.min_depth
+        valid = (target > self.min_depth) & (target < self.max_depth)
         g = target.double()[valid]
         p = pred.double()[valid]
-        pc = p.clamp(min=self.min_pred)
-        ratio = torch.maximum(pc / g, g / pc)
-        self.sq_err += (p - g).pow(2).sum()
-        self.abs_rel += ((p - g).abs() / g).sum()
-        self.sq_log += (pc.log() - g.log()).pow(2).sum()
+        p = torch.where(p > 0, p, torch.full_like(p, self.min_pred))  # clamp to ≥ 0, then ≤ 0 → 1e-9
+        err = p - g
+        ratio = torch.maximum(p / g, g / p)
+        self.sq_err += err.pow(2).sum()
+        self.abs_rel += (err.abs() / g).sum()
+        self.sq_rel += (err.pow(2) / g).sum()
+        self.sq_log += (p.log() - g.log()).pow(2).sum()
         for k in (1, 2, 3):
             setattr(self, f"delta{k}", getattr(self, f"delta{k}") + (ratio < 1.25**k).sum())
         self.count += valid.sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``rmse``, ``abs_rel``, ``log_rmse``, ``delta1``, ``delta2``, ``delta3``."""
+        """Returns ``rmse``, ``abs_rel``, ``sq_rel``, ``log_rmse``, ``delta1``, ``delta2``, ``delta3``."""
         n = self.count.clamp(min=1).double()
         out = {
             "rmse": (self.sq_err / n).sqrt(),
             "abs_rel": self.abs_rel / n,
+            "sq_rel": self.sq_rel / n,
             "log_rmse": (self.sq_log / n).sqrt(),
         }
         out.update({f"delta{k}": getattr(self, f"delta{k}") / n for k in (1, 2, 3)})
@@ -80,13 +98,15 @@ class NormalsMetric(Metric):
 
     Args:
         bin_deg: width of the histogram bins used for the median.
+        ignore_index: a ground-truth channel value that marks the pixel invalid (the field's 255).
     """
 
     full_state_update = False
 
-    def __init__(self, bin_deg: float = 0.001) -> None:
+    def __init__(self, bin_deg: float = 0.001, ignore_index: float | None = 255) -> None:
         super().__init__()
         self.bin_deg = bin_deg
+        self.ignore_index = ignore_index
         self.n_bins = int(math.ceil(180.0 / bin_deg))
         for name in ("sum_deg", "sum_sq"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -95,14 +115,21 @@ class NormalsMetric(Metric):
         self.add_state("hist", default=torch.zeros(self.n_bins, dtype=torch.long), dist_reduce_fx="sum")
 
     @staticmethod
-    def angles(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Angular errors (degrees, float64) of the valid pixels of ``B × 3 × H × W`` maps."""
+    def angles(pred: torch.Tensor, target: torch.Tensor, ignore_index: float | None = 255) -> torch.Tensor:
+        """Angular errors (degrees, float64) of the valid pixels of ``B × 3 × H × W`` maps.
+
+        Invalid: a ground-truth channel equal to ``ignore_index`` (any channel, as the field's
+        meter), or a zero-length ground-truth vector.
+        """
         pred, target = pred.double(), target.double()
         valid = (target * target).sum(dim=1) > 0  # zero vector = invalid
-        dot = (pred * target).sum(dim=1)
-        norms = ((pred * pred).sum(dim=1) * (target * target).sum(dim=1)).clamp(min=1e-24).sqrt()
-        cos = (dot / norms).clamp(-1.0, 1.0)[valid]
-        return torch.rad2deg(torch.acos(cos))
+        if ignore_index is not None:
+            valid &= (target != ignore_index).all(dim=1)
+        p = pred * torch.rsqrt((pred * pred).sum(dim=1, keepdim=True)).nan_to_num(0.0, 0.0, 0.0)
+        g = target * torch.rsqrt((target * target).sum(dim=1, keepdim=True)).nan_to_num(0.0, 0.0, 0.0)
+        diff = (p - g).pow(2).sum(dim=1).sqrt()
+        summ = (p + g).pow(2).sum(dim=1).sqrt()
+        return torch.rad2deg(2 * torch.atan2(diff, summ))[valid]
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Adds a batch of ``B × 3 × H × W`` predictions and unit-vector targets."""
@@ -111,7 +138,7 @@ class NormalsMetric(Metric):
                 f"normals prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
                 "must both be B × 3 × H × W"
             )
-        deg = self.angles(pred, target)
+        deg = self.angles(pred, target, self.ignore_index)
         self.sum_deg += deg.sum()
         self.sum_sq += deg.pow(2).sum()
         self.count += deg.numel()

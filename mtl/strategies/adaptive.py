@@ -50,12 +50,16 @@ class UncertaintyWeighting(_LossWeighting):
     task as in LibMTL. ``s`` is a parameter of the strategy, so the model's optimiser learns it
     (no weight decay: it is 1-D) and checkpoints hold it.
 
+    The paper released no code; ``init = -0.5`` (weight ``½e^{0.5} ≈ 0.82``) is where the
+    implementations behind the field's UW numbers start (MTAN's NYUv2 code, lorenmt/mtan; LibMTL
+    ``weighting/UW.py``).
+
     Args:
-        init: initial ``s_t`` (0 → weight ½).
+        init: initial ``s_t`` (−0.5 → weight ``½e^{0.5}``; 0 → weight ½).
         diagnostics_every: see :class:`Strategy`.
     """
 
-    def __init__(self, *, init: float = 0.0, diagnostics_every: int = 0) -> None:
+    def __init__(self, *, init: float = -0.5, diagnostics_every: int = 0) -> None:
         super().__init__(diagnostics_every=diagnostics_every)
         self.init = float(init)
         self.log_vars = nn.Parameter(torch.zeros(0))

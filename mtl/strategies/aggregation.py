@@ -15,6 +15,9 @@ Methods (the ``aggregator`` given by its config's ``_target_``):
 - ConFIG: Liu et al., "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks", ICLR 2025.
 - FairGrad: Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
 
+MGDA and CAGrad default to :mod:`mtl.strategies.aggregators` (the exact min-norm point; CAGrad with
+its authors' ``rescale``), torchjd's for the others.
+
 Every method except GradDrop returns a combination ``wᵀJ`` of the task gradients whose
 weights depend on the Gramian ``G = JJᵀ`` only, so the strategy needs ``G`` (``k × k``), not
 ``J``, to decide: Gramian weightings take ``G`` directly; the others are equivariant under
@@ -30,7 +33,7 @@ import functools
 import numpy as np
 import torch
 from torch import nn
-from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, WeightedAggregator
+from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, NashMTL, WeightedAggregator
 
 from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.grads import GradientTargets, TaskJacobian, all_reduce_mean_, task_grads
@@ -70,6 +73,11 @@ class GradientAggregation(PerTaskGradients):
         gramian_only: parameter level without the ``k × n`` Jacobian buffer: the Gramian by
             polarisation, ``k(k+1)/2 + 1`` backward passes and one ``n``-vector of scratch
             (:mod:`mtl.strategies.gramian_only`); not for GradDrop or ``rep_grad``.
+        task_weighted_heads: each task's own parameters get ``w_t ∇L_t`` instead of ``∇L_t``, as in
+            the official code of MGDA, Nash-MTL and FairGrad (one backward of ``Σ_t w_t L_t``). For
+            Nash-MTL, whose reference clips only the shared gradient to ``max_norm``, the heads then
+            take the unclipped weights and the shared direction is clipped (``torch``'s
+            ``clip_grad_norm_`` rule); not for GradDrop (no weights).
         diagnostics_every: see :class:`~mtl.strategies.base.Strategy`.
     """
 
@@ -79,9 +87,12 @@ class GradientAggregation(PerTaskGradients):
         aggregator: Aggregator | functools.partial,
         rep_grad: bool = False,
         gramian_only: bool = False,
+        task_weighted_heads: bool = False,
         diagnostics_every: int = 0,
     ) -> None:
         super().__init__(rep_grad=rep_grad, diagnostics_every=diagnostics_every)
+        self.task_weighted_heads = bool(task_weighted_heads)
+        self._shared_max_norm = 0.0  # Nash-MTL's max_norm, applied to the shared direction only
         if gramian_only and rep_grad:
             raise ValueError(
                 "strategy gramian_only=true is a parameter-level mode; rep_grad=true already keeps only "
@@ -109,7 +120,29 @@ class GradientAggregation(PerTaskGradients):
             raise ValueError(f"strategy aggregator must build a torchjd Aggregator, got {self.aggregator!r}")
         if self.gramian_only and isinstance(self.aggregator, GradDrop):
             raise ValueError("strategy gramian_only=true: GradDrop works coordinate-wise on J, not on G")
+        if self.task_weighted_heads and isinstance(self.aggregator, GradDrop):
+            raise ValueError("strategy task_weighted_heads=true: GradDrop has no task weights (set it false)")
+        if self.task_weighted_heads and isinstance(self.aggregator, NashMTL) and self.aggregator.max_norm > 0:
+            self._shared_max_norm = float(self.aggregator.max_norm)
+            self.aggregator.max_norm = 0.0
         self._scratch = TaskJacobian(1)
+
+    def weigh_heads(
+        self, weights: torch.Tensor | None, gram: torch.Tensor, targets: GradientTargets
+    ) -> torch.Tensor | None:
+        """With ``task_weighted_heads``: scales each task's own gradients (in ``.grad``) by its weight
+        and returns the weights of the shared direction (Nash-MTL: clipped to ``max_norm``)."""
+        if not self.task_weighted_heads or weights is None:
+            return weights
+        for t, w in zip(self.task_names, weights.tolist(), strict=True):
+            grads = [p.grad for p in targets.task[t]]
+            if grads:
+                torch._foreach_mul_(grads, w)
+        if self._shared_max_norm > 0:
+            w64 = weights.to(torch.float64)
+            norm = float(w64 @ gram.to(w64.device, torch.float64) @ w64) ** 0.5  # ‖Σ w_t g_t‖
+            weights = weights * min(1.0, self._shared_max_norm / (norm + 1e-6))
+        return weights
 
     def _objectives(self, losses) -> dict[str, torch.Tensor]:
         return {t: self.task_objective(t, losses[t]).float() for t in self.task_names}
@@ -122,12 +155,15 @@ class GradientAggregation(PerTaskGradients):
         return polarised_gramian(targets, self._objectives(step.losses), scale, self._scratch), None
 
     def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
-        if not self.gramian_only:
-            return super().update(m, module=module, batch=batch)
         step, targets, scale = m.step, m.targets, m.scale
+        if not self.gramian_only:
+            weights, rows = self.combine(m.jac, m.gram)
+            self.write_update(step, targets, self.weigh_heads(weights, m.gram, targets), rows, scale)
+            return Update(weights)
         flat = targets.flat.flat
         weights = sync_weights(weights_from_gramian(self.aggregator, m.gram).to(flat.device, torch.float32))
-        weighted_direction(targets, self._objectives(step.losses), weights, scale)
+        shared = self.weigh_heads(weights, m.gram, targets)
+        weighted_direction(targets, self._objectives(step.losses), shared, scale)
         if step.aux is not None:
             torch._foreach_add_(targets.flat.views, list(task_grads(step.aux * scale, targets.flat.params)))
         all_reduce_mean_(flat)

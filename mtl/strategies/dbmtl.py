@@ -5,25 +5,39 @@ Gradient-magnitude balancing: an exponential moving average ``ĝ_t`` of each tas
 with decay ``β / s^γ`` at step ``s = 1, 2, …`` (``ĝ ← g + β_s (ĝ − g)``, ``ĝ`` starting at 0),
 then every task's EMA is rescaled to the largest EMA norm: ``d = Σ_t max_j‖ĝ_j‖ · ĝ_t / ‖ĝ_t‖``.
 
+Defaults are the reference's (LibMTL ``weighting/DB_MTL.py`` with its ``DB_beta = 0.9``,
+``DB_beta_sigma = 0``): a constant EMA coefficient ``β_s = 0.9``. ``gamma > 0`` decays it (``γ = 0.5``
+gives ``β_100 = 0.09``, an EMA that forgets almost at once).
+
+Logged weights: ``<task>/weight`` is the **effective weight on** ``∇L_t``, ``α_t / L_t`` with
+``α_t = max_j‖ĝ_j‖ / ‖ĝ_t‖``: the update is ``Σ_t α_t ĝ_t``, and ``ĝ_t`` estimates ``∇L_t / L_t``, so
+the update equals ``Σ_t (α_t / L_t) ∇L_t`` whenever the EMA equals the current log-loss gradient
+(exactly at ``β = 0``; for ``β > 0`` once the EMA has settled on the mean log-loss gradient), so
+it is comparable with the ``w_t`` of ``Σ_t w_t ∇L_t`` that the other strategies log. ``L_t`` is the
+rank-averaged loss, clamped at ``eps``.
+``<task>/scale`` is ``α_t`` itself (the magnitude balancing on the log-loss gradients).
+
 Needs per-task gradients of the shared parameters (``k`` backward passes) and one more
 ``k × n`` device buffer for the EMA; the EMA is built from rank-averaged rows, so it is the
-same on every rank. It is not checkpointed (``persistent=False``: ``k × n`` floats); a resumed
-run restarts it from the next step's gradients.
+same on every rank. It is checkpointed in the strategy's extra state (not as a buffer: its
+shape is known only at the first step), so a resumed run continues the same EMA.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mtl.strategies.jacobian import PerTaskGradients, sync_weights
+from mtl.contracts import StrategyHost
+from mtl.strategies.grads import all_reduce_mean_
+from mtl.strategies.jacobian import Measured, PerTaskGradients, Update, sync_weights
 
 
 class DBMTL(PerTaskGradients):
     """Dual-balancing: log-loss gradients, EMA-normalised to the largest magnitude.
 
     Args:
-        beta: EMA coefficient ``β``.
-        gamma: decay exponent ``γ`` of ``β_s = β / s^γ``.
+        beta: EMA coefficient ``β`` (the reference's 0.9).
+        gamma: decay exponent ``γ`` of ``β_s = β / s^γ`` (the reference's 0: constant ``β``).
         eps: clamp of the losses before the logarithm and of the EMA norms.
         diagnostics_every: see :class:`~mtl.strategies.base.Strategy`.
     """
@@ -31,7 +45,7 @@ class DBMTL(PerTaskGradients):
     supports_rep_grad = False
 
     def __init__(
-        self, *, beta: float = 0.9, gamma: float = 0.5, eps: float = 1e-8, diagnostics_every: int = 0
+        self, *, beta: float = 0.9, gamma: float = 0.0, eps: float = 1e-8, diagnostics_every: int = 0
     ) -> None:
         super().__init__(rep_grad=False, diagnostics_every=diagnostics_every)
         if not 0 <= beta < 1:
@@ -57,3 +71,12 @@ class DBMTL(PerTaskGradients):
         norms = self.ema.norm(dim=1).clamp_min(self.eps)
         weights = norms.max() / norms
         return sync_weights(weights), self.ema
+
+    def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
+        scales, rows = self.combine(m.jac, m.gram)
+        self.write_update(m.step, m.targets, scales, rows, m.scale)
+        losses = torch.stack([m.step.losses[t].detach().float() for t in self.task_names])
+        losses = all_reduce_mean_(losses.to(scales.device)).clamp_min(self.eps)
+        effective = sync_weights((scales / losses.to(scales.dtype)).contiguous())
+        logs = {f"{t}/scale": float(a) for t, a in zip(self.task_names, scales.cpu(), strict=True)}
+        return Update(effective, logs)

@@ -1,13 +1,24 @@
 """F-MTL: Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat Regions",
-2022 (arXiv:2211.13723).
+2022 (arXiv:2211.13723); published as "Beyond Losses Reweighting: Empowering Multi-Task Learning
+via the Generalization Perspective", ICCV 2025. Code: VietHoang1512/FS-MTL.
 
-Per step, for each task ``i`` (Multi-Task-Transformer code): clean gradient ``g_i`` on the shared and on head
-``i``'s parameters; perturb shared + head ``i`` by ``ρ g/‖g‖`` (norms taken separately for the
+Per step, for each task ``i`` (as the reference code does): clean gradient ``g_i`` on the shared
+and on head ``i``'s parameters; perturb shared + head ``i`` by ``ρ g/‖g‖`` (norms taken separately for the
 shared and the head set; ASAM variant ``ρ T²g/‖Tg‖``); gradient ``g_i^SAM`` at the perturbed
 point; flat component ``g_i^flat = g_i^SAM − g_i``; restore. Update: head ``i`` takes
 ``g_i^SAM``; shared parameters take ``Agg(g_1..g_k) + Agg(g^flat_1..g^flat_k)`` with any
 aggregator of :mod:`mtl.strategies.aggregation` (two independent instances, so stateful ones
 such as GradVac or Nash-MTL keep separate histories).
+
+Defaults are the reference's dense-prediction recipe (VietHoang1512/FS-MTL, ``nyuv2/train.py`` and
+``city2scape/train.py``: ``rho = 2``, ``adaptive = True``, CAGrad ``c = 0.4`` with its ``rescale = 1``).
+Its ASAM scale is ``T = |w|`` on every shared and head parameter, biases included: ``eta = 0`` here
+(``eta > 0`` gives ``T = |w| + η``, ASAM's form, so that zero weights are perturbed too). ``ρ = 0.05``
+without ASAM is the reference's Multi-MNIST setting. The reference's F-MGDA solves the min-norm
+problem on unit-norm ``g_i`` and on unit-norm flat components and multiplies the update by ``k``:
+``strategy=fmtl_mgda`` (:class:`mtl.strategies.aggregators.MGDA` with ``normalization="l2"``,
+``scale_by_tasks=True``); with the plain MGDA aggregator (raw gradients, no ``k``) it is MGDA of the
+same two gradient sets.
 
 Costs one forward/backward per task at the clean point and one per task at its perturbed
 point (only that task's branch is decoded). BatchNorm statistics move on the first pass only.
@@ -36,9 +47,10 @@ class FlatMTL(GradientAggregation):
 
     Args:
         aggregator: a torchjd aggregator (or a partial taking ``n_tasks``), e.g. CAGrad, IMTL-G.
-        rho: perturbation radius ``ρ`` (> 0).
-        adaptive: ASAM-style perturbation ``ρ T² g / ‖T g‖``, ``T = |w| + η``.
-        eta: ASAM's ``η``.
+        rho: perturbation radius ``ρ`` (> 0); the reference's dense recipe: 2.
+        adaptive: ASAM-style perturbation ``ρ T² g / ‖T g‖``, ``T = |w| + η`` on every parameter
+            (the reference's dense recipe: on).
+        eta: ASAM's ``η`` (the reference: 0, ``T = |w|``).
         diagnostics_every: see :class:`~mtl.strategies.base.Strategy`.
     """
 
@@ -48,9 +60,9 @@ class FlatMTL(GradientAggregation):
         self,
         *,
         aggregator,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
+        rho: float = 2.0,
+        adaptive: bool = True,
+        eta: float = 0.0,
         diagnostics_every: int = 0,
     ) -> None:
         super().__init__(aggregator=aggregator, rep_grad=False, diagnostics_every=diagnostics_every)

@@ -8,6 +8,11 @@ gradient-norm loss ``Σ_t |G_t − Ḡ r_t^α|`` (target held constant) has the 
 gradient ``sign(G_t − target_t) ‖∇_W L_t‖`` w.r.t. ``w_t``; one SGD step on it per training
 step, then renormalisation to ``Σ w = K``. The model takes one backward of ``Σ w_t L_t``.
 
+This follows the paper. LibMTL's GradNorm (``weighting/GradNorm.py``) differs, so its numbers are not
+comparable: it measures the norms over the whole shared encoder, parametrises the weights as
+``K softmax(θ)``, takes ``L_t(0)`` as the first epoch's mean loss and trains with equal weights
+during that epoch.
+
 The per-task norms cost ``K`` backward passes from the losses to ``W`` only (the heads and
 task branches), not through the backbone. Under DDP the ``W`` gradients and the losses are
 averaged over the ranks first, so every rank holds the same weights.

@@ -3,8 +3,10 @@
 - SAM: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
   ICLR 2021: ``ε = ρ g / ‖g‖``, update with ``∇L(w + ε)``.
 - ASAM: Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning
-  of Deep Neural Networks", ICML 2021: ``ε = ρ T² g / ‖T g‖`` with ``T = |w| + η``
-  (applied to every parameter).
+  of Deep Neural Networks", ICML 2021: ``ε = ρ T² g / ‖T g‖`` with ``T = |w| + η``. As in the
+  authors' code (SamsungLabs/ASAM, ``asam.py``: ``rho = 0.5``, ``eta = 0.01``), ``T = |w| + η`` applies
+  to the parameters whose name contains ``weight`` and ``T = 1`` to the others (biases, …):
+  ``adaptive_scope="weights"``; ``"all"`` scales every parameter (F-MTL's reference does, with η = 0).
 
 Two forward/backward passes per step. Both gradients are averaged over the ranks (the
 perturbation is the union's), BatchNorm statistics are updated by the first pass only, and
@@ -28,12 +30,34 @@ def check_rho(rho: float) -> float:
     return float(rho)
 
 
+SCOPES = ("weights", "all")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"strategy adaptive_scope must be one of {list(SCOPES)}, got {scope!r}")
+    return scope
+
+
 def ascent_step(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float, adaptive: bool, eta: float
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rho: float,
+    adaptive: bool,
+    eta: float,
+    scaled: Sequence[bool] | None = None,
 ) -> list[torch.Tensor]:
-    """The SAM / ASAM perturbation ``ε`` of ``params`` for the (unscaled) gradient ``grads``."""
+    """The SAM / ASAM perturbation ``ε`` of ``params`` for the (unscaled) gradient ``grads``.
+
+    ASAM's ``T`` is ``|w| + η`` on the parameters flagged in ``scaled`` (default: all) and 1 elsewhere.
+    """
     if adaptive:
-        t = [p.detach().abs().add_(eta) for p in params]
+        if scaled is None:
+            scaled = [True] * len(params)
+        t = [
+            p.detach().abs().add_(eta) if s else torch.ones_like(p)
+            for p, s in zip(params, scaled, strict=True)
+        ]
         tg = torch._foreach_mul(list(grads), t)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tg)))
         return torch._foreach_mul(torch._foreach_mul(tg, t), float(rho) / max(float(norm), 1e-12))
@@ -48,6 +72,8 @@ class SAM(FixedWeights):
         rho: perturbation radius ``ρ`` (> 0).
         adaptive: ASAM instead of SAM.
         eta: ASAM's ``η``.
+        adaptive_scope: ``"weights"``: ASAM's ``T = |w| + η`` on parameters named ``*weight*``, 1 on
+            the others (the ASAM authors' code); ``"all"``: on every parameter.
         weights: task → loss weight; tasks not listed use their default weight (or 1 if uniform).
         uniform: weight 1 for every task not listed in ``weights``.
         diagnostics_every: see :class:`~mtl.strategies.base.Strategy`.
@@ -59,19 +85,24 @@ class SAM(FixedWeights):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
+        adaptive_scope: str = "weights",
         weights=None,
         uniform: bool = True,
         diagnostics_every: int = 0,
     ) -> None:
         super().__init__(weights=weights, uniform=uniform, diagnostics_every=diagnostics_every)
         self.rho, self.adaptive, self.eta = check_rho(rho), bool(adaptive), float(eta)
+        self.adaptive_scope = check_scope(adaptive_scope)
         self._flat: FlatGrad | None = None
+        self._scaled: list[bool] = []
 
     def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
         losses, extra = step.losses, step.aux
         params = trainable(module.model.parameters())
         if self._flat is None or [id(p) for p in self._flat.params] != [id(p) for p in params]:
             self._flat = FlatGrad(params)
+            names = {id(p): n for n, p in module.model.named_parameters()}
+            self._scaled = [self.adaptive_scope == "all" or "weight" in names.get(id(p), "") for p in params]
         w = torch.tensor([self.weights[t] for t in losses])
         logs = self.diagnostics(losses, module, w)
         self.tick()
@@ -86,7 +117,7 @@ class SAM(FixedWeights):
         backup = [p.detach().clone() for p in params]  # restored bit-exactly after the second pass
         with torch.no_grad():
             torch._foreach_add_(
-                params, ascent_step(params, self._flat.views, self.rho, self.adaptive, self.eta)
+                params, ascent_step(params, self._flat.views, self.rho, self.adaptive, self.eta, self._scaled)
             )
         with frozen_bn_stats(module.model):
             again = self.forward(batch, module=module)  # the loss at the perturbed point

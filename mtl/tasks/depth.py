@@ -1,8 +1,10 @@
 """Monocular depth estimation: L1 on valid pixels (depth > 0), RMSE.
 
 Loss and weight 1 as in ATRC / InvPT / TaskExpert on NYUD-v2. The head predicts metres
-directly (no activation), as those methods do. Label-free objective (AdaMerging): the relative
-L1 disagreement with the single-task model's depth, Σ|d − d_st| / Σ|d_st|.
+directly (no activation), as those methods do; the metric (:class:`mtl.metrics.DepthMetric`)
+treats a non-positive prediction as 1e-9 m in every term, as the field's evaluator does.
+Label-free objective (AdaMerging): the relative L1 disagreement with the single-task model's
+depth, Σ|d − d_st| / Σ|d_st|.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Depth(Task):
     directions = {
         "rmse": False,
         "abs_rel": False,
+        "sq_rel": False,
         "log_rmse": False,
         "delta1": True,
         "delta2": True,

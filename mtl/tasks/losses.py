@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Pixel-wise cross-entropy averaged over pixels whose label is not ``ignore_index``."""
+    """Pixel-wise cross-entropy averaged over pixels whose label is not ``ignore_index``.
+
+    The sum over the valid pixels divided by their number (at least 1), as the
+    Multi-Task-Transformer code's ``CrossEntropyLoss`` reduces it.
+    """
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
     n = (target != ignore_index).sum()
     return loss / n.clamp(min=1)
@@ -31,12 +35,25 @@ def balanced_bce(
 
     ``loss = -[w·t·log σ(x) + (1 − w)(1 − t)·log(1 − σ(x))]`` averaged over valid pixels.
 
+    This is what the Multi-Task-Transformer code (``losses/loss_functions.py``) computes for both
+    binary tasks:
+
+    * edge, ``BalancedBinaryCrossEntropyLoss(pos_weight=0.95)``: ``BCEWithLogits`` with
+      ``pos_weight = w/(1 − w) = 19``, mean over the valid pixels, divided by ``1/(1 − w) = 20``;
+    * saliency, ``CrossEntropyLoss(balanced=True)`` on two channels: class weights
+      ``(1 − w, w)`` with ``w`` the batch's fraction of negatives among the valid pixels, summed and
+      divided by the number of valid pixels (not by the summed weights). With one logit
+      ``x = z₁ − z₀`` this is the formula above, since ``softmax(z)₁ = σ(z₁ − z₀)``.
+
+    Deliberate difference: a batch without a valid pixel gives 0 (with a gradient path) here, where
+    the reference's edge loss gives NaN (the mean of nothing).
+
     Args:
         logits: ``B × 1 × H × W`` logits.
         target: ``B × 1 × H × W`` binary target, ``ignore_index`` where unlabelled.
         pos_weight: weight ``w`` of positives; ``None`` uses the batch's fraction of
             negatives (the HED balancing). Edges use 0.95 in the field (= pos_weight 19
-            in ``BCEWithLogits`` terms, up to the overall scale).
+            in ``BCEWithLogits`` terms, up to the overall scale 1/20).
         ignore_index: target value to ignore.
     """
     valid = target != ignore_index
@@ -52,15 +69,20 @@ def balanced_bce(
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """L1 averaged over valid elements.
+    """L1 summed over the channels and averaged over the valid *pixels*.
+
+    ``Σ_{valid p} Σ_c |pred_c(p) − target_c(p)| / #valid pixels``, as the L1 loss of the
+    Multi-Task-Transformer code (``losses/loss_functions.py``, ``L1Loss``) reduces it: for the
+    3 channels of the normals the loss is 3× a per-element mean. Depth (one channel) is the
+    same either way.
 
     Args:
         pred: ``B × C × H × W`` prediction.
         target: same shape as ``pred``.
         valid: ``B × 1 × H × W`` boolean mask, broadcast over channels.
     """
-    valid = valid.expand_as(pred)
-    return ((pred.float() - target.float()).abs() * valid).sum() / valid.sum().clamp(min=1)
+    diff = (pred.float() - target.float()).abs().sum(dim=1, keepdim=True)
+    return (diff * valid).sum() / valid.sum().clamp(min=1)
 
 
 def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,12 @@
 """Surface normal estimation: L1 between the L2-normalised prediction and the unit target.
 
-Loss and weight 10 as in ATRC / InvPT / TaskExpert; pixels whose ground-truth normal has
-zero length are ignored. Metric: mean angular error in degrees. Label-free objective
+Loss and weight 10 as in ATRC / InvPT / TaskExpert, computed as the Multi-Task-Transformer code
+does (``losses/loss_functions.py``, ``L1Loss(normalize=True)``): the prediction is divided by
+``max(‖n‖, 1e-12)`` (``F.normalize``), the L1 distance is summed over the 3 components and averaged
+over the valid *pixels*. Invalid pixels are those whose ground truth is the zero vector (this
+project's encoding) or holds 255 (the field's: ``AddIgnoreRegions`` writes 255 into every
+component of an invalid normal). Metric: mean angular error in degrees over the same valid
+pixels (:class:`mtl.metrics.NormalsMetric`, the field's ``NormalsMeter``). Label-free objective
 (AdaMerging): 1 − cos(n, n_st), the mean angular disagreement with the single-task model.
 """
 
@@ -16,6 +21,9 @@ from mtl.metrics import NormalsMetric
 from mtl.tasks.base import Task
 from mtl.tasks.losses import masked_l1
 from mtl.tasks.registry import register_task
+
+#: the field's encoding of an invalid ground-truth normal (every component 255)
+IGNORE_VALUE = 255.0
 
 
 def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -55,8 +63,10 @@ class Normals(Task):
 
     def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         target = batch[self.name]
-        valid = target.abs().sum(dim=1, keepdim=True) > 0  # zero vector = invalid
-        return masked_l1(unit(pred.float()), target, valid)
+        # invalid: the zero vector (this project's encoding) or 255 in a component (the field's)
+        valid = (target != 0).any(dim=1, keepdim=True) & (target != IGNORE_VALUE).all(dim=1, keepdim=True)
+        # eps on the squared norm: 1e-24 = F.normalize's 1e-12 on the norm, as the reference
+        return masked_l1(unit(pred.float(), eps=1e-24), target, valid)
 
     def metric(self) -> Metric:
         return NormalsMetric()

@@ -1,7 +1,9 @@
 """Saliency estimation: binary foreground map, class-balanced BCE, maxF.
 
 Weight 5 and the balanced binary cross-entropy (positive weight = fraction of negatives in
-the batch) as in ATRC / InvPT / TaskExpert; maxF with β² = 0.3. Label-free objective
+the batch) as in ATRC / InvPT / TaskExpert; maxF with β² = 0.3 as the field's meter computes
+it (:class:`mtl.metrics.SaliencyMaxF`: a second sigmoid, thresholds at or above; ``maxf_prob``
+beside it, on the probability itself). Label-free objective
 (AdaMerging): the binary entropy of the foreground probability divided by log 2.
 """
 
@@ -30,7 +32,7 @@ class Saliency(Task):
     default_weight = 5.0
     main_metric = "maxf"
     higher_is_better = True
-    directions = {"maxf": True, "miou": True}
+    directions = {"maxf": True, "maxf_prob": True, "miou": True}
     delta_m_metrics = ("maxf",)
     score_metrics = ("maxf",)
     out_channels = 1

@@ -31,7 +31,7 @@ class SemSeg(Task):
     default_weight = 1.0
     main_metric = "miou"
     higher_is_better = True
-    directions = {"miou": True, "pixel_acc": True}
+    directions = {"miou": True, "miou_present": True, "pixel_acc": True}
     delta_m_metrics = ("miou",)
     score_metrics = ("miou",)
     needs_num_classes = True

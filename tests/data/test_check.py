@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mtl.data.check import main
@@ -71,8 +72,11 @@ def test_real_data_configs_load_padded_batches(make_cfg, data):
         assert batch[task].shape[-2:] == (64, 80), task
     val = next(iter(dm.val_dataloader()))
     assert val["image"].shape[-2:] == (64, 80)
-    if data == "pascal_context":  # 60×76 images padded with ignore labels
-        assert (val["semseg"][:, 60:] == 255).all() and (val["image"][:, :, 60:] == 0).all()
+    if data == "pascal_context":  # 60×76 images padded with ignore labels, centred (2 px each side)
+        assert all(m["pad_offset"] == (2, 2) for m in val["meta"])
+        pad = torch.ones(64, 80, dtype=torch.bool)
+        pad[2:62, 2:78] = False
+        assert (val["semseg"][:, pad] == 255).all() and (val["image"][:, :, pad] == 0).all()
 
 
 @pytest.mark.parametrize("data", ["nyud", "pascal_context"])

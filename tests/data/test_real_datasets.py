@@ -46,7 +46,7 @@ def test_nyud_encodings(nyud):
     depth = np.linspace(0, 5, 80, dtype=np.float32).reshape(8, 10)
     np.save(nyud / "depth" / f"{sid}.npy", depth)
 
-    s = NYUDv2(root=nyud, split="train")[0]
+    s = NYUDv2(root=nyud, split="train", ignore_black_normals=True)[0]
     assert s["meta"] == {"id": sid, "size": (8, 10)}
     assert s["image"].dtype == np.uint8 and s["image"].shape == (8, 10, 3)
     assert s["semseg"].dtype == np.uint8
@@ -196,6 +196,7 @@ def test_pascal_val_carries_the_label_map_for_exact_edge_evaluation(pascal):
 
     from mtl.data.transforms import build_transform
     from mtl.metrics import SEISMEdgeF
+    from mtl.metrics.edge_eval import to_8bit
     from mtl.metrics.seism import evaluate_pair
 
     assert "edge_labelmap" not in PASCALContext(root=pascal, split="train")[0]
@@ -203,11 +204,81 @@ def test_pascal_val_carries_the_label_map_for_exact_edge_evaluation(pascal):
     lm = scipy.io.loadmat(pascal / "pascal-context" / "trainval" / f"{raw['meta']['id']}.mat")["LabelMap"]
     np.testing.assert_array_equal(raw["edge_labelmap"], lm)
     s = build_transform(train=False, pad_to=(16, 16))(raw)
-    assert s["edge_labelmap"].dtype == torch.int64 and (s["edge_labelmap"][12:] == -1).all()
+    top, left = s["meta"]["pad_offset"]  # centred: (2, 1)
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[top : top + 12, left : left + 14] = True
+    assert s["edge_labelmap"].dtype == torch.int64 and (s["edge_labelmap"][~inside] == -1).all()
     # the exact metric draws PASCAL's ground truth from the LabelMap, not from the thinned edge map
     logits = torch.randn(1, 1, 16, 16)
     metric = SEISMEdgeF(max_dist=0.0075)
     metric.update(logits, s["edge"][None], label_map=s["edge_labelmap"][None])
-    pred_u8 = torch.floor(torch.sigmoid(logits[0, 0, :12, :14]) * 255 + 0.5).to(torch.uint8).numpy()
+    crop = logits[0, 0, top : top + 12, left : left + 14]
+    pred_u8 = to_8bit(crop).numpy()  # the metric's 8-bit quantisation (mtl.metrics.edge_eval)
     expected = evaluate_pair(pred_u8, lm.astype(np.int32), 0.0075)
     np.testing.assert_array_equal(metric.counts.numpy(), expected)
+
+
+# ---- decoding as the Multi-Task-Transformer loaders (data/nyud.py, data/pascal_context.py) ----
+
+
+def test_nyud_normals_decode_every_pixel_as_the_reference(nyud):
+    sid = "000000"
+    nrm = np.full((8, 10, 3), 255, np.uint8)
+    nrm[0, 0] = 0  # decodes to (−1, −1, −1): a valid target for the field's loader and loss
+    nrm[0, 1] = 128  # 2·128/255 − 1 ≈ 1/255 per component, also kept
+    _png(nyud / "normals" / f"{sid}.png", nrm)
+    s = NYUDv2(root=nyud, split="train", tasks=["normals"])[0]
+    np.testing.assert_array_equal(s["normals"][0, 0], (-1, -1, -1))
+    # (2·v) / 255 − 1 in float32, in that order: the same bits as the reference's decoding
+    expected = np.float32(2) * np.float32(128) / np.float32(255) - np.float32(1)
+    np.testing.assert_array_equal(s["normals"][0, 1], (expected,) * 3)
+    v = np.arange(256, dtype=np.float32)
+    nrm = np.stack([v.astype(np.uint8)] * 3, axis=-1)[None].repeat(8, 0)[:, :10]
+    _png(nyud / "normals" / f"{sid}.png", nrm)
+    got = NYUDv2(root=nyud, split="train", tasks=["normals"])[0]["normals"][0, :, 0]
+    np.testing.assert_array_equal(got, np.float32(2) * v[:10] / np.float32(255) - np.float32(1))
+
+
+def test_pascal_saliency_thresholds_the_stored_value_not_a_palette_colour(pascal):
+    sid, h, w = "2008_000000", 12, 14
+    sal = Image.fromarray(np.zeros((h, w), np.uint8), mode="P")
+    stored = np.zeros((h, w), np.uint8)
+    stored[0, :3] = (1, 128, 127)
+    sal = Image.fromarray(stored, mode="P")
+    sal.putpalette([0, 0, 0] + [255, 255, 255] * 255)  # index 1..255 drawn white
+    sal.save(pascal / "sal_distill" / f"{sid}.png")
+    s = PASCALContext(root=pascal, split="train", tasks=["saliency"])[0]["saliency"]
+    # the reference reads the stored index: 1/255 and 127/255 ≤ 0.5 → 0, 128/255 > 0.5 → 1
+    assert tuple(s[0, :3]) == (0, 1, 0) and s[1:].sum() == 0
+    _png(pascal / "sal_distill" / f"{sid}.png", np.zeros((h, w, 3)))
+    with pytest.raises(BadSampleError, match="expected a single-channel png"):
+        PASCALContext(root=pascal, split="train", tasks=["saliency"])[0]
+
+
+def test_pascal_semseg_prefers_voc12_labels_when_present(pascal):
+    sid, h, w = "2008_000000", 12, 14
+    _png(pascal / "semseg" / "pascal-context" / f"{sid}.png", np.full((h, w), 3))
+    voc = np.full((h, w), 5, np.uint8)
+    voc[0, 0] = 255
+    (pascal / "semseg" / "VOC12").mkdir(parents=True)
+    _png(pascal / "semseg" / "VOC12" / f"{sid}.png", voc)
+    ds = PASCALContext(root=pascal, split="train", tasks=["semseg"])
+    np.testing.assert_array_equal(ds[0]["semseg"], voc)
+    assert ds.path("semseg", sid).parent.name == "VOC12"
+    assert (ds[1]["semseg"] != 255).any() and ds.path("semseg", "2008_000001").parent.name == "pascal-context"
+
+
+def test_pascal_edges_are_thinned_until_nothing_changes():
+    from mtl.data import pascal_context
+
+    # a 3-pixel L: no pixel is deletable in the first sub-iteration (both ends are end points, the
+    # corner fails G3: its east neighbour is set), the corner is in the second (G3': its west neighbour
+    # is unset); pyEdgeEval's binary_thin stops after the first and keeps the corner
+    corner = np.zeros((5, 5), bool)
+    corner[1, 1], corner[1, 2], corner[2, 1] = True, True, True
+    expected = corner.copy()
+    expected[1, 1] = False
+    np.testing.assert_array_equal(pascal_context.thin(corner), expected)
+    # a label map whose Laplacian boundary thins to two pixels (the early stop leaves three)
+    lm = np.array([[0, 0, 1], [0, 0, 1], [0, 1, 0]])
+    np.testing.assert_array_equal(edges_from_label_map(lm), [[0, 0, 0], [0, 1, 0], [1, 0, 0]])

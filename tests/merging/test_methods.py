@@ -70,22 +70,29 @@ def test_ties_trims_elects_and_averages_disjointly():
     base = {"w": torch.zeros(5)}
     t1 = {"w": torch.tensor([3.0, -1.0, 2.0, 0.1, -4.0])}
     t2 = {"w": torch.tensor([1.0, 2.0, -5.0, 0.2, -2.0])}
-    # k = 0.6 keeps the 3 largest |τ| of each task: t1 keeps 3, 2, −4; t2 keeps 2, −5, −2
-    out = _merge(TIESMerging(k=0.6, lam=1.0), base, [t1, t2])["w"]
+    # k = 0.4 keeps int(0.4·5) + 1 = 3 largest |τ| of each task (the TIES code's count): t1 keeps 3, 2, −4;
+    # t2 keeps 2, −5, −2
+    out = _merge(TIESMerging(k=0.4, lam=1.0), base, [t1, t2])["w"]
     # entry 0: only t1 kept (3) → 3; entry 1: only t2 kept (2) → 2; entry 2: 2 vs −5 → sign −, mean of −5
     # entry 3: trimmed in both → 0; entry 4: −4, −2 agree → −3
     torch.testing.assert_close(out, torch.tensor([3.0, 2.0, -5.0, 0.0, -3.0]))
 
 
 def test_breadcrumbs_masks_both_tails_per_layer():
+    # granularity=tensor: the whole tensor is one row; the bottom 20 % and top 10 % are masked, i.e. 70 % kept
+    # after the top 10 % (beta is the fraction kept since issue 19)
     tau = torch.arange(1, 101, dtype=torch.float32) * torch.where(torch.arange(100) % 2 == 0, 1.0, -1.0)
-    mask = breadcrumb_mask(tau, beta=0.2, gamma=0.1)
+    mask = breadcrumb_mask(tau, beta=0.7, gamma=0.1, granularity="tensor")
     kept = tau.abs()[mask]
     assert mask.sum() == 70 and kept.min() == 21 and kept.max() == 90
     base, s = {"w": torch.zeros(100)}, {"w": tau}
-    out = _merge(ModelBreadcrumbs(beta=0.2, gamma=0.1, lam=0.5), base, [s])["w"]
+    with pytest.warns(UserWarning, match="fraction KEPT"):
+        method = ModelBreadcrumbs(alpha=0.5, beta=0.7, gamma=0.1, granularity="tensor")
+    out = _merge(method, base, [s])["w"]
     torch.testing.assert_close(out, 0.5 * tau * mask)
-    plain = _merge(ModelBreadcrumbs(beta=0.0, gamma=0.0, lam=1.0), base, [s])["w"]  # no masking: TA
+    with pytest.warns(UserWarning, match="fraction KEPT"):
+        no_mask = ModelBreadcrumbs(alpha=1.0, beta=1.0, gamma=0.0, granularity="tensor")
+    plain = _merge(no_mask, base, [s])["w"]  # no masking: TA
     torch.testing.assert_close(plain, tau)
 
 
@@ -94,7 +101,10 @@ def test_breadcrumbs_masks_both_tails_per_layer():
     [
         (TIESMerging, {"k": 0.0}, "method.k"),
         (TIESMerging, {"k": 1.5}, "method.k"),
-        (ModelBreadcrumbs, {"beta": 0.9, "gamma": 0.2}, "beta \\+ method.gamma"),
+        (ModelBreadcrumbs, {"beta": 1.5}, "method.beta"),
+        (ModelBreadcrumbs, {"alpha": 0.0}, "method.alpha"),
+        (ModelBreadcrumbs, {"granularity": "layer"}, "method.granularity"),
+        (ModelBreadcrumbs, {"lam": 0.5}, "now method.alpha"),
         (TaskArithmetic, {"lam": 0.0}, "method.lam"),
     ],
 )

@@ -102,18 +102,19 @@ def test_saliency_maxf_known_thresholds_and_miou():
     m.update(logits, gt)
     out = m.compute()
 
-    # t ≤ 0.25: P = 2/3, R = 1; 0.3 ≤ t < 0.7: P = 1/2, R = 1/2; 0.7 ≤ t < 0.9: P = 1, R = 1/2
+    # on the probabilities (positive: p ≥ t): t ≤ 0.3: P = 2/3, R = 1; 0.3 < t ≤ 0.7: P = 1/2,
+    # R = 1/2; 0.7 < t ≤ 0.9: P = 1, R = 1/2 (the field's second sigmoid: test_parity.py)
     def f(p, r):
         return 1.3 * p * r / (0.3 * p + r)
 
-    assert out["maxf"].item() == pytest.approx(max(f(2 / 3, 1.0), f(0.5, 0.5), f(1.0, 0.5)), abs=1e-6)
+    assert out["maxf_prob"].item() == pytest.approx(max(f(2 / 3, 1.0), f(0.5, 0.5), f(1.0, 0.5)), abs=1e-6)
     # IoU at thresholds 0.2…0.9 (15): {0.9, 0.7, 0.3} vs {0.9, 0.3} = 2/3 up to 0.3 (exclusive),
     # then {0.9, 0.7} → 1/3, then {0.9} (t ≥ 0.7) → 1/2: best 2/3
     assert out["miou"].item() == pytest.approx(2 / 3, abs=1e-6)
     perfect = SaliencyMaxF()
     perfect.update(_logit([0.99, 0.01]), torch.tensor([1.0, 0.0]).view(1, 1, 1, 2))
-    assert perfect.compute()["maxf"].item() == pytest.approx(1.0)
+    assert perfect.compute()["maxf_prob"].item() == pytest.approx(1.0)
     assert perfect.compute()["miou"].item() == pytest.approx(1.0)
     wrong = SaliencyMaxF()
     wrong.update(_logit([0.01, 0.99]), torch.tensor([1.0, 0.0]).view(1, 1, 1, 2))
-    assert wrong.compute()["maxf"].item() == 0.0 and wrong.compute()["miou"].item() == 0.0
+    assert wrong.compute()["maxf_prob"].item() == 0.0 and wrong.compute()["miou"].item() == 0.0

@@ -9,7 +9,15 @@ from pyEdgeEval.preprocess import binary_thin
 from mtl.metrics import seism
 from mtl.metrics.edge_eval import SEISMEdgeF, average_precision, best_image_counts, scores_from_counts
 from mtl.metrics.morphology import seg2bmap, thin
-from mtl.metrics.seism import THRESHOLDS, evaluate_image, evaluate_pair, match_counts, nms_8bit, orientation
+from mtl.metrics.seism import (
+    THRESHOLDS,
+    evaluate_image,
+    evaluate_pair,
+    match_counts,
+    nms_8bit,
+    nms_single,
+    orientation,
+)
 
 
 def test_thresholds_are_seisms_101():
@@ -122,9 +130,10 @@ def test_known_threshold_sweep_gives_known_ods_ois_ap():
     r = 50 / 70
     assert s["odsf"] == pytest.approx(2 * r / (1 + r)) and s["ods_threshold"] == 0.40
     assert s["oisf"] == pytest.approx(s["odsf"])
-    # BSDS AP: recalls {0 (P 0), 5/7 (first P: 50/80)}, precision linear in between, 0 beyond 5/7
+    # SEISM AP: recalls {0 (nothing predicted: P 1), 5/7 (first P: 50/80)}, precision linear in
+    # between, nothing beyond 5/7
     grid = np.arange(101) * 0.01
-    assert s["ap"] == pytest.approx(0.01 * np.sum(np.where(grid <= r, 0.625 * grid / r, 0.0)))
+    assert s["ap"] == pytest.approx(0.01 * np.sum(np.where(grid <= r, 1 - 0.375 * grid / r, 0.0)))
 
 
 def _direct(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> list[int]:
@@ -143,6 +152,10 @@ def test_match_counts_equal_correspond_pixels_directly():
     # every threshold of a full evaluation equals the primitives composed by hand
     u8 = (rng.random(gt.shape) * 255).astype(np.uint8)
     table = evaluate_image(u8, gt, 0.02)
+    soft = nms_single(u8).astype(np.float64)
+    for i in (0, 30, 50, 80):
+        assert table[i].tolist() == _direct(thin(soft > THRESHOLDS[i]), gt, 0.02)
+    table = evaluate_image(u8, gt, 0.02, precision="double")
     soft = nms_8bit(u8)
     for i in (0, 30, 50, 80):
         assert table[i].tolist() == _direct(thin(soft > THRESHOLDS[i]), gt, 0.02)
@@ -170,7 +183,7 @@ def test_metric_crops_padding_and_pools_counts():
     gt_map, logits, target = _square_case()
     m = SEISMEdgeF(max_dist=0.011, workers=0)
     m.update(logits, target)
-    u8 = torch.floor(torch.sigmoid(logits[:, 0, :48, :64]) * 255 + 0.5).to(torch.uint8).numpy()
+    u8 = (255 * torch.sigmoid(logits[:, 0, :48, :64].double())).floor().to(torch.uint8).numpy()  # truncation
     tables = [evaluate_pair(u8[i], gt_map.astype(np.uint8), 0.011) for i in range(2)]
     assert int(m.n_images) == 2 and (m.counts.numpy() == tables[0] + tables[1]).all()
     expected = scores_from_counts(tables[0] + tables[1], sum(best_image_counts(t) for t in tables))

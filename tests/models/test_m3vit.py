@@ -4,9 +4,11 @@ per-task passes, single-task inference, training with decoders and strategies, e
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_M3VIT
 from hydra.errors import InstantiationException
 from timm.layers import Mlp
@@ -43,7 +45,18 @@ def tiny_model(decoder=MultiHeadDecoder, **kw) -> MultiTaskNet:
 @pytest.mark.parametrize("router", ["per_task", "task_embedding"])
 def test_top_k_picks_exactly_k_experts_with_softmax_gates(router):
     torch.manual_seed(0)
-    moe = MoEMlp(dim=16, keys=["a", "b"], num_experts=8, top_k=3, router=router).eval()
+    # independently drawn routers and the additive task embedding: tasks route differently from the
+    # start (by default the routers start identical and the concatenated task code's gate columns at
+    # zero, as the reference's; tested below)
+    moe = MoEMlp(
+        dim=16,
+        keys=["a", "b"],
+        num_experts=8,
+        top_k=3,
+        router=router,
+        task_embed="add",
+        same_router_init=False,
+    ).eval()
     tokens = torch.randn(50, 16)
     values, index, _ = moe.route(tokens, "a")
     assert index.shape == (50, 3)
@@ -151,8 +164,8 @@ def test_single_task_inference_equals_the_multi_task_forward():
 
 def test_shared_pass_for_grouped_tasks_equals_separate_passes():
     groups = [["semseg", "normals"], ["depth"]]
-    shared = tiny_model(task_groups=groups).eval()
-    separate = tiny_model(task_groups=groups, shared_pass=False).eval()
+    shared = tiny_model(task_groups=groups, noisy_gating=True).eval()  # router + noise weights per task
+    separate = tiny_model(task_groups=groups, shared_pass=False, noisy_gating=True).eval()
     separate.load_state_dict(shared.state_dict())
     assert shared.backbone.passes(list(TASKS)) == [["semseg", "normals"], ["depth"]]
     assert len(separate.backbone.passes(list(TASKS))) == 3
@@ -303,3 +316,148 @@ def test_eval_of_a_task_subset_writes_metrics_routing_and_cost(make_cfg, tmp_pat
     ).read_text()
     cost = json.loads((tmp_path / "cost.json").read_text())
     assert cost["tasks"] == ["depth"] and cost["gflops"] > 0
+
+
+# ---------------------------------------------------------------------------- the reference's choices
+# VITA-Group/M3ViT: models/gate_funs/noisy_gate_vmoe.py (gate, cv²), utils/moe_utils.py (loss sum),
+# models/vision_transformer_moe.py (task code), utils/common_config.py (one gate copied to every task's)
+def test_balance_loss_is_the_reference_closed_form_with_the_unbiased_variance():
+    # E = 2 experts, top-1, an identity router: a token's logits are its two coordinates
+    moe = MoEMlp(dim=2, keys=["a"], num_experts=2, top_k=1).train()
+    with torch.no_grad():
+        moe.router.gate["a"].weight.copy_(torch.eye(2))
+    l3 = math.log(3.0)
+    tokens = torch.tensor([[l3, 0.0]] * 3 + [[0.0, l3]])
+    values, index, balance = moe.route(tokens, "a")
+    # softmax (3/4, 1/4): three tokens go to expert 0, one to expert 1, each with gate 3/4.
+    # importance (9/4, 3/4): mean 3/2, unbiased variance 2 · (3/4)² / (2 − 1) = 9/8 → cv² = 1/2;
+    # load (3, 1): mean 2, unbiased variance 2 → cv² = 1/2. (Population variance: 1/4 each.)
+    assert index.flatten().tolist() == [0, 0, 0, 1]
+    torch.testing.assert_close(values.flatten(), torch.full((4,), 0.75))
+    assert balance.item() == pytest.approx(1.0, abs=1e-6)
+    assert cv_squared(torch.tensor([3.0, 1.0])).item() == pytest.approx(0.5)
+    assert cv_squared(torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(1.0 / 4.0)  # var 1, mean 2
+
+
+def test_balance_loss_sums_over_moe_layers_and_task_passes(monkeypatch):
+    terms = []
+    original = MoEMlp.forward_with_usage
+
+    def recording(self, x, **kwargs):
+        y, balance, usage = original(self, x, **kwargs)
+        terms.append(balance.detach())
+        return y, balance, usage
+
+    monkeypatch.setattr(MoEMlp, "forward_with_usage", recording)
+    torch.manual_seed(0)
+    backbone = tiny_backbone().train()
+    feats = backbone.features(torch.randn(2, 3, 32, 32), list(TASKS))
+    assert len(terms) == len(TASKS) * len(backbone.moe_blocks)  # 3 task passes × 2 MoE blocks
+    assert all(t > 0 for t in terms)
+    torch.testing.assert_close(feats.aux_loss.detach(), 0.01 * torch.stack(terms).sum())
+
+
+def test_no_router_noise_by_default_as_in_the_reference_runs():
+    torch.manual_seed(0)
+    moe = MoEMlp(dim=8, keys=["a"], num_experts=6, top_k=2).train()
+    assert moe.router.noise is None and tiny_backbone().moe_layers()[1].router.noise is None
+    tokens = torch.randn(40, 8)
+    (v1, i1, b1), (v2, i2, b2) = moe.route(tokens, "a"), moe.route(tokens, "a")
+    assert torch.equal(v1, v2) and torch.equal(i1, i2) and torch.equal(b1, b2)  # training, yet no noise
+    clean, std = moe.router(tokens, "a")
+    assert std is None
+    torch.testing.assert_close(v1, clean.softmax(-1).topk(2, dim=-1).values)
+    load = torch.bincount(i1.flatten(), minlength=6).float()  # the load is the token count per expert
+    importance = torch.zeros(40, 6).scatter(1, i1, v1).sum(0)
+    ref = importance.var() / importance.mean() ** 2 + load.var() / load.mean() ** 2
+    torch.testing.assert_close(b1, ref)
+
+
+def test_task_routers_start_identical_as_the_reference_copies_one_gate():
+    torch.manual_seed(0)
+    backbone = tiny_backbone().eval()
+    for moe in backbone.moe_layers().values():
+        weights = [moe.router.gate[t].weight for t in TASKS]
+        assert all(torch.equal(weights[0], w) for w in weights[1:])
+    feats = backbone.features(torch.randn(2, 3, 32, 32), list(TASKS)).per_task
+    torch.testing.assert_close(feats["semseg"][-1], feats["depth"][-1])  # same routing at the start
+    independent = tiny_backbone(same_router_init=False).moe_layers()[1].router.gate
+    assert not torch.equal(independent["semseg"].weight, independent["depth"].weight)
+
+
+def test_task_embedding_router_concatenates_the_reference_mlp_task_code():
+    from mtl.backbones.moe_mlp import TaskCode
+
+    torch.manual_seed(0)
+    backbone = tiny_backbone(router="task_embedding", task_embed_dim=8).train()
+    code = backbone.task_code
+    assert isinstance(code, TaskCode) and code.norm.eps == 1e-6
+    assert code.fc1.weight.shape == (8, len(TASKS)) and code.fc2.weight.shape == (8, 8)
+    for moe in backbone.moe_layers().values():
+        gate = moe.router.gate.weight
+        assert gate.shape == (4, 32 + 8) and not gate[:, 32:].any()  # the task columns start at zero
+        with torch.no_grad():
+            gate[:, 32:].normal_()
+    moe = backbone.moe_layers()[1]
+    tokens = torch.randn(10, 32)
+    for i, t in enumerate(TASKS):  # one-hot(task) → Linear → GELU → Linear → LayerNorm, concatenated
+        h = F.gelu(F.linear(F.one_hot(torch.tensor(i), len(TASKS)).float(), code.fc1.weight, code.fc1.bias))
+        c = F.layer_norm(
+            F.linear(h, code.fc2.weight, code.fc2.bias), (8,), code.norm.weight, code.norm.bias, 1e-6
+        )
+        expected = torch.cat([tokens, c.expand(10, -1)], dim=-1) @ moe.router.gate.weight.T
+        torch.testing.assert_close(moe.router(tokens, t, backbone.task_code(t))[0], expected)
+    feats = backbone.features(torch.randn(2, 3, 32, 32), list(TASKS))
+    (feats.aux_loss + sum(f[-1].mean() for f in feats.per_task.values())).backward()
+    assert code.fc1.weight.grad.abs().sum() > 0  # one code module for every layer, trained through the gates
+    assert not list(backbone.task_parameters("depth"))  # shared router and code: nothing task-only
+    with pytest.raises(ValueError, match="needs the task code"):
+        moe.router(tokens, "depth")
+
+
+@pytest.mark.parametrize(
+    ("experiment", "tasks", "size"),
+    [
+        ("nyud_m3vit_ref", ["semseg", "depth"], [480, 640]),
+        ("pascal_m3vit_ref", ["semseg", "human_parts", "saliency", "normals", "edge"], [512, 512]),
+    ],
+)
+def test_reference_recipe_experiments_compose_to_the_reference_settings(make_cfg, experiment, tasks, size):
+    cfg = make_cfg([f"experiment={experiment}"], fast=False)
+    assert list(cfg.data.tasks) == tasks and list(cfg.data.input_size) == size
+    opt = cfg.optimizer
+    assert (opt._target_, opt.lr, opt.momentum, opt.weight_decay) == ("torch.optim.SGD", 0.002, 0.9, 1e-4)
+    assert (cfg.scheduler.name, cfg.scheduler.power, cfg.scheduler.warmup_steps) == ("poly", 0.9, 0)
+    assert (cfg.trainer.max_epochs, cfg.trainer.max_steps, cfg.trainer.sync_batchnorm) == (100, -1, True)
+    assert cfg.data.batch_size == 8 and cfg.module.no_decay_1d is False and cfg.trainer.precision == 32
+    b = cfg.model.backbone
+    assert (b.name, b.num_heads, list(b.out_indices), b.num_experts, b.top_k, b.expert_hidden) == (
+        "deit_small_patch16_224",
+        12,
+        [11],
+        16,
+        4,
+        None,
+    )
+    assert (b.moe_every, b.router, b.noisy_gating, b.same_router_init, b.balance_weight) == (
+        2,
+        "per_task",
+        False,
+        True,
+        0.01,
+    )
+    d = cfg.model.decoder
+    assert (d._target_, d.channels, d.num_convs, d.in_index, d.norm) == (
+        "mtl.decoders.pup.PUPDecoder",
+        256,
+        4,
+        -1,
+        True,
+    )
+
+
+def test_atrc_recipe_experiments_keep_their_recipe_with_the_reference_gating(make_cfg):
+    cfg = make_cfg(["experiment=nyud_m3vit"], fast=False)
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.trainer.max_steps == 40000
+    assert cfg.model.decoder._target_.endswith("MultiHeadDecoder") and len(cfg.data.tasks) == 4
+    assert cfg.model.backbone.noisy_gating is False and cfg.model.backbone.same_router_init is True

@@ -31,7 +31,7 @@ def _loss_at(module, batch, params, delta, fn):
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sam_and_asam_take_the_gradient_at_the_perturbed_point(adaptive):
     rho, eta = 0.1, 0.01
-    sam = SAM(rho=rho, adaptive=adaptive, eta=eta)
+    sam = SAM(rho=rho, adaptive=adaptive, eta=eta, adaptive_scope="all")
     module, batch = setup(sam, k=2)
     params = list(module.model.parameters())
     before = [p.detach().clone() for p in params]
@@ -56,7 +56,7 @@ def test_sam_and_asam_take_the_gradient_at_the_perturbed_point(adaptive):
 
 def test_fmtl_matches_the_reference_algorithm():
     rho = 0.05
-    fmtl = FlatMTL(aggregator=IMTLG(), rho=rho)
+    fmtl = FlatMTL(aggregator=IMTLG(), rho=rho, adaptive=False)
     module, batch = setup(fmtl, k=2)
     model = module.model
     shared = list(model.shared_parameters())

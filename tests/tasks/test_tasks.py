@@ -43,6 +43,44 @@ def test_normals_loss_uses_normalised_prediction_and_ignores_invalid():
     assert tasks["normals"].loss(pred, {"normals": gt}).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_normals_loss_sums_components_and_averages_over_valid_pixels():
+    # the reference's L1Loss(normalize=True): Σ over valid pixels and the 3 components / #valid pixels
+    tasks = build_tasks(["normals"])
+    gt = torch.zeros(1, 3, 1, 3)
+    gt[0, 2, 0, 0] = 1.0  # pixel 0: valid, +z
+    gt[0, :, 0, 1] = 255.0  # pixel 1: the field's invalid encoding
+    # pixel 2: the zero vector, this project's invalid encoding
+    pred = torch.zeros(1, 3, 1, 3)
+    pred[0, 0, 0, 0] = 2.0  # normalised to +x: |1 − 0| + |0 − 0| + |0 − 1| = 2
+    pred[0, 1, 0, 1] = 1.0
+    pred[0, 1, 0, 2] = 1.0
+    assert tasks["normals"].loss(pred, {"normals": gt}).item() == pytest.approx(2.0)
+
+
+def test_normals_loss_normalises_as_f_normalize():
+    # F.normalize divides by max(‖n‖, 1e-12): a prediction of norm 1e-8 still becomes a unit vector
+    tasks = build_tasks(["normals"])
+    gt = torch.zeros(1, 3, 1, 1)
+    gt[0, 0] = 1.0
+    pred = torch.zeros(1, 3, 1, 1)
+    pred[0, 0] = 1e-8
+    assert tasks["normals"].loss(pred, {"normals": gt}).item() == pytest.approx(0.0, abs=1e-6)
+    pred[0, 0] = 1e-13  # below the floor: 1e-13 / 1e-12 = 0.1, loss |0.1 − 1| = 0.9
+    assert tasks["normals"].loss(pred, {"normals": gt}).item() == pytest.approx(0.9, rel=1e-5)
+
+
+def test_balanced_bce_is_the_references_bce_with_pos_weight_19_over_20():
+    # edge: BCEWithLogits(pos_weight = 0.95 / 0.05 = 19), mean over valid pixels, divided by 20
+    x = torch.tensor([[[[2.0, -1.0, 0.5]]]])
+    t = torch.tensor([[[[1.0, 0.0, 255.0]]]])
+    sp = torch.nn.functional.softplus
+    expected = (19 * sp(torch.tensor(-2.0)) + sp(torch.tensor(-1.0))) / 2 / 20
+    assert balanced_bce(x, t, pos_weight=0.95).item() == pytest.approx(expected.item(), rel=1e-6)
+    # saliency: 2-class CE with weights (1 − w, w), w = 1/2 negatives here, Σ / #valid (not / Σ weights)
+    expected = (0.5 * sp(torch.tensor(-2.0)) + 0.5 * sp(torch.tensor(-1.0))) / 2
+    assert balanced_bce(x, t).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_depth_loss_ignores_missing():
     tasks = build_tasks(["depth"])
     pred = torch.tensor([[[[1.0, 5.0]]]])
