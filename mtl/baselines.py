@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "baselines"
+#: version of the metric definitions a baseline file was measured with: 1 = before the metrics
+#: followed the field's evaluators exactly (issue 19: depth clamping, 8-bit truncated edge maps,
+#: SEISM's precision rules, absent classes in mIoU, …); 2 = since. Δm across versions is not valid.
+METRICS_PROTOCOL = 2
 
 
 def _run_info(job: Path) -> tuple[str, str, str, dict[str, float]]:
@@ -81,11 +86,20 @@ def write_baseline(sweep_dir: Path, out_dir: Path = CONFIG_DIR, name: str | None
         f"# Single-task reference metrics written by `python -m mtl.baselines {sweep_dir}` on {when}",
         "# from the runs: " + ", ".join(Path(j).name for j in jobs),
         f"name: {name or stem}",
+        f"protocol: {METRICS_PROTOCOL}  # metric definitions (mtl.baselines.METRICS_PROTOCOL)",
         "metrics:",
     ]
     lines += [f"  {k}: {v:.6g}" for k, v in sorted(metrics.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def launcher_rank() -> int:
+    """The global rank its launcher gave this process (``RANK``: torchrun, ``SLURM_PROCID``: srun; else 0)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
 
 
 class WriteBaseline:
@@ -103,6 +117,8 @@ class WriteBaseline:
         self.name = name
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if launcher_rank() != 0:  # a multirun started on every rank (torchrun, srun): rank 0 writes
+            return
         path = write_baseline(Path(config.hydra.sweep.dir), self.out_dir, self.name)
         print(f"single-task baseline written to {path}")
 

@@ -203,7 +203,8 @@ class Throughput(L.Callback):
         elif self._t0 is not None:
             self._images += batch["image"].shape[0] * trainer.world_size
             rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
-            pl_module.log("train/images_per_sec", rate, rank_zero_only=True)
+            # a host tensor: a float would become a device tensor (a blocking host-to-device copy)
+            pl_module.log("train/images_per_sec", torch.tensor(rate), rank_zero_only=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         import json

@@ -1,8 +1,11 @@
-"""Atomic checkpoint writing: a crash during a save never corrupts the last good checkpoint."""
+"""Atomic checkpoint writing (a crash during a save never corrupts the last good checkpoint) and
+the random states of every rank: saved in each checkpoint, restored on resume (also on another
+number of ranks or GPUs, with a warning), and a stream of its own for every DDP rank."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +63,68 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`rng_state` captured."""
+    """Restores what :func:`rng_state` captured.
+
+    CUDA generators are restored for the devices both the saving and this process see: a
+    checkpoint written where more (or fewer) GPUs were visible restores the first ones and
+    warns; one written without CUDA leaves the CUDA generators as they are.
+    """
     import random
 
     import numpy as np
 
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = list(state["cuda"])
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if len(cuda) != n:
+            warnings.warn(
+                f"the checkpoint holds the CUDA random states of {len(cuda)} device(s), this process sees "
+                f"{n}: the states of devices 0-{min(len(cuda), n) - 1} are restored, the random stream of "
+                "the resumed run differs from an uninterrupted one",
+                stacklevel=2,
+            )
+        for i, cuda_state in enumerate(cuda[:n]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device=i)
     npst = state["numpy"]
     keys = npst["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, npst["pos"], npst["has_gauss"], npst["gauss"]))
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_rank_rng(rank: int, seed: int | None = None) -> None:
+    """Gives DDP rank ``rank`` a random stream of its own (dropout, stochastic depth, router noise).
+
+    Every rank starts from the run's seed, so without this all ranks draw the same dropout masks
+    and M³ViT gate noise. Rank 0 keeps its stream (a one-process run is unchanged); rank ``r > 0``
+    reseeds torch (CPU and every CUDA device), NumPy and Python from ``SeedSequence([seed, r])``:
+    different per rank, reproducible, and unrelated to the streams of runs with other seeds.
+    Data order and augmentation do not use these generators (:mod:`mtl.data.resumable` seeds
+    them from the data seed, the epoch and the sample).
+
+    Args:
+        rank: the global rank.
+        seed: the run's seed (default: ``torch.initial_seed()``, which ``seed_everything`` sets).
+    """
+    import random
+
+    import numpy as np
+
+    if rank == 0:
+        return
+    base = torch.initial_seed() if seed is None else int(seed)
+    words = np.random.SeedSequence([base, int(rank)]).generate_state(4, dtype=np.uint32)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))  # CPU and every CUDA device
+    np.random.seed(words)
+    random.seed(int(words[2]) << 32 | int(words[3]))
 
 
 def gather_rng_states() -> list[dict[str, Any]]:
@@ -85,8 +137,32 @@ def gather_rng_states() -> list[dict[str, Any]]:
     return states
 
 
-def restore_rank_rng_state(states: list[dict[str, Any]]) -> None:
-    """Restores this rank's entry of :func:`gather_rng_states` (rank 0's if the world size changed)."""
-    dist = torch.distributed
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    set_rng_state(states[rank] if rank < len(states) else states[0])
+def restore_rank_rng_state(
+    states: list[dict[str, Any]], *, rank: int | None = None, world_size: int | None = None
+) -> None:
+    """Restores this rank's entry of :func:`gather_rng_states`.
+
+    A run resumed on another number of ranks than it was saved with restores what applies and
+    warns: rank ``r`` continues the saved stream of rank ``r`` if the checkpoint has one, and the
+    ranks beyond get their own fresh stream (:func:`seed_rank_rng`), never a copy of another
+    rank's.
+
+    Args:
+        states: the checkpoint's ``rng_states`` (one per saving rank).
+        rank, world_size: this process's (default: from ``torch.distributed``, else 0 and 1).
+    """
+    dist_rank, dist_world = _dist_rank_world()
+    rank = dist_rank if rank is None else int(rank)
+    world_size = dist_world if world_size is None else int(world_size)
+    if len(states) != world_size and rank == 0:
+        warnings.warn(
+            f"the checkpoint holds the random states of {len(states)} rank(s), this run has {world_size}: "
+            f"ranks 0-{min(len(states), world_size) - 1} continue their saved streams"
+            + (f", ranks {len(states)}-{world_size - 1} start fresh ones" if world_size > len(states) else "")
+            + "; the resumed run is not a replay of an uninterrupted one",
+            stacklevel=2,
+        )
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:
+        seed_rank_rng(rank)

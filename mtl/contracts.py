@@ -89,6 +89,7 @@ class Backbone(nn.Module, ABC):
     """
 
     kind: FeatureKind = "shared"
+    leaves_parameters_unused: bool = False
     tasks: list[str] | None = None
     feature_info: list[dict[str, int]]
 

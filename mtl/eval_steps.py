@@ -7,6 +7,9 @@ listed under ``eval_steps`` in the config (``configs/eval_steps/default.yaml``),
     trainer.test(...)                          metrics → ctx.metrics, results.{json,csv,md}
     step.after_test(ctx)     for every step   reports and pictures of the evaluated model
 
+Under DDP every rank runs every hook (a step may need all ranks, e.g. to sum what each saw of the
+split); only rank 0 writes files (``ctx.is_global_zero``).
+
 Each feature owns its step next to its code, configured by the keys users already set::
 
     mtl.adapters.lora.MergeLoRA                   adapter.merge: fold LoRA into the base weights
@@ -58,6 +61,15 @@ class EvalContext:
     input_size: tuple[int, int]
     metrics: dict[str, float] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process writes the files (rank 0 under DDP; the only process otherwise).
+
+        Every rank runs every step (a step may need all of them for a collective, e.g. summing
+        the routing counts of their shares of the split); only rank 0 writes files.
+        """
+        return self.trainer.is_global_zero
 
 
 class EvalStep:

@@ -23,7 +23,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def nonfinite_tasks(losses: Mapping[str, torch.Tensor], aux: torch.Tensor | None = None) -> list[str]:
-    """Names of the tasks (and ``aux_loss``) whose loss is NaN or ±inf on any rank."""
+    """Names of the tasks (and ``aux_loss``) whose loss is NaN or ±inf on any rank.
+
+    One host sync per call (the step's only one with the plain strategies): the flags are computed
+    and all-reduced on the device and read once.
+    """
     names = list(losses) + (["aux_loss"] if aux is not None else [])
     values = [*losses.values(), *([aux] if aux is not None else [])]
     device = values[0].device if values else torch.device("cpu")
@@ -62,7 +66,7 @@ def oom_message(
         f"trainer.precision={precision}, trainer.devices={devices}. To fit: lower data.batch_size and "
         "raise trainer.accumulate_grad_batches to keep the effective batch, use "
         "trainer.precision=bf16-mixed, turn on gradient checkpointing "
-        "(model.backbone.grad_checkpointing=true), lower data.input_size / data.resize, or spread the "
+        "(++model.backbone.grad_checkpointing=true), lower data.input_size / data.resize, or spread the "
         f"batch over more GPUs (trainer=ddp). Original error: {first_line}"
     )
 

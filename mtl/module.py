@@ -7,15 +7,17 @@ precision scaling and DDP gradient synchronisation (via ``manual_backward``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 
-from mtl.checkpoint import gather_rng_states, restore_rank_rng_state
+from mtl.checkpoint import gather_rng_states, restore_rank_rng_state, seed_rank_rng
 from mtl.contracts import ModelOutput
 from mtl.guards import NonFiniteLossError, nonfinite_message, nonfinite_tasks, stop_message
 from mtl.metrics.delta_m import delta_m
@@ -29,8 +31,11 @@ STAGES = ("val", "test")
 
 
 class StatMeans:
-    """Batch-size-weighted means of per-forward model statistics over an evaluation.
+    """Batch-size-weighted means of per-forward values (losses, model statistics) over an evaluation.
 
+    Under DDP the means are over every rank's samples: :meth:`compute` sums the sums and the
+    counts over the ranks (one all-reduce), so ranks with shares of different sizes (an unpadded
+    split, :class:`~mtl.data.datamodule.EvalShardSampler`) give the one-process mean exactly.
     Plain tensors (not buffers): neither saved in checkpoints nor moved by ``.to()``.
     """
 
@@ -48,9 +53,28 @@ class StatMeans:
             self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
             self.count[k] = self.count.get(k, 0) + n
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        """Key → mean over the samples seen since the last reset."""
-        return {k: total / self.count[k] for k, total in self.sums.items()}
+    def compute(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Key → mean over the samples seen since the last reset, by every rank.
+
+        Args:
+            device: where the ranks' sums are reduced (the module's: NCCL reduces device tensors
+                only); default: that of the first sum.
+        """
+        dist = torch.distributed
+        if not self.sums or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return {k: total / self.count[k] for k, total in self.sums.items()}
+        keys = sorted(self.sums)  # the same on every rank: each rank evaluates at least one batch
+        device = device if device is not None else self.sums[keys[0]].device
+        sums = [torch.as_tensor(self.sums[k]) for k in keys]
+        flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in sums])
+        counts = torch.tensor([self.count[k] for k in keys], dtype=torch.float64, device=device)
+        flat = torch.cat([flat, counts])
+        dist.all_reduce(flat)
+        totals = flat[: -len(keys)].split([t.numel() for t in sums])
+        return {
+            k: (total / flat[-len(keys) + i]).view_as(ref).to(ref.dtype)
+            for i, (k, total, ref) in enumerate(zip(keys, totals, sums, strict=True))
+        }
 
 
 class MTLModule(L.LightningModule):
@@ -72,7 +96,9 @@ class MTLModule(L.LightningModule):
         accumulate_grad_batches: micro-batches per optimiser step (``trainer.accumulate_grad_batches``
             is read by the pipeline; Lightning's own flag does not apply to manual optimisation).
             The strategy runs on every micro-batch and the step takes the mean of their updates:
-            for loss weighting this is the gradient of the large batch.
+            for loss weighting this is the gradient of the large batch. Under DDP the micro-batches
+            before the last of a group skip DDP's gradient all-reduce (``no_sync``): one all-reduce
+            per optimiser step.
         nonfinite: ``{"max_skips": K}``: skip up to K batches with a NaN/inf loss over the run,
             then save ``last.ckpt`` and stop (0: stop at the first).
     """
@@ -114,17 +140,20 @@ class MTLModule(L.LightningModule):
             raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.accumulate = int(accumulate_grad_batches)
         self._micro = 0  # micro-batches accumulated towards the next optimiser step
+        self._stash: dict[nn.Parameter, torch.Tensor] = {}  # their gradients during a strategy's backward
         nonfinite = dict(nonfinite or {})
         unknown = set(nonfinite) - {"max_skips"}
         if unknown or int(nonfinite.get("max_skips", 10)) < 0:
             raise ValueError(f"module.nonfinite expects {{max_skips: int >= 0}}, got {nonfinite}")
         self.max_skips = int(nonfinite.get("max_skips", 10))
         self.skipped = 0
+        self._progress_at: int | None = None  # global step of the last progress-bar values
         self._resume_rng: list | None = None
         self.metrics = nn.ModuleDict(
             {s: nn.ModuleDict({t: task.metric() for t, task in self.tasks.items()}) for s in STAGES}
         )
         self.model_stats = {s: StatMeans() for s in STAGES}
+        self.loss_means = {s: StatMeans() for s in STAGES}  # exact over the ranks' unequal shares
 
     def forward(self, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
         return self.model(x, **kwargs)
@@ -165,6 +194,39 @@ class MTLModule(L.LightningModule):
         last = (batch_idx + 1) % self.accumulate == 0 or bool(getattr(self.trainer, "is_last_batch", False))
         return self._micro == 0, last
 
+    def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` unless ``sync``: a micro-batch before the last of an accumulation group
+        adds its gradient to ``.grad`` locally; the last one's backward all-reduces the sum once.
+
+        Multi-pass strategies (``torch.autograd.grad``) fire no DDP hook and reduce per-task
+        gradients themselves on every micro-batch; for them this changes nothing.
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if sync or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
+    def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """``LightningModule.manual_backward`` after putting the earlier micro-batches' gradients back
+        into ``.grad`` (see :meth:`training_step`): the backward adds to them, and on the group's
+        last micro-batch DDP averages their sum over the ranks."""
+        if self._stash:
+            restore_grads(self._stash)
+            self._stash = {}
+        super().manual_backward(loss, *args, **kwargs)
+
+    def _sync_accumulated_grads(self) -> None:
+        """Averages ``.grad`` over the DDP ranks: the accumulation group's last micro-batch was
+        skipped (non-finite, on every rank), so no backward all-reduced the ``no_sync`` micro-batches."""
+        dist = torch.distributed
+        if self.accumulate == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        for p in self.parameters():
+            if p.grad is not None and world > 1:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+
     def _skip_nonfinite(self, losses: Mapping[str, torch.Tensor], aux, batch_idx: int) -> bool:
         bad = nonfinite_tasks(losses, aux)
         if not bad:
@@ -175,7 +237,7 @@ class MTLModule(L.LightningModule):
             raise NonFiniteLossError(stop_message(msg, max_skips=self.max_skips, ckpt=ckpt))
         self.skipped += 1
         warnings.warn(f"{msg}: batch skipped ({self.skipped}/{self.max_skips})", stacklevel=1)
-        self.log("train/skipped_batches", float(self.skipped))
+        self.log("train/skipped_batches", torch.tensor(float(self.skipped)))  # a host value: no copy
         return True
 
     def _save_last_good(self) -> str:
@@ -197,10 +259,16 @@ class MTLModule(L.LightningModule):
             if not (last and self._micro > 0):
                 return None
             logs = {}  # the group's last micro-batch is bad: step with the ones accumulated
+            self._sync_accumulated_grads()
         else:
-            stash = stash_grads(self.parameters()) if not first else {}
-            logs = self.strategy.backward(step, module=self, batch=batch)
-            restore_grads(stash)
+            # earlier micro-batches' gradients: back in .grad before a manual_backward (autograd adds
+            # to them, DDP's all-reduce of the group's last micro-batch covers them), or after the
+            # strategy wrote its own (per-task gradient strategies overwrite .grad)
+            self._stash = stash_grads(self.parameters()) if not first else {}
+            with self._grad_sync(last):
+                logs = self.strategy.backward(step, module=self, batch=batch)
+            restore_grads(self._stash)
+            self._stash = {}
             self._micro += 1
         if not last:
             return self.weighted_total(losses)
@@ -219,16 +287,47 @@ class MTLModule(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        bs = batch["image"].shape[0]
+        return self._log_train(losses, aux, logs, batch_size=batch["image"].shape[0])
+
+    def _log_train(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        aux: torch.Tensor | None,
+        logs: Mapping[str, torch.Tensor | float],
+        *,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """Logs a training step without a host sync; returns the weighted total loss.
+
+        Losses are logged as device tensors (the loggers read them every ``trainer.log_every_n_steps``
+        steps), the strategy's Python numbers as host tensors (a number would become a device
+        tensor: a blocking host-to-device copy). Lightning reads every ``prog_bar`` value with
+        ``.item()`` after every batch, so the progress bar gets the per-task losses as host values
+        (``<task>/loss``), copied in one transfer every ``log_every_n_steps`` steps.
+        """
+        bs = batch_size
         for t, loss in losses.items():
-            self.log(f"train/{t}/loss", loss.detach(), prog_bar=True, batch_size=bs)
+            self.log(f"train/{t}/loss", loss.detach(), batch_size=bs)
         if aux is not None:
             self.log("train/aux_loss", aux.detach(), batch_size=bs)
         total = self.weighted_total(losses)
         self.log("train/loss", total, batch_size=bs)
         for k, v in logs.items():  # grad/... diagnostics → train/grad/..., the rest → train/strategy/...
+            v = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
             self.log(f"train/{k}" if k.startswith("grad/") else f"train/strategy/{k}", v, batch_size=bs)
+        if losses and self._progress_due():
+            shown = torch.stack([loss.detach().float() for loss in losses.values()]).cpu()  # one sync
+            for t, v in zip(losses, shown, strict=True):
+                self.log(f"{t}/loss", v, prog_bar=True, logger=False, batch_size=bs)
         return total
+
+    def _progress_due(self) -> bool:
+        """Whether this step refreshes the progress bar: the first, then every ``log_every_n_steps``."""
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 1
+        if self._progress_at is not None and self.global_step - self._progress_at < every:
+            return False
+        self._progress_at = self.global_step
+        return True
 
     # -------------------------------------------------------------- evaluation
     def _eval_step(self, stage: str, batch: dict, batch_idx: int) -> ModelOutput:
@@ -239,17 +338,11 @@ class MTLModule(L.LightningModule):
         losses = self.task_losses(out, batch)
         bs = batch["image"].shape[0]
         self.model_stats[stage].update(out.stats, bs)
-        for t, loss in losses.items():
-            self.log(f"{stage}/{t}/loss", loss, batch_size=bs, sync_dist=True)
-            metric = self.metrics[stage][t]
-            self.tasks[t].update_metric(metric, preds[t], batch)
-        self.log(
-            f"{stage}/loss",
-            self.weighted_total(losses),
-            batch_size=bs,
-            sync_dist=True,
-            prog_bar=True,
+        self.loss_means[stage].update(
+            {**{f"{t}/loss": loss for t, loss in losses.items()}, "loss": self.weighted_total(losses)}, bs
         )
+        for t in losses:
+            self.tasks[t].update_metric(self.metrics[stage][t], preds[t], batch)
         if batch_idx == 0 and self.log_images_enabled and not self.trainer.sanity_checking:
             pictures = {t: task.visualise(preds[t], batch) for t, task in self.tasks.items() if t in preds}
             size = tuple(batch["image"].shape[-2:])
@@ -258,6 +351,11 @@ class MTLModule(L.LightningModule):
         return out
 
     def _eval_epoch_end(self, stage: str) -> None:
+        # batch-size-weighted mean losses over every rank's images (Lightning's own mean reduction
+        # of a logged value rounds the halved batch count down when the ranks' shares differ)
+        for k, v in self.loss_means[stage].compute(self.device).items():
+            self.log(f"{stage}/{k}", v, sync_dist=False, prog_bar=(k == "loss"))
+        self.loss_means[stage].reset()
         values: dict[str, float] = {}
         for t, metric in self.metrics[stage].items():
             if not metric.update_called:
@@ -286,6 +384,7 @@ class MTLModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.model_stats["val"].reset()
+        self.loss_means["val"].reset()
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -295,9 +394,9 @@ class MTLModule(L.LightningModule):
         """The model's statistics over the evaluation (e.g. TaskExpert's gate means, M³ViT's expert
         usage) as ``{stage}/<key>``: the batch-weighted means of ``ModelOutput.stats``, finished by
         the model (:meth:`~mtl.model.MultiTaskNet.finish_stats`)."""
-        means = self.model_stats[stage].compute()
+        means = self.model_stats[stage].compute(self.device)  # over every rank's samples
         for k, v in self.model.finish_stats(means).items() if means else ():
-            self.log(f"{stage}/{k}", v, sync_dist=True)
+            self.log(f"{stage}/{k}", v, sync_dist=False)
         self.model_stats[stage].reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> ModelOutput:
@@ -305,6 +404,7 @@ class MTLModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.model_stats["test"].reset()
+        self.loss_means["test"].reset()
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -322,10 +422,14 @@ class MTLModule(L.LightningModule):
         self.skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     def on_train_start(self) -> None:
-        # after the loaders exist, right before the first resumed batch: the random stream continues
+        # after the loaders exist, right before the first batch: a resumed run continues every rank's
+        # random stream; a new one gives each DDP rank its own (dropout, stochastic depth, router noise)
+        rank, world = self.global_rank, self._trainer.world_size if self._trainer is not None else 1
         if self._resume_rng:
-            restore_rank_rng_state(self._resume_rng)
+            restore_rank_rng_state(self._resume_rng, rank=rank, world_size=world)
             self._resume_rng = None
+        else:
+            seed_rank_rng(rank)
 
     # ------------------------------------------------------------ optimisation
     def configure_optimizers(self):

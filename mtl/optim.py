@@ -6,14 +6,94 @@ Poly decay ``(1 − t/T)^power`` is the schedule of the multi-task dense-predict
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 SCHEDULES = ("poly", "cosine", "constant")
+
+
+def _params(groups: Iterable[Any]) -> list[torch.Tensor]:
+    out = []
+    for g in groups:
+        out.extend(g["params"] if isinstance(g, Mapping) else [g])
+    return out
+
+
+def fused_choice(
+    optimizer: Callable[..., torch.optim.Optimizer], params: Iterable[Any], fused: bool | str
+) -> bool | None:
+    """The ``fused`` option :func:`build_optimizer` passes (``None``: none, PyTorch's default).
+
+    ``auto``: ``True`` when ``optimizer`` has fused kernels and every parameter is a floating-point
+    tensor on a CUDA device; ``True``: ``True``; ``False``: ``None``.
+
+    Raises:
+        ValueError: ``fused=True`` for an optimiser without a ``fused`` option.
+    """
+    has_fused = "fused" in inspect.signature(optimizer).parameters
+    if fused is True:
+        if not has_fused:
+            raise ValueError(
+                f"gpu.fused_optimizer=true but {optimizer.__qualname__} has no fused kernels "
+                "(Adam, AdamW and SGD have them); use gpu.fused_optimizer=auto or false"
+            )
+        return True
+    if fused == "auto" and has_fused:
+        tensors = _params(params)
+        if tensors and all(p.is_cuda and p.is_floating_point() for p in tensors):
+            return True
+    return None
+
+
+def build_optimizer(
+    params: Iterable[Any],
+    *,
+    optimizer: Callable[..., torch.optim.Optimizer],
+    fused: bool | str = "auto",
+    **kwargs,
+) -> torch.optim.Optimizer:
+    """``optimizer(params, **kwargs)`` with PyTorch's fused kernels where ``fused`` asks for them.
+
+    Fused kernels do the same fp32 arithmetic as the default (foreach) ones in fewer launches;
+    under fp16 they unscale the gradients inside ``step()`` (the pipeline's precision plugin,
+    :class:`mtl.gpu.ScaledClipMixedPrecision`, keeps gradient clipping working with them).
+
+    Args:
+        params: parameters or parameter groups.
+        optimizer: the optimiser class (``torch.optim.AdamW``, ``Adam``, ``SGD``, …).
+        fused: ``auto``, ``True`` or ``False`` (:func:`fused_choice`; PyTorch also has CPU kernels
+            for Adam, AdamW and SGD). A ``fused`` in ``kwargs`` (``optimizer.fused`` in the config) wins.
+        **kwargs: the optimiser's options (``lr``, ``weight_decay``, …).
+    """
+    params = list(params)
+    if "fused" not in kwargs:
+        choice = fused_choice(optimizer, params, fused)
+        if choice is not None:
+            kwargs["fused"] = choice
+    return optimizer(params, **kwargs)
+
+
+def with_fused(factory: Callable[..., torch.optim.Optimizer], fused: bool | str) -> functools.partial:
+    """The partial optimiser constructor ``factory`` (``functools.partial(torch.optim.AdamW, lr=…)``,
+    as Hydra's ``_partial_: true`` builds it) going through :func:`build_optimizer`.
+
+    The result keeps the options in ``.keywords`` (``weight_decay`` is read from there).
+
+    Raises:
+        TypeError: ``factory`` is not a partial of an optimiser class.
+    """
+    if not (isinstance(factory, functools.partial) and isinstance(factory.func, type) and not factory.args):
+        raise TypeError(
+            f"the optimizer config must build a partial optimiser class (_partial_: true), got {factory!r}"
+        )
+    return functools.partial(build_optimizer, optimizer=factory.func, fused=fused, **factory.keywords)
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool = True) -> list[dict]:
@@ -82,11 +162,15 @@ def build_scheduler(
 
 
 def stash_grads(params: Iterable[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Takes the gradients accumulated so far out of ``.grad`` (a strategy then writes fresh ones)."""
+    """Takes the gradients accumulated so far out of ``.grad`` (a strategy then writes fresh ones).
+
+    A gradient that is a view of a larger buffer (a strategy's flat gradient vector, a DDP bucket
+    with ``gradient_as_bucket_view``) is copied: the next backward writes that buffer again.
+    """
     stash = {}
     for p in params:
         if p.grad is not None:
-            stash[p] = p.grad
+            stash[p] = p.grad if p.grad._base is None else p.grad.clone()
             p.grad = None
     return stash
 

@@ -17,14 +17,25 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtl.baselines import METRICS_PROTOCOL
 from mtl.config_check import check_config
 from mtl.data.base import DenseDataset
 from mtl.data.datamodule import MTLDataModule, dataset_class
 from mtl.eval_steps import EvalContext, EvalStep
+from mtl.gpu import (
+    ChannelsLast,
+    GPUSettings,
+    apply_backend_settings,
+    compile_model,
+    resolve_num_workers,
+    use_scaled_clipping,
+)
 from mtl.guards import explain_oom
 from mtl.loggers import code_version
+from mtl.model import MultiTaskNet
 from mtl.module import MTLModule
 from mtl.objective import score
+from mtl.optim import with_fused
 from mtl.params import parameter_counts, parameter_report
 from mtl.report import write_results
 from mtl.tasks import Task, build_tasks, task_class
@@ -45,8 +56,39 @@ def job_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
 
+def gpu_settings(cfg: DictConfig) -> GPUSettings:
+    """The GPU knobs of ``cfg.gpu`` (``configs/gpu/``; absent: the defaults, the papers' fp32)."""
+    return GPUSettings.from_config(_container(cfg.get("gpu")))
+
+
+def setup_gpu(cfg: DictConfig) -> GPUSettings:
+    """Applies the process-wide GPU knobs and sizes ``data.num_workers: auto`` to this node.
+
+    Sets the matmul precision and cuDNN flags of ``cfg.gpu`` and replaces ``data.num_workers: auto``
+    in ``cfg`` by ``min(8, CPUs per training process − 1)`` (the saved config shows the number).
+    """
+    settings = gpu_settings(cfg)
+    apply_backend_settings(settings)
+    if (cfg.get("data") or {}).get("num_workers") is not None:
+        with open_dict(cfg):
+            cfg.data.num_workers = _num_workers(cfg)
+    return settings
+
+
+def _num_workers(cfg: DictConfig) -> int:
+    trainer_cfg = cfg.get("trainer") or {}
+    return resolve_num_workers(
+        cfg.data.num_workers,
+        devices=trainer_cfg.get("devices", 1),
+        accelerator=trainer_cfg.get("accelerator"),
+    )
+
+
 def build_datamodule(cfg: DictConfig) -> MTLDataModule:
-    """The data module of ``cfg.data`` (checks that the dataset provides every task)."""
+    """The data module of ``cfg.data`` (checks that the dataset provides every task; ``num_workers:
+    auto`` sized to the node, see :func:`setup_gpu`)."""
+    if cfg.data.get("num_workers") == "auto":
+        return instantiate(cfg.data, _convert_="all", num_workers=_num_workers(cfg))
     return instantiate(cfg.data, _convert_="all")
 
 
@@ -62,7 +104,7 @@ def build_module(cfg: DictConfig, datamodule: MTLDataModule) -> MTLModule:
     return MTLModule(
         model=model,
         tasks=tasks,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=with_fused(instantiate(cfg.optimizer), gpu_settings(cfg).fused_optimizer),
         strategy=instantiate(cfg.strategy, _convert_="all"),
         scheduler=_container(cfg.get("scheduler")) or None,
         grad_clip=module_cfg.get("grad_clip"),
@@ -77,6 +119,9 @@ def build_module(cfg: DictConfig, datamodule: MTLDataModule) -> MTLModule:
 def baseline_metrics(cfg: DictConfig) -> dict | None:
     """The single-task reference metrics of ``baselines=<name>`` (``cfg.baselines.metrics``).
 
+    A file measured with other metric definitions (its ``protocol``, 1 when absent, differs from
+    :data:`mtl.baselines.METRICS_PROTOCOL`) is still used, with a warning naming it.
+
     Baseline files and run configs written before the group's package was renamed hold them
     under ``baseline``: still read (with a warning) so that their Δm does not silently vanish.
     """
@@ -87,7 +132,18 @@ def baseline_metrics(cfg: DictConfig) -> dict | None:
             "change the file's first line to '# @package baselines'"
         )
         node = cfg.get("baseline")
-    return (_container(node) or {}).get("metrics")
+    node = _container(node) or {}
+    protocol = node.get("protocol", 1)
+    if node.get("metrics") and protocol != METRICS_PROTOCOL:
+        log.warning(
+            "baseline '%s' was measured with metric protocol %s, this code computes protocol %s "
+            "(mtl.baselines.METRICS_PROTOCOL): its Δm mixes metric definitions; re-measure the baseline "
+            "(python train.py -m experiment=<single-task experiment> task=<each task>)",
+            node.get("name", "?"),
+            protocol,
+            METRICS_PROTOCOL,
+        )
+    return node.get("metrics")
 
 
 def config_dataset_class(cfg: DictConfig) -> type[DenseDataset]:
@@ -161,19 +217,50 @@ def _instantiate_dict(cfg: DictConfig | None) -> list:
     ]
 
 
-def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
-    """The Lightning trainer with the configured callbacks and loggers."""
+def ddp_trainer_config(trainer_cfg: DictConfig, model: MultiTaskNet | None) -> DictConfig:
+    """``trainer_cfg`` with DDP's unused-parameter search on when the backbone leaves trainable
+    parameters unused by design (:attr:`~mtl.contracts.Backbone.leaves_parameters_unused`); DDP
+    otherwise stops at the second step ("parameters that were not used in producing the loss")."""
+    if model is None or not model.backbone.leaves_parameters_unused:
+        return trainer_cfg
+    strategy = trainer_cfg.get("strategy")
+    out = trainer_cfg.copy()
+    if isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("DDPStrategy"):
+        if not strategy.get("find_unused_parameters"):
+            name = type(model.backbone).__name__
+            log.info("%s leaves parameters unused: DDP find_unused_parameters=true", name)
+            out.strategy.find_unused_parameters = True
+    elif strategy == "ddp":
+        out.strategy = "ddp_find_unused_parameters_true"
+    return out
+
+
+def build_trainer(cfg: DictConfig, *, model: MultiTaskNet | None = None, **overrides) -> L.Trainer:
+    """The Lightning trainer with the configured callbacks and loggers.
+
+    ``gpu.channels_last`` adds :class:`~mtl.gpu.ChannelsLast`; fp16 mixed precision gets the precision
+    plugin that clips gradients for fused optimisers too (:class:`~mtl.gpu.ScaledClipMixedPrecision`).
+    ``model``: DDP searches for unused parameters when its backbone needs it (:func:`ddp_trainer_config`).
+    """
     loggers = _instantiate_dict(cfg.get("logger"))
     callbacks = [
         c
         for c in _instantiate_dict(cfg.get("callbacks"))
         if loggers or not isinstance(c, LearningRateMonitor)  # it needs a logger to write to
     ]
+    if gpu_settings(cfg).channels_last:
+        callbacks.append(ChannelsLast())
     if "accumulate_grad_batches" in cfg.trainer:  # done by MTLModule (manual optimisation)
         overrides.setdefault("accumulate_grad_batches", 1)
-    return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **overrides
+    trainer = instantiate(
+        ddp_trainer_config(cfg.trainer, model),
+        callbacks=callbacks,
+        logger=loggers or False,
+        _convert_="all",
+        **overrides,
     )
+    use_scaled_clipping(trainer)
+    return trainer
 
 
 def _to_float(metrics: dict) -> dict[str, float]:
@@ -224,14 +311,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         The final validation metrics (``{stage}/{task}/{metric}``) and the objects built
         (``datamodule``, ``module``, ``trainer``).
     """
+    settings = setup_gpu(cfg)
     check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    compile_model(module.model, settings.compile)
     log.info("parameters:\n%s", parameter_report(module.model))
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, model=module.model)
     params = {g: c["trainable"] for g, c in parameter_counts(module.model).items()}
     code = code_version()
     for logger in trainer.loggers:
@@ -260,7 +349,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(_to_float(trainer.callback_metrics))
     table = format_table(metrics, module.tasks, "val")
     log.info("validation metrics after training:\n%s", table)
-    if not trainer.fast_dev_run:
+    if not trainer.fast_dev_run and trainer.is_global_zero:  # every rank holds the same synced metrics
         _write_results(output_dir, metrics, table, "metrics")
     return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}
 
@@ -270,7 +359,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     Writes ``results.json``, ``results.csv`` and ``results.md`` (see :mod:`mtl.report`); the
     evaluation steps of ``cfg.eval_steps`` (:mod:`mtl.eval_steps`: LoRA merging, control,
-    routing report, prediction pictures, …) run before and after the test pass.
+    routing report, prediction pictures, …) run before and after the test pass. Under DDP every
+    rank evaluates its share of the split (each image once, :class:`~mtl.data.datamodule.EvalShardSampler`),
+    the metrics are summed over the ranks, and rank 0 alone writes files.
 
     Returns:
         The test metrics (``test/{task}/{metric}``, ``test/delta_m`` with a baseline) and the
@@ -281,6 +372,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = _resolve_ckpt(cfg, output_dir)
     if ckpt_path is None:
         raise ValueError("evaluate needs ckpt_path=<checkpoint file>")
+    setup_gpu(cfg)
     check_config(cfg)
     steps = build_eval_steps(cfg)
     if cfg.get("seed") is not None:
@@ -312,16 +404,17 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = ctx.metrics = _to_float(ctx.trainer.callback_metrics)
     eval_cfg = cfg.get("eval") or {}
     name = eval_cfg.get("name") or Path(ckpt_path).resolve().parent.parent.name
-    table = write_results(
-        output_dir,
-        metrics,
-        module.tasks,
-        stage="test",
-        name=name,
-        dataset=dataset_key(cfg),
-        headline=bool(eval_cfg.get("headline", True)),
-    )
-    print(table)
+    if ctx.is_global_zero:
+        table = write_results(
+            output_dir,
+            metrics,
+            module.tasks,
+            stage="test",
+            name=name,
+            dataset=dataset_key(cfg),
+            headline=bool(eval_cfg.get("headline", True)),
+        )
+        print(table)
     for step in steps:
         step.after_test(ctx)
     objects = {

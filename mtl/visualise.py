@@ -106,8 +106,8 @@ def prediction_panels(module: MTLModule, datamodule: MTLDataModule, n: int) -> d
     """
     module.eval()
     panels: dict[str, np.ndarray] = {}
-    for batch in datamodule.test_dataloader():
-        preds = module(batch["image"])
+    for batch in datamodule.eval_dataloader(shard=False):  # the split's first samples, whatever the ranks
+        preds = module(batch["image"].to(module.device))
         for i in range(batch["image"].shape[0]):
             if len(panels) == n:
                 return panels
@@ -128,7 +128,8 @@ class PredictionPictures(EvalStep):
     """Evaluation step: prediction panels of the first ``n`` samples after the test pass.
 
     Writes ``<output_dir>/pictures/sample_<i>.png`` and sends them to the trainer's loggers
-    (``eval/sample_<i>``); ``ctx.reports["pictures"]`` lists the files.
+    (``eval/sample_<i>``); ``ctx.reports["pictures"]`` lists the files. Under DDP rank 0 alone
+    draws and writes them (the other ranks report none).
 
     Args:
         n: number of samples (``eval.pictures``; 0: none).
@@ -140,7 +141,7 @@ class PredictionPictures(EvalStep):
         self.n = int(n)
 
     def after_test(self, ctx: EvalContext) -> None:
-        if not self.n:
+        if not self.n or not ctx.is_global_zero:
             return
         panels = prediction_panels(ctx.module, ctx.datamodule, self.n)
         ctx.reports["pictures"] = [str(p) for p in save_pictures(panels, ctx.output_dir / "pictures")]

@@ -174,3 +174,21 @@ def make_cfg(tmp_path, tmp_path_factory):
         return compose_cfg(fast_real(data_dir) + overrides, tmp_path, config_name)
 
     return _make
+
+
+# What an in-process DDP run (Lightning with one gloo process, trainer=ddp_cpu devices=1) leaves in
+# os.environ: a later `train.py` subprocess would inherit LOCAL_RANK / ports and take itself for an
+# already-launched rank, waiting forever for a second process that is never started.
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE",
+             "LOCAL_WORLD_SIZE", "GROUP_RANK", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -58,14 +58,20 @@ RENAMED_TARGETS = {
 RENAMED_KEYS = {"baseline": "baselines"}
 # top-level keys that only the new compositions have, per entry point, with the reason
 NEW_KEYS = {
-    "eval": {"eval_steps": "pipeline.evaluate's pluggable evaluation steps (configs/eval_steps/)"},
-    "train": {},
+    "eval": {
+        "eval_steps": "pipeline.evaluate's pluggable evaluation steps (configs/eval_steps/)",
+        "gpu": "issue 20: GPU knobs (configs/gpu/), defaults keep the papers' fp32",
+    },
+    "train": {"gpu": "issue 20: GPU knobs (configs/gpu/), defaults keep the papers' fp32"},
 }
 # deliberate value changes made by later issues, to match the field's reference code: experiment
 # (or "*" for every experiment) → dotted key or key prefix → reason. Only the listed keys may differ
 # from the snapshot; the tests of the issue that changed them assert the new values.
 CHANGED_LATER: dict[str, dict[str, str]] = {
-    "*": {},
+    "*": {
+        "trainer.strategy": "issue 20: trainer=ddp builds a DDPStrategy with its options (bucket size, …)",
+        "data.num_workers": "issue 20: real datasets size their loader workers to the node ('auto')",
+    },
     **{
         f"{dataset}_mtlora": {
             "model.backbone.drop_path_rate": "issue 19 (new): stochastic depth 0.2, the MTLoRA reference's",
@@ -271,20 +277,30 @@ def test_overrides_keep_their_keys(composer):
     assert cfg.model.decoder._target_.endswith("TaskExpertDecoder") and cfg.model.tasks_at_inference is None
 
 
+DDP = "ddp"  # trainer=ddp (issue 20: a DDPStrategy node with DistributedDataParallel's options)
+
+
+def _strategy(node: Any) -> Any:
+    """``ddp`` for Lightning's DDPStrategy node of trainer=ddp, the value itself otherwise."""
+    if isinstance(node, DictConfig) and node.get("_target_") == "lightning.pytorch.strategies.DDPStrategy":
+        return DDP
+    return node
+
+
 @pytest.mark.parametrize(
     ("recipe", "optimizer", "lr", "scheduler", "trainer"),
     [
         ("synthetic_cpu", "torch.optim.AdamW", 1e-3, "poly", {"max_epochs": 3}),
         ("invpt", "torch.optim.Adam", 2e-5, "poly", {"max_steps": 40000, "max_epochs": -1}),
-        ("invpt_ddp", "torch.optim.Adam", 2e-5, "poly", {"strategy": "ddp", "val_check_interval": 4000}),
+        ("invpt_ddp", "torch.optim.Adam", 2e-5, "poly", {"strategy": DDP, "val_check_interval": 4000}),
         ("mtlora", "torch.optim.AdamW", 3.125e-5, "cosine", {"max_epochs": 300}),
-        ("m3vit", "torch.optim.SGD", 0.002, "poly", {"max_epochs": 100, "max_steps": -1, "strategy": "ddp"}),
+        ("m3vit", "torch.optim.SGD", 0.002, "poly", {"max_epochs": 100, "max_steps": -1, "strategy": DDP}),
     ],
 )
 def test_recipes_compose_alone(composer, recipe, optimizer, lr, scheduler, trainer):
     cfg = composer("train", ["~experiment", f"recipe={recipe}", *PATHS])
     assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.scheduler.name) == (optimizer, lr, scheduler)
-    assert {k: cfg.trainer[k] for k in trainer} == trainer
+    assert {k: _strategy(cfg.trainer[k]) if k == "strategy" else cfg.trainer[k] for k in trainer} == trainer
 
 
 def test_command_line_choices_beat_the_recipe(composer):
@@ -358,3 +374,17 @@ def test_baseline_metrics_read_under_the_group_name_and_the_legacy_package():
     # a baseline file written before the rename ('# @package baseline') still gives its Δm
     assert baseline_metrics(OmegaConf.create({"baseline": {"metrics": metrics}})) == metrics
     assert baseline_metrics(OmegaConf.create({"seed": 1})) is None
+
+
+def test_baseline_of_another_metric_protocol_is_used_with_a_warning(caplog):
+    from mtl.baselines import METRICS_PROTOCOL
+    from mtl.pipeline import baseline_metrics
+
+    metrics = {"semseg/miou": 0.5}
+    with caplog.at_level("WARNING", logger="mtl.pipeline"):
+        current = {"name": "a", "protocol": METRICS_PROTOCOL, "metrics": metrics}
+        assert baseline_metrics(OmegaConf.create({"baselines": current})) == metrics
+        assert not caplog.records
+        old = {"name": "old_file", "metrics": metrics}  # no protocol: written before it existed
+        assert baseline_metrics(OmegaConf.create({"baselines": old})) == metrics
+    assert "old_file" in caplog.text and "protocol 1" in caplog.text

@@ -56,9 +56,11 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
         self.rank, self.scale = int(rank), float(scale)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation
+        # drawn on the host (the same values wherever the base lives), then on the base's device and dtype
+        a = nn.init.kaiming_uniform_(torch.empty(rank, base.in_features), a=math.sqrt(5))  # nn.Linear's
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(a.to(**like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         if freeze_base:

@@ -46,14 +46,15 @@ by :func:`~mtl.adapters.lora.merge_lora`: their task outputs need the unadapted 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mtl.adapters.lora import inject_lora
 from mtl.backbones import TimmBackbone
@@ -63,6 +64,7 @@ TA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 TS_TARGETS = ("proj", "fc1", "fc2")
 SharedMode = Literal["matrix", "matrixv2", "task_stream"]
 SHARED_MODES: tuple[str, ...] = ("matrix", "matrixv2", "task_stream")
+T = TypeVar("T")
 
 
 class LowRankUpdate(nn.Module):
@@ -73,16 +75,27 @@ class LowRankUpdate(nn.Module):
         out_features: output width.
         rank: rank of ``B A``.
         scale: the factor ``s`` (used as is).
+        device: device of the parameters (the adapted layer's); ``A`` is drawn on the host either way.
+        dtype: dtype of the parameters (the adapted layer's).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        scale: float,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.scale = float(scale)
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        a = nn.init.kaiming_uniform_(torch.empty(rank, in_features), a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
@@ -123,8 +136,11 @@ class TaskLoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         dims = (base.in_features, base.out_features)
-        self.shared = LowRankUpdate(*dims, rank=rank, scale=scale)
-        self.per_task = nn.ModuleDict({t: LowRankUpdate(*dims, rank=task_rank, scale=scale) for t in tasks})
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.shared = LowRankUpdate(*dims, rank=rank, scale=scale, **like)
+        self.per_task = nn.ModuleDict(
+            {t: LowRankUpdate(*dims, rank=task_rank, scale=scale, **like) for t in tasks}
+        )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.mode = mode
 
@@ -289,6 +305,15 @@ def set_trainable(body: nn.Module, *, patch_embed: bool, norms: bool, pos: bool,
             p.requires_grad_(True)
 
 
+def checkpoint_call(backbone: nn.Module, fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)``, under activation checkpointing when ``backbone.grad_checkpointing`` is
+    set and it trains with gradients (``torch.utils.checkpoint``, non-reentrant: the recomputation
+    replays the same dropout and stochastic-depth masks, so the gradients are those without it)."""
+    if backbone.grad_checkpointing and backbone.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def check_tasks(backbone: Backbone, tasks: Sequence[str] | None) -> list[str]:
     """``tasks`` (default: all the backbone's), each one the backbone has a TS-LoRA for."""
     tasks = list(backbone.tasks if tasks is None else tasks)
@@ -330,10 +355,15 @@ class MTLoRASwin(Backbone):
         train_norms: keep LayerNorms trainable.
         train_pos_bias: keep the relative position bias tables trainable.
         train_merging: keep the patch-merging layers trainable.
+        grad_checkpointing: recompute every block (the forked ones with their task streams) in the
+            backward pass instead of keeping its activations (:func:`checkpoint_call`).
         **kwargs: timm constructor arguments (``window_size``, ``embed_dim``, ``depths``, …).
     """
 
     kind = "per_task"
+    # the shared LoRA of the last block's fc2 (in the reference's trainable count) reaches no loss:
+    # no task reads the shared stream after the last fork
+    leaves_parameters_unused = True
 
     def __init__(
         self,
@@ -354,9 +384,11 @@ class MTLoRASwin(Backbone):
         train_norms: bool = True,
         train_pos_bias: bool = True,
         train_merging: bool = True,
+        grad_checkpointing: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
+        self.grad_checkpointing = bool(grad_checkpointing)
         body = TimmBackbone(
             name=name,
             img_size=img_size,
@@ -398,9 +430,9 @@ class MTLoRASwin(Backbone):
         for i, stage in enumerate(body.layers):
             x = stage.downsample(x)
             for blk in stage.blocks[:-1]:
-                x = blk(x)
+                x = checkpoint_call(self, blk, x)
             # the shared stream continues to the next stage; after the last one nothing reads it
-            x, forks = fork_swin_block(stage.blocks[-1], x, tasks, shared=i + 1 < n)
+            x, forks = checkpoint_call(self, fork_swin_block, stage.blocks[-1], x, tasks, shared=i + 1 < n)
             merge = body.layers[i + 1].downsample if i + 1 < n else nn.Identity()
             for t in tasks:
                 feats[t].append(rearrange(merge(forks[t]), "b h w c -> b c h w").contiguous())

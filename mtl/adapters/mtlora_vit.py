@@ -28,6 +28,7 @@ from mtl.adapters.mtlora import (
     TaskLoRALinear,
     adapt,
     check_tasks,
+    checkpoint_call,
     fork_mlp,
     set_trainable,
     task_lora_parameters,
@@ -81,10 +82,14 @@ class MTLoRAViT(Backbone):
         train_patch_embed: keep the patch embedding trainable.
         train_norms: keep LayerNorms trainable.
         train_pos_embed: keep the position embedding and class token trainable.
+        grad_checkpointing: recompute every block (the forked ones with their task streams) in the
+            backward pass instead of keeping its activations.
         **kwargs: timm constructor arguments (``embed_dim``, ``depth``, ``num_heads``, …).
     """
 
     kind = "per_task"
+    # the shared stream after the last tapped block's fork (its fc2 LoRA, later blocks) reaches no loss
+    leaves_parameters_unused = True
 
     def __init__(
         self,
@@ -103,9 +108,11 @@ class MTLoRAViT(Backbone):
         train_patch_embed: bool = True,
         train_norms: bool = True,
         train_pos_embed: bool = True,
+        grad_checkpointing: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
+        self.grad_checkpointing = bool(grad_checkpointing)
         wrapper = TimmBackbone(
             name=name, img_size=img_size, pretrained=pretrained, checkpoint_path=checkpoint_path,
             out_indices=out_indices, **kwargs,
@@ -146,12 +153,12 @@ class MTLoRAViT(Backbone):
         n_prefix, last = body.num_prefix_tokens, max(self.taps)
         for i, blk in enumerate(body.blocks[: last + 1]):
             if i in self.taps:  # the shared stream continues after every tap but the last
-                x, forks = fork_vit_block(blk, x, tasks, shared=i < last)
+                x, forks = checkpoint_call(self, fork_vit_block, blk, x, tasks, shared=i < last)
                 for t in tasks:
                     y = forks[t][:, n_prefix:]
                     feats[t].append(rearrange(y, "b (h w) c -> b c h w", h=h, w=w).contiguous())
             else:
-                x = blk(x)
+                x = checkpoint_call(self, blk, x)
         return Features(per_task=feats)
 
     def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, list[torch.Tensor]]:

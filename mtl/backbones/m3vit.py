@@ -34,6 +34,7 @@ it per task.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -283,8 +284,9 @@ class M3ViT(TimmBackbone):
             prefix = k[: -len("/usage")]
             share = v / v.sum().clamp_min(1e-12)
             n = share.numel()
-            ent = -(share * share.clamp_min(1e-12).log()).sum() / torch.log(torch.tensor(float(n)))
-            out[f"{prefix}/entropy"] = ent.float() if n > 1 else ent.new_zeros(())
+            ent = -(share * share.clamp_min(1e-12).log()).sum()
+            ent = ent / math.log(n) if n > 1 else ent.new_zeros(())
+            out[f"{prefix}/entropy"] = ent.float()  # on the usage's device (logged with sync_dist)
             out[f"{prefix}/max_share"] = share.max().float()
         return out
 

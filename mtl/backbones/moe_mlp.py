@@ -28,11 +28,22 @@ Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017, as the reference's v-MoE ga
   (``index_select`` → expert MLP → gate-weighted ``index_add_``), so the expert FLOPs are
   ``k/E`` of evaluating every expert on every token. ``dispatch="dense"`` evaluates every expert
   and masks: the same result at full cost (a reference for tests and the benchmark).
+
+Host syncs (the host waiting on the GPU, :mod:`mtl.host_syncs`): routing, the balancing loss
+and the usage statistics stay on the device (counts by comparison, not ``torch.bincount``, which
+reads the input's maximum on CUDA; the normal CDF by ``torch.special.ndtr``, not
+``torch.distributions.Normal``, whose argument validation reads its inputs). The sparse dispatch
+needs each expert's token count to split the tokens: with bf16 on a GPU with grouped GEMM
+kernels (compute capability 9.x/10.x) and on the CPU it runs every expert in two
+``torch.nn.functional.grouped_mm`` calls whose group offsets stay on the device (no sync);
+otherwise (fp32 / fp16 on a GPU) it reads the counts once per MoE call (one sync per call).
+``dispatch="dense"`` never syncs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +65,34 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var(correction=1) / (x.mean() ** 2 + 1e-10)
 
 
+def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert (``E``, int64, on ``index``'s device) of the expert indices ``index``.
+
+    A comparison and a sum: no host sync (``torch.bincount`` reads ``index.max()`` on CUDA to size
+    its output) and deterministic (no atomics).
+    """
+    experts = torch.arange(num_experts, device=index.device)
+    return (index.reshape(-1, 1) == experts).sum(dim=0)
+
+
+def grouped_gemm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs for ``dtype`` on ``device`` without reading its
+    offsets on the host: bf16 on the CPU (no device to wait on) or on a GPU of compute capability
+    9.x / 10.x (CUTLASS kernels); elsewhere it falls back to a loop over host-read offsets."""
+    if dtype != torch.bfloat16:
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a ``nn.Linear`` computes ``x`` in: autocast's when enabled on ``x``'s device."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def smooth_load(
     clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_k: int
 ) -> torch.Tensor:
@@ -72,8 +111,8 @@ def smooth_load(
     in_top = noisy >= top[:, top_k - 1 : top_k]  # expert currently selected
     # selected: it stays in if its logit beats the (k+1)-th; otherwise it must beat the k-th
     threshold = torch.where(in_top, top[:, top_k : top_k + 1], top[:, top_k - 1 : top_k])
-    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-    return normal.cdf((clean - threshold) / noise_std).sum(dim=0)
+    # the standard normal CDF (torch.distributions.Normal validates its arguments: a host sync)
+    return torch.special.ndtr((clean - threshold) / noise_std).sum(dim=0)
 
 
 class TaskCode(nn.Module):
@@ -287,7 +326,7 @@ class MoEMlp(nn.Module):
             if noisy and self.top_k < self.num_experts:
                 load = smooth_load(clean, logits, std, self.top_k)
             else:
-                load = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
+                load = expert_counts(index, self.num_experts).float()
             balance = cv_squared(importance) + cv_squared(load)
         return values, index, balance
 
@@ -307,7 +346,7 @@ class MoEMlp(nn.Module):
         values, index, balance = self.route(tokens, key, code)
         usage = None
         if not self.training:
-            usage = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
+            usage = expert_counts(index, self.num_experts).float()
             self.record(key, usage)
         mix = self._sparse if self.dispatch == "sparse" else self._dense
         return rearrange(mix(tokens, values, index), "(b n) c -> b n c", b=b), balance, usage
@@ -315,13 +354,45 @@ class MoEMlp(nn.Module):
     def _sparse(self, tokens: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         flat = index.reshape(-1)  # (N·k,) expert of every assignment
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         source = order // self.top_k  # token of every assignment, grouped by expert
         gates = values.reshape(-1)[order].to(tokens.dtype)
-        chunks = tokens.index_select(0, source).split(counts)
-        # every expert runs (on 0 rows when idle): all parameters stay in the graph (DDP)
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks, strict=True)])
+        x = tokens.index_select(0, source)
+        if self._grouped_ok(tokens):
+            y = self._grouped_experts(x, flat[order], expert_counts(index, self.num_experts))
+        else:  # the split sizes on the host: one sync per call on a GPU
+            chunks = x.split(expert_counts(index, self.num_experts).tolist())
+            # every expert runs (on 0 rows when idle): all parameters stay in the graph (DDP)
+            y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks, strict=True)])
         return torch.zeros_like(tokens).index_add_(0, source, y * gates[:, None])
+
+    def _grouped_ok(self, tokens: torch.Tensor) -> bool:
+        """Grouped GEMM dispatch applies: sync-free here (:func:`grouped_gemm_without_sync`), plain
+        timm expert MLPs (no hidden norm) and widths the kernels align (multiples of 8)."""
+        first: Any = self.experts[0]
+        return (
+            grouped_gemm_without_sync(tokens.device, compute_dtype(tokens))
+            and isinstance(first.norm, nn.Identity)
+            and tokens.shape[-1] % 8 == 0
+            and self.hidden % 8 == 0
+        )
+
+    def _grouped_experts(self, x: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert MLP on its rows of ``x`` (rows sorted by expert; ``expert``: each row's expert;
+        ``counts``: rows per expert) as two grouped GEMMs: the group offsets stay on the device."""
+        dtype = compute_dtype(x)
+        offs = counts.cumsum(0).to(torch.int32)  # the end of every expert's rows
+        first: Any = self.experts[0]
+
+        def linear(name: str, inp: torch.Tensor) -> torch.Tensor:
+            layers = [getattr(e, name) for e in self.experts]
+            weight = torch.stack([layer.weight for layer in layers]).to(dtype)  # (E, out, in)
+            out = F.grouped_mm(inp.to(dtype).contiguous(), weight.transpose(-2, -1), offs=offs)
+            if layers[0].bias is not None:
+                out = out + torch.stack([layer.bias for layer in layers]).to(dtype)[expert]
+            return out
+
+        h = first.drop1(first.act(linear("fc1", x)))
+        return first.drop2(linear("fc2", h))
 
     def _dense(self, tokens: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         gates = torch.zeros(tokens.shape[0], self.num_experts, device=tokens.device, dtype=tokens.dtype)
@@ -330,8 +401,9 @@ class MoEMlp(nn.Module):
 
     @torch.no_grad()
     def record(self, key: str, usage: torch.Tensor) -> None:
-        """Adds eval-mode token assignments per expert to :attr:`counts` (for the routing report)."""
-        self.counts[key] = self.counts.get(key, 0) + usage.double().cpu()
+        """Adds eval-mode token assignments per expert to :attr:`counts` (for the routing report), on
+        the device (no host sync; the report reads them once at the end)."""
+        self.counts[key] = self.counts.get(key, 0) + usage.double()
 
     def upcycle(self, mlp: nn.Module) -> None:
         """Initialises the experts from a (pretrained) dense timm ``Mlp`` (sparse upcycling).

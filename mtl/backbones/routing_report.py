@@ -95,24 +95,51 @@ def subset_gflops(model: nn.Module, input_size: tuple[int, int]) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def sum_over_ranks(
+    counts: Mapping[int, Mapping[str, torch.Tensor]], device: torch.device
+) -> dict[int, dict[str, torch.Tensor]]:
+    """The routing counts summed over the DDP ranks (each counted its share of the split).
+
+    One all-reduce of every count, on ``device`` (NCCL reduces device tensors only); the result
+    is on the CPU. Without an initialised process group: the counts as they are.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {b: dict(per_task) for b, per_task in counts.items()}
+    keys = [(b, t) for b, per_task in counts.items() for t in per_task]
+    flat = torch.cat([counts[b][t].reshape(-1).to(device, torch.float64) for b, t in keys])
+    dist.all_reduce(flat)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for (b, t), chunk in zip(keys, flat.cpu().split([counts[b][t].numel() for b, t in keys]), strict=True):
+        out.setdefault(b, {})[t] = chunk.view_as(counts[b][t])
+    return out
+
+
 def write_routing_report(
-    model: nn.Module, output_dir: Path, input_size: tuple[int, int] | None = None
+    model: nn.Module, output_dir: Path, input_size: tuple[int, int] | None = None, *, write: bool = True
 ) -> dict:
     """Writes the files of the module docstring when ``model.backbone`` is an M³ViT; else nothing.
+
+    Under DDP every rank calls it (the counts of the ranks' shares are summed over the ranks)
+    and only the one with ``write`` writes the files.
 
     Args:
         model: a :class:`~mtl.model.MultiTaskNet` after a test epoch.
         output_dir: where the files go.
         input_size: image size for ``cost.json`` (``None``: no FLOP count).
+        write: write the files (``False`` on every DDP rank but 0).
 
     Returns:
-        The shares written (block → task → per-expert share), empty when nothing was written.
+        The shares (block → task → per-expert share), empty for a backbone without routing.
     """
     if not isinstance(model.backbone, M3ViT):
         return {}
     counts = model.backbone.routing_counts()
     if not counts:
         return {}
+    counts = sum_over_ranks(counts, next(model.parameters()).device)
+    if not write:
+        return routing_shares(counts)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     shares = routing_shares(counts)
@@ -133,8 +160,8 @@ def write_routing_report(
 class RoutingReport(EvalStep):
     """Evaluation step: :func:`write_routing_report` after the test pass.
 
-    Backbones without token routing get no files; the shares written (if any) are
-    ``ctx.reports["routing"]``.
+    Backbones without token routing get no files; the shares (if any) are ``ctx.reports["routing"]``.
+    Under DDP every rank sums the counts of the ranks' shares of the split; rank 0 writes.
     """
 
     def before_test(self, ctx: EvalContext) -> None:
@@ -142,6 +169,8 @@ class RoutingReport(EvalStep):
             ctx.module.model.backbone.reset_routing_counts()
 
     def after_test(self, ctx: EvalContext) -> None:
-        shares = write_routing_report(ctx.module.model, ctx.output_dir, input_size=ctx.input_size)
+        shares = write_routing_report(
+            ctx.module.model, ctx.output_dir, input_size=ctx.input_size, write=ctx.is_global_zero
+        )
         if shares:
             ctx.reports["routing"] = shares

@@ -35,14 +35,16 @@ def measure_table(module, loader, widths: Sequence[float]) -> dict[str, dict[tup
     """
     module.eval()
     tasks = module.tasks
+    device = next(module.model.parameters()).device  # batches and metric states go where the model is
     table: dict[str, dict[tuple[float, float], float]] = {t: {} for t in tasks}
     for e, d in itertools.product(widths, widths):
         apply_config(module.model, WidthConfig(e, dict.fromkeys(tasks, d)))
-        metrics = {t: task.metric() for t, task in tasks.items()}
+        metrics = {t: task.metric().to(device) for t, task in tasks.items()}
         for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             preds = module.model(batch["image"])
-            for t in tasks:
-                metrics[t].update(preds[t], batch[t])
+            for t, task in tasks.items():
+                task.update_metric(metrics[t], preds[t], batch)
         for t, task in tasks.items():
             table[t][(float(e), float(d))] = float(metrics[t].compute()[task.main_metric])
     apply_config(module.model, WidthConfig(1.0, dict.fromkeys(tasks, 1.0)))

@@ -72,8 +72,13 @@ def apply_control(
     datamodule: MTLDataModule,
     input_size: Sequence[int],
     output_dir: Path,
+    *,
+    write: bool = True,
 ) -> dict:
     """Runs the requested control step; returns what to report (empty when nothing was asked).
+
+    Under DDP every rank runs it (each measures the table on the whole validation split, so all
+    pick the same sub-network) and only the one with ``write`` writes files.
 
     Args:
         control: the ``control`` options of ``configs/eval.yaml`` (``budget``, ``preference``,
@@ -82,11 +87,13 @@ def apply_control(
         datamodule: its data (the validation split measures the performance table).
         input_size: ``(H, W)`` for the cost model.
         output_dir: where the table and reports go.
+        write: write the table and the reports (``False`` on every DDP rank but 0).
     """
     budget, sweep_on = control.get("budget"), bool(control.get("sweep"))
     if budget is None and not sweep_on:
         return {}
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
     model = module.model
     if not isinstance(model.backbone, SlimmableViT) or not isinstance(model.decoder, SlimmableDecoder):
         raise ValueError(
@@ -101,9 +108,12 @@ def apply_control(
         table = table_from_json(table_path.read_text())
     else:
         datamodule.setup("validate")
-        table = measure_table(module, datamodule.val_dataloader(), widths)
-        table_path.parent.mkdir(parents=True, exist_ok=True)
-        table_path.write_text(table_to_json(table))
+        table = measure_table(module, datamodule.eval_dataloader(shard=False), widths)
+        if write:  # atomically: another rank may read it
+            table_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = table_path.with_name(table_path.name + ".tmp")
+            tmp.write_text(table_to_json(table))
+            tmp.replace(table_path)
     cost = CostModel(model, input_size)
     report: dict = {"table": str(table_path)}
     if sweep_on:
@@ -115,9 +125,6 @@ def apply_control(
             budgets=budgets,
             preferences=default_preferences(tasks),
             higher_is_better=hib,
-        )
-        (output_dir / "controllability.json").write_text(
-            json.dumps({"controllability": None if math.isnan(score) else score, "rows": rows}, indent=1)
         )
         lines = [
             f"controllability (mean Spearman, preference vs score): **{score:.3f}**"
@@ -134,8 +141,12 @@ def apply_control(
             lines.append(
                 f"| {r['budget']:.4g} | {pref} | {r['encoder']} | {dec} | {r['gflops']:.4g} | {sc} |"
             )
-        (output_dir / "controllability.md").write_text("\n".join(lines) + "\n")
-        plot_sweep(rows, output_dir / "controllability.png")
+        if write:
+            (output_dir / "controllability.json").write_text(
+                json.dumps({"controllability": None if math.isnan(score) else score, "rows": rows}, indent=1)
+            )
+            (output_dir / "controllability.md").write_text("\n".join(lines) + "\n")
+            plot_sweep(rows, output_dir / "controllability.png")
         report["controllability"] = score
         log.info("controllability %.3f over %d requests", score, len(rows))
     if budget is not None:
@@ -161,7 +172,8 @@ def apply_control(
         log.info(
             "control: budget %.4g GFLOPs, preference %s → %s (%.4g GFLOPs)", budget, pref, config, rep["cost"]
         )
-        (output_dir / "control.json").write_text(json.dumps(report, indent=1))
+        if write:
+            (output_dir / "control.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -193,5 +205,5 @@ class Control(EvalStep):
 
     def before_test(self, ctx: EvalContext) -> None:
         ctx.reports["control"] = apply_control(
-            self.options, ctx.module, ctx.datamodule, ctx.input_size, ctx.output_dir
+            self.options, ctx.module, ctx.datamodule, ctx.input_size, ctx.output_dir, write=ctx.is_global_zero
         )

@@ -80,7 +80,11 @@ class SandwichKD(FixedWeights):
         feats, out, losses = self._run(batch, module, self.uniform_config(self.widths[-1]))
         return StepForward(preds=out.preds, losses=losses, aux=out.aux_loss, rep=list(feats))
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(
+        self, step: StepForward, *, module: StrategyHost, batch: dict
+    ) -> dict[str, float | torch.Tensor]:
+        """The largest configuration's update, then the smallest's and ``n_random`` random ones with
+        CI-KD; logs ``ci_kd``, their mean CI-KD loss, as a device tensor (no host read per step)."""
         if step.rep is None:
             raise ValueError("SandwichKD.backward needs the step of its forward (step.rep: the teacher)")
         teacher = [f.detach() for f in step.rep]
@@ -92,6 +96,6 @@ class SandwichKD(FixedWeights):
             feats, _, sub_losses = self._run(batch, module, config)
             kd = ci_kd_loss(feats, teacher)
             module.manual_backward(self.combine(sub_losses) + self.kd_weight * kd)
-            kd_logs.append(float(kd.detach()))
+            kd_logs.append(kd.detach())
         apply_config(module.model, self.uniform_config(self.widths[-1]))  # validation sees the full model
-        return {"ci_kd": sum(kd_logs) / max(len(kd_logs), 1)}
+        return {"ci_kd": torch.stack(kd_logs).mean()}  # never empty: the smallest configuration

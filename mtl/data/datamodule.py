@@ -9,11 +9,11 @@ Datasets are given as partial constructors (Hydra ``_partial_: true``) of a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from mtl.data.base import DenseDataset, FolderDataset
 from mtl.data.resumable import ResumableLoader, ResumableSampler, SeededAugmentation, private_generator
@@ -43,6 +43,33 @@ def dataset_class(factory: Callable[..., Dataset] | type) -> type[DenseDataset]:
     if not cls.KEY:
         raise TypeError(f"data.dataset: {cls.__qualname__} declares no KEY (e.g. 'nyud')")
     return cls
+
+
+class EvalShardSampler(DistributedSampler):
+    """Rank ``r`` of ``R`` reads samples ``r, r + R, r + 2R, …`` of a split, in order, without padding.
+
+    ``DistributedSampler`` pads the split to a multiple of the ranks (NYUD-v2's 654 images become
+    656 on 4 or 8 GPUs, two of them counted twice); here the ranks' shares differ by at most one
+    sample and together hold every sample once. Evaluation only: no shuffling, and no rank may be
+    left without a sample (DDP's first evaluation forward broadcasts buffers on every rank).
+
+    Raises:
+        ValueError: the split has fewer samples than there are ranks.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        n = len(dataset)
+        if n < num_replicas:
+            raise ValueError(
+                f"the evaluation split has {n} sample(s), fewer than the {num_replicas} DDP ranks: every "
+                "rank needs at least one (evaluate on fewer devices, e.g. trainer.devices=1)"
+            )
+        self.total_size = n
+        self.num_samples = len(range(rank, n, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class MTLDataModule(L.LightningDataModule):
@@ -158,15 +185,6 @@ class MTLDataModule(L.LightningDataModule):
             "generator": private_generator(self.seed),
         }
 
-    def _loader(self, ds: Dataset, *, train: bool) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train and len(ds) >= self.batch_size,
-            **self._loader_kwargs(),
-        )
-
     def _progress(self) -> int:
         """Batches of the current epoch trained on (-1 once it is finished), for checkpoints."""
         trainer = getattr(self, "trainer", None)
@@ -202,8 +220,33 @@ class MTLDataModule(L.LightningDataModule):
         if "train_loader" in state:
             self._pending_state = dict(state["train_loader"])
 
+    def eval_dataloader(self, *, shard: bool = True) -> DataLoader:
+        """The validation split in order, for validation and testing.
+
+        Under DDP (``shard`` and a trainer with more than one rank) each rank reads its share
+        without padding (:class:`EvalShardSampler`): every image is evaluated exactly once,
+        whatever the number of ranks, and the metrics' summed states give the one-process values.
+        Lightning keeps this sampler (it is a ``DistributedSampler``) instead of padding the split.
+
+        Args:
+            shard: ``False``: every sample in this process (what one process reports on, e.g.
+                ``eval.py``'s prediction pictures, or a table every rank must agree on).
+        """
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = (
+            EvalShardSampler(self.val_set, num_replicas=world, rank=rank) if shard and world > 1 else None
+        )
+        return DataLoader(
+            self.val_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            **self._loader_kwargs(),
+        )
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self.eval_dataloader()
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self.eval_dataloader()

@@ -17,6 +17,7 @@ so creating an iterator does not shift the random stream that dropout and the st
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -108,12 +109,30 @@ class ResumableLoader(DataLoader):
         self.progress = progress
 
     def state_dict(self) -> dict[str, int]:
-        """The epoch and the number of its batches already trained on."""
-        return {"epoch": int(self.sampler.epoch), "batches": int(self.progress()) if self.progress else 0}
+        """The epoch, the number of its batches already trained on (per rank) and the number of ranks."""
+        return {
+            "epoch": int(self.sampler.epoch),
+            "batches": int(self.progress()) if self.progress else 0,
+            "world_size": int(self.sampler.num_replicas),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Positions the next iteration right after the last batch trained on before the save."""
+        """Positions the next iteration right after the last batch trained on before the save.
+
+        A checkpoint written by another number of ranks resumes the interrupted epoch after the
+        same number of batches per rank, with a warning: that epoch's samples are then not exactly
+        the remaining ones (the following epochs are exact).
+        """
         epoch, batches = int(state["epoch"]), int(state["batches"])
+        saved_world = int(state.get("world_size", self.sampler.num_replicas))
+        if saved_world != self.sampler.num_replicas and 0 < batches < len(self) and self.sampler.rank == 0:
+            warnings.warn(
+                f"the checkpoint's loader position is {batches} batches per rank of {saved_world} ranks; "
+                f"this run has {self.sampler.num_replicas}: the interrupted epoch {epoch} resumes after "
+                f"{batches} batches per rank, so some of its samples are seen twice or not at all "
+                "(the next epochs are exact)",
+                stacklevel=2,
+            )
         if batches < 0 or batches >= len(self):  # saved at an epoch's end: the next one starts afresh
             epoch, batches = epoch + 1, 0
         self.sampler.set_epoch(epoch)

@@ -115,12 +115,13 @@ class AdaMerging(MergeMethod):
         reference = self._single_task_predictions(model, states, tasks_of, shared_keys, images, tasks)
         taus = [{k: task_vector(base[k], s[k]) for k in keys} for s in states]  # T task vectors
         b = {k: base[k].float() for k in keys}
-        coef = torch.full((len(states), len(keys)), self.init, requires_grad=True)
+        device = images.device  # λ and the batch indices live with the data they meet
+        coef = torch.full((len(states), len(keys)), self.init, device=device, requires_grad=True)
         opt = torch.optim.Adam([coef], lr=self.lr)
         n = images.shape[0]
         self.history = []
         for step in range(self.steps):
-            idx = torch.arange(step * self.batch_size, (step + 1) * self.batch_size) % n
+            idx = torch.arange(step * self.batch_size, (step + 1) * self.batch_size, device=device) % n
             params = {
                 k[len("model.") :]: b[k] + sum(coef[t, i] * taus[t][k] for t in range(len(states)))
                 for i, k in enumerate(keys)

@@ -106,7 +106,8 @@ class TIESMerging(MergeMethod):
             if self.k >= 1.0:
                 self._thresholds.append(0.0)
                 continue
-            flat = torch.empty(sum(base[k].numel() for k in keys))
+            where = base[keys[0]].device if keys else None  # the task vectors' device
+            flat = torch.empty(sum(base[k].numel() for k in keys), device=where)
             offset = 0
             for k in keys:  # τ_t of one parameter at a time into one flat buffer
                 n = base[k].numel()

@@ -49,9 +49,10 @@ class ConfusionMatrixMetric(Metric):
             pred = pred.argmax(dim=1)
         valid = target != self.ignore_index
         gt, pr = target[valid].long(), pred[valid].long()
-        if gt.numel() and (int(gt.max()) >= self.num_classes or int(gt.min()) < 0):
+        if gt.numel() and bool(((gt < 0) | (gt >= self.num_classes)).any()):  # one host read per batch
+            bad = gt[(gt < 0) | (gt >= self.num_classes)]
             raise ValueError(
-                f"ground-truth label {int(gt.max())} outside [0, {self.num_classes}) "
+                f"ground-truth label {int(bad[0])} outside [0, {self.num_classes}) "
                 f"(ignore_index={self.ignore_index})"
             )
         idx = gt * self.num_classes + pr
@@ -64,10 +65,11 @@ class ConfusionMatrixMetric(Metric):
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp  # TP + FP + FN
         present = union > 0
-        iou = tp / union.clamp(min=1e-8)
+        iou = tp / union.clamp(min=1e-8)  # 0 where the union is empty
         out = {
             "miou": iou.mean(),
-            "miou_present": iou[present].mean() if present.any() else iou.new_tensor(0.0),
+            # the mean over the classes that occur, 0 when none does; on the device, no host read
+            "miou_present": iou.sum() / present.sum().clamp(min=1),
             "pixel_acc": tp.sum() / cm.sum().clamp(min=1),
         }
         out.update({f"iou_{c}": iou[c] for c in range(self.num_classes)})

@@ -30,6 +30,10 @@ truncation (Multi-Task-Transformer's ``get_output`` and ``save_model_pred_for_on
 ``astype(np.uint8)``), cropped to the unpadded region (the bounding box of target pixels ≠
 ``ignore_index``). Images are sent to a process pool as they arrive (``workers`` processes;
 0 = in-process) and only their count tables come back, so memory stays at a few in-flight maps.
+This is host work by nature: on a GPU, ``update`` quantises the prediction on the device and moves
+each batch's 8-bit prediction, target and label map to the CPU once (one copy each), and each
+image's count table is added to the states on their device; ``compute`` reads the pooled counts
+once and returns its values on the states' device.
 States are sums (``dist_reduce_fx="sum"``): under DDP every rank evaluates its own images and the
 counts are pooled exactly.
 """
@@ -200,8 +204,10 @@ class SEISMEdgeF(Metric):
         """
         if logits.dim() != 4 or logits.shape[1] != 1:
             raise ValueError(f"edge logits must be B × 1 × H × W, got {tuple(logits.shape)}")
-        pred_u8 = to_8bit(logits.detach()[:, 0]).cpu()
+        # the host work (SEISM's matching) needs the maps on the CPU: each input crosses once per batch
+        pred_u8 = to_8bit(logits.detach()[:, 0]).cpu()  # quantised on the device: 1 byte per pixel
         target = target.detach().reshape(pred_u8.shape).cpu()
+        label_map = label_map.detach().cpu() if label_map is not None else None
         for b in range(pred_u8.shape[0]):
             rs, cs = valid_crop(target[b], self.ignore_index)
             p = pred_u8[b, rs, cs].numpy()
@@ -209,7 +215,7 @@ class SEISMEdgeF(Metric):
                 continue
             t = target[b, rs, cs]
             if label_map is not None:
-                gt = label_map[b].detach().cpu()[rs, cs].numpy().astype(np.int32)
+                gt = label_map[b, rs, cs].numpy().astype(np.int32)
             else:
                 gt = (
                     torch.where(t == self.ignore_index, 0, (t > 0.5).to(torch.uint8)).numpy().astype(np.uint8)
@@ -226,11 +232,13 @@ class SEISMEdgeF(Metric):
         super().sync(*args, **kwargs)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``odsf``, ``oisf``, ``ap`` and ``ods_threshold``, ``ods_precision``, ``ods_recall``."""
+        """Returns ``odsf``, ``oisf``, ``ap`` and ``ods_threshold``, ``ods_precision``, ``ods_recall``,
+        on the states' device like every other metric's values (the scores are computed on the host)."""
         self._drain()
         self._shutdown()
         scores = scores_from_counts(self.counts.cpu().numpy(), self.ois_counts.cpu().numpy())
-        return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}
+        values = torch.tensor(list(scores.values()), dtype=torch.float64).to(self.counts.device)
+        return {k: v.float() for k, v in zip(scores, values, strict=True)}
 
     def reset(self) -> None:
         self._shutdown()

@@ -148,21 +148,21 @@ class NormalsMetric(Metric):
         idx = (deg / self.bin_deg).long().clamp(max=self.n_bins - 1)
         self.hist += torch.bincount(idx, minlength=self.n_bins)
 
-    def _order_stat(self, k: int) -> float:
-        """The k-th smallest error (1-based), as the centre of its histogram bin."""
-        b = int(torch.searchsorted(self.hist.cumsum(0), torch.tensor(k, dtype=torch.long)))
-        return (b + 0.5) * self.bin_deg
-
     def _median(self) -> torch.Tensor:
-        n = int(self.count)
-        lo, hi = (n + 1) // 2, n // 2 + 1  # odd n: the middle one twice; even n: the two middle ones
-        return torch.tensor(0.5 * (self._order_stat(lo) + self._order_stat(hi)), dtype=torch.float64)
+        """The median error: the middle order statistic(s) as bin centres, on the states' device.
+
+        Odd ``n``: the ``(n + 1) / 2``-th smallest twice; even ``n``: the ``n / 2``-th and the next
+        (1-based), averaged as ``numpy.median``; no value is read on the host.
+        """
+        n = self.count
+        ks = torch.stack([(n + 1) // 2, n // 2 + 1])  # the two middle ranks (1-based)
+        bins = torch.searchsorted(self.hist.cumsum(0), ks)
+        centres = (bins.double() + 0.5) * self.bin_deg
+        return 0.5 * (centres[0] + centres[1])
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Returns ``mean``, ``median``, ``rmse`` (degrees) and ``within_*`` (percent)."""
-        if self.count == 0:
-            nan = torch.tensor(math.nan)
-            return {k: nan for k in ("mean", "median", "rmse", "within_11_25", "within_22_5", "within_30")}
+        """Returns ``mean``, ``median``, ``rmse`` (degrees) and ``within_*`` (percent); NaN for all
+        of them when no pixel was valid. Every value lies on the states' device."""
         n = self.count.double()
         out = {
             "mean": self.sum_deg / n,
@@ -172,4 +172,5 @@ class NormalsMetric(Metric):
             "within_22_5": 100.0 * self.within_22_5 / n,
             "within_30": 100.0 * self.within_30 / n,
         }
-        return {k: v.float() for k, v in out.items()}
+        empty = self.count == 0
+        return {k: torch.where(empty, torch.full_like(v, math.nan), v).float() for k, v in out.items()}

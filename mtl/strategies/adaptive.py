@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from mtl.contracts import StepForward, StrategyHost
-from mtl.strategies.base import Strategy
-from mtl.strategies.grads import all_reduce_sum_
+from mtl.strategies.base import Logs, Strategy
+from mtl.strategies.grads import all_reduce_sum_, to_device
 
 
 class _LossWeighting(Strategy):
@@ -31,7 +31,7 @@ class _LossWeighting(Strategy):
     def total(self, losses: torch.Tensor) -> torch.Tensor:
         return (self.weights(losses) * losses).sum()
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         losses, extra = step.losses, step.aux
         stacked = torch.stack([loss.float() for loss in losses.values()])
         total = self.total(stacked)
@@ -39,7 +39,7 @@ class _LossWeighting(Strategy):
         logs = self.diagnostics(losses, module, w)
         self.tick()
         module.manual_backward(total if extra is None else total + extra)
-        logs.update({f"{t}/weight": float(v) for t, v in zip(losses, w.cpu(), strict=True)})
+        logs.update({f"{t}/weight": v for t, v in zip(losses, w.unbind(0), strict=True)})  # no host sync
         return logs
 
 
@@ -104,12 +104,12 @@ class DynamicWeightAverage(_LossWeighting):
 
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         k = losses.numel()
-        if int(self.epochs) < 2:
-            return torch.ones(k, device=losses.device)
         ratio = self.history[1] / self.history[0].clamp_min(1e-12)
-        return (k * torch.softmax(ratio / self.temperature, dim=0)).to(losses.device, losses.dtype)
+        w = (k * torch.softmax(ratio / self.temperature, dim=0)).to(losses.device, losses.dtype)
+        # equal weights for the first two epochs, chosen on the device (no host sync per step)
+        return torch.where(self.epochs.to(losses.device) < 2, torch.ones_like(w), w)
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         stacked = torch.stack([loss.detach().double() for loss in step.losses.values()])
         self.loss_sum = self.loss_sum.to(stacked.device) + stacked
         self.count = self.count.to(stacked.device) + 1
@@ -142,18 +142,27 @@ class RandomLossWeighting(_LossWeighting):
         super().__init__(diagnostics_every=diagnostics_every)
         self.seed = int(seed)
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self._draws: int | None = None  # the buffer's value on the host (read once, then mirrored)
         self._current: torch.Tensor | None = None
+
+    def load_extra_state(self, state: dict) -> None:
+        self._draws = None  # a checkpoint was loaded: read the buffer again
 
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         if self._current is None:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))
-            self._current = torch.softmax(torch.randn(losses.numel(), generator=gen), dim=0)
-        return self._current.to(losses.device, losses.dtype)
+            if self._draws is None:
+                self._draws = int(self.draws)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._draws)
+            self._current = to_device(
+                torch.softmax(torch.randn(losses.numel(), generator=gen), dim=0), losses
+            )
+        return self._current
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         self._current = None
         logs = super().backward(step, module=module, batch=batch)
         self.draws += 1
+        self._draws = None if self._draws is None else self._draws + 1
         return logs
 
 

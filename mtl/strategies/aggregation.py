@@ -24,6 +24,11 @@ weights depend on the Gramian ``G = JJᵀ`` only, so the strategy needs ``G`` (`
 rotations of the parameter space, so they run on a ``k × k`` root ``R`` (``RRᵀ = G``, i.e.
 ``J = RQᵀ``) and their output ``Qc`` is mapped back to weights ``w = (Rᵀ)⁺c``. Only GradDrop,
 which works coordinate-wise, reads ``J`` itself.
+
+The weights are computed from the host copy of the Gramian (``k × k``, float64; the step's one
+host sync, see :mod:`mtl.strategies.jacobian`): the solvers are small problems, most of them on
+the CPU already (quadprog, cvxpy, NumPy), so no solver waits on the device again; the weights go
+back to the device without a sync.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ from torch import nn
 from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, NashMTL, WeightedAggregator
 
 from mtl.contracts import StepForward, StrategyHost
-from mtl.strategies.grads import GradientTargets, TaskJacobian, all_reduce_mean_, task_grads
+from mtl.strategies.grads import (
+    GradientTargets,
+    TaskJacobian,
+    all_reduce_mean_,
+    task_grads,
+    to_device,
+    to_host,
+)
 from mtl.strategies.gramian_only import polarised_gramian, weighted_direction
 from mtl.strategies.jacobian import Measured, PerTaskGradients, Update, sync_weights
 
@@ -49,6 +61,8 @@ def gramian_root(gram: torch.Tensor) -> torch.Tensor:
 
 def weights_from_gramian(aggregator: Aggregator, gram: torch.Tensor) -> torch.Tensor:
     """Task weights ``w`` such that ``aggregator(J) = wᵀJ`` for any ``J`` with ``JJᵀ = gram``.
+
+    Give it the host copy of the Gramian: the solvers then run on the host without a sync.
 
     Raises:
         ValueError: for aggregators that are not a function of the Gramian (GradDrop).
@@ -134,15 +148,18 @@ class GradientAggregation(PerTaskGradients):
         and returns the weights of the shared direction (Nash-MTL: clipped to ``max_norm``)."""
         if not self.task_weighted_heads or weights is None:
             return weights
-        for t, w in zip(self.task_names, weights.tolist(), strict=True):
-            grads = [p.grad for p in targets.task[t]]
-            if grads:
-                torch._foreach_mul_(grads, w)
+        for t, w in zip(self.task_names, weights.unbind(0), strict=True):  # device scalars: no sync
+            targets.head(t).mul_(w)
         if self._shared_max_norm > 0:
             w64 = weights.to(torch.float64)
-            norm = float(w64 @ gram.to(w64.device, torch.float64) @ w64) ** 0.5  # ‖Σ w_t g_t‖
-            weights = weights * min(1.0, self._shared_max_norm / (norm + 1e-6))
+            norm = (w64 @ gram.to(w64.device, torch.float64) @ w64).sqrt()  # ‖Σ w_t g_t‖
+            weights = weights * (self._shared_max_norm / (norm + 1e-6)).clamp(max=1.0)
         return weights
+
+    def shards_rows(self) -> bool:
+        """The weights come from the Gramian alone (not GradDrop), so under DDP each rank can keep one
+        column block of the averaged rows (the buffered path; Gramian-only has no rows)."""
+        return not self.gramian_only and not isinstance(self.aggregator, GradDrop)
 
     def _objectives(self, losses) -> dict[str, torch.Tensor]:
         return {t: self.task_objective(t, losses[t]).float() for t in self.task_names}
@@ -157,11 +174,13 @@ class GradientAggregation(PerTaskGradients):
     def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
         step, targets, scale = m.step, m.targets, m.scale
         if not self.gramian_only:
-            weights, rows = self.combine(m.jac, m.gram)
+            weights, rows = self.combine(m.jac, m.gram, m.gram_host)
             self.write_update(step, targets, self.weigh_heads(weights, m.gram, targets), rows, scale)
             return Update(weights)
         flat = targets.flat.flat
-        weights = sync_weights(weights_from_gramian(self.aggregator, m.gram).to(flat.device, torch.float32))
+        weights = sync_weights(
+            to_device(weights_from_gramian(self.aggregator, m.gram_host), flat, torch.float32)
+        )
         shared = self.weigh_heads(weights, m.gram, targets)
         weighted_direction(targets, self._objectives(step.losses), shared, scale)
         if step.aux is not None:
@@ -176,12 +195,14 @@ class GradientAggregation(PerTaskGradients):
         if self.aggregator is not None and "solver" in state:
             load_solver_state(self.aggregator, state["solver"])
 
-    def combine(self, jac: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def combine(
+        self, jac: torch.Tensor, gram: torch.Tensor, gram_host: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         if isinstance(self.aggregator, GradDrop):
             direction = self.aggregator(jac)
             return None, direction if self.rep_grad else sync_weights(direction)
-        weights = weights_from_gramian(self.aggregator, gram.double()).to(jac.device, jac.dtype)
-        return sync_weights(weights), jac
+        gram_host = to_host(gram) if gram_host is None else gram_host
+        return sync_weights(to_device(weights_from_gramian(self.aggregator, gram_host), jac)), jac
 
 
 _MODULE_ATTRS = frozenset(vars(nn.Module()))

@@ -39,9 +39,16 @@ Rules every strategy keeps:
   from all-reduced quantities. No method of ``nn.Module`` is overridden with another meaning
   (a strategy is a child of the module: ``module.apply(fn)`` must keep working).
 
-Returned logs are scalars; keys starting with ``grad/`` are logged under ``train/grad/...``
+Returned logs are scalars: 0-dim device tensors for what is logged every step (task weights), so
+that logging costs no host sync (the step's values are not read on the host), Python numbers for
+values already on the host; keys starting with ``grad/`` are logged under ``train/grad/...``
 (per-task gradient norms, pairwise cosines, conflicting pairs, aggregation weights, every
 ``diagnostics_every`` steps), the others under ``train/strategy/...``.
+
+Host syncs: a strategy reads device values on the host only where it must decide on the host
+(a finite check, the ``k × k`` solvers of the gradient aggregators: one copy of the Gramian per
+step); counters kept as buffers are mirrored on the host (``tests/strategies/test_ddp_comm.py``
+bounds the syncs of each strategy's step).
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ from mtl.strategies.grads import all_reduce_mean_, gramian_stats, task_grads, tr
 
 if TYPE_CHECKING:
     from mtl.tasks.base import Task
+
+#: what ``Strategy.backward`` returns: log key → a Python number or a 0-dim (device) tensor
+Logs = dict[str, float | torch.Tensor]
 
 
 class Strategy(nn.Module):
@@ -99,7 +109,7 @@ class Strategy(nn.Module):
         out = module.model.run(batch["image"])
         return StepForward(preds=out.preds, losses=module.task_losses(out, batch), aux=out.aux_loss)
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         """Runs the backward pass(es) for one step.
 
         Args:
@@ -177,7 +187,7 @@ class Strategy(nn.Module):
 
     def diagnostics(
         self, losses: Mapping[str, torch.Tensor], module: StrategyHost, weights: torch.Tensor | None = None
-    ) -> dict[str, float]:
+    ) -> Logs:
         """Gradient diagnostics for one-backward strategies, on the steps that log them."""
         if not self.diagnose_now():
             return {}

@@ -63,7 +63,9 @@ class DBMTL(PerTaskGradients):
     def task_objective(self, task: str, loss: torch.Tensor) -> torch.Tensor:
         return torch.log(loss.clamp_min(self.eps))
 
-    def combine(self, jac: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def combine(
+        self, jac: torch.Tensor, gram: torch.Tensor, gram_host: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ema.shape != jac.shape or self.ema.device != jac.device:
             self.ema = torch.zeros_like(jac)  # zero-initialised EMA, as in the paper's code
         beta_s = self.beta / float(self.steps) ** self.gamma  # self.steps ≥ 1 here (ticked)
@@ -73,10 +75,10 @@ class DBMTL(PerTaskGradients):
         return sync_weights(weights), self.ema
 
     def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
-        scales, rows = self.combine(m.jac, m.gram)
+        scales, rows = self.combine(m.jac, m.gram, m.gram_host)
         self.write_update(m.step, m.targets, scales, rows, m.scale)
         losses = torch.stack([m.step.losses[t].detach().float() for t in self.task_names])
         losses = all_reduce_mean_(losses.to(scales.device)).clamp_min(self.eps)
         effective = sync_weights((scales / losses.to(scales.dtype)).contiguous())
-        logs = {f"{t}/scale": float(a) for t, a in zip(self.task_names, scales.cpu(), strict=True)}
+        logs = {f"{t}/scale": a for t, a in zip(self.task_names, scales.unbind(0), strict=True)}  # no sync
         return Update(effective, logs)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from mtl.contracts import StepForward, StrategyHost
-from mtl.strategies.base import Strategy
+from mtl.strategies.base import Logs, Strategy
 from mtl.strategies.grads import all_reduce_mean_, frozen_bn_stats
 
 
@@ -54,6 +54,10 @@ class FAMO(Strategy):
         for name in ("logits", "adam_m", "adam_v", "prev"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("adam_t", torch.zeros((), dtype=torch.long))
+        self._t: int | None = None  # adam_t on the host (read once, then mirrored: no sync per step)
+
+    def load_extra_state(self, state: dict) -> None:
+        self._t = None  # a checkpoint was loaded: read the buffer again
 
     def setup(self, *, tasks: Mapping, module: StrategyHost) -> None:
         super().setup(tasks=tasks, module=module)
@@ -69,7 +73,7 @@ class FAMO(Strategy):
         inv = z / self.shifted(losses)
         return inv / inv.sum()
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         losses, extra = step.losses, step.aux
         stacked = torch.stack([loss.float() for loss in losses.values()])
         z = torch.softmax(self.logits.to(stacked.device), 0)
@@ -81,7 +85,7 @@ class FAMO(Strategy):
         self.tick()
         module.manual_backward(total if extra is None else total + extra)
         self.prev = all_reduce_mean_(stacked.detach().clone())
-        logs.update({f"{t}/weight": float(v) for t, v in zip(losses, w.cpu(), strict=True)})
+        logs.update({f"{t}/weight": v for t, v in zip(losses, w.unbind(0), strict=True)})  # no host sync
         return logs
 
     def update(self, new_losses: torch.Tensor) -> None:
@@ -92,7 +96,8 @@ class FAMO(Strategy):
         delta = torch.log(self.shifted(self.prev.to(dev))) - torch.log(self.shifted(new_losses))
         grad = z * (delta - (z * delta).sum()) + self.weight_decay * logits  # softmax Jacobianᵀ δ + L2
         self.adam_t += 1
-        b1, b2, t = 0.9, 0.999, int(self.adam_t)
+        self._t = int(self.adam_t) if self._t is None else self._t + 1
+        b1, b2, t = 0.9, 0.999, self._t
         self.adam_m = b1 * self.adam_m.to(dev) + (1 - b1) * grad
         self.adam_v = b2 * self.adam_v.to(dev) + (1 - b2) * grad**2
         m_hat, v_hat = self.adam_m / (1 - b1**t), self.adam_v / (1 - b2**t)

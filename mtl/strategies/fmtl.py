@@ -24,8 +24,11 @@ Costs one forward/backward per task at the clean point and one per task at its p
 point (only that task's branch is decoded). BatchNorm statistics move on the first pass only.
 Memory: the ``k × n`` buffer is reused for the flat components; one ``n``-vector backs up the
 weights during each perturbed pass (restored bit-exactly). Under DDP the clean rows are
-averaged before anything is perturbed (every rank perturbs identically) and the perturbed
-gradients are averaged in one all-reduce of the buffer.
+averaged before anything is perturbed (every rank perturbs identically), each asynchronously
+right after its task's clean pass; each task's flat component (and its head's perturbed
+gradient) is averaged asynchronously right after its perturbed pass, overlapping the next task's
+passes. Host syncs: one per Gramian (the clean one and the flat one, copied to the host for the
+solver) and none for the perturbation (its norms stay on the device).
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ from torchjd.aggregation import GradDrop
 
 from mtl.contracts import StepForward, StrategyHost
 from mtl.strategies.aggregation import GradientAggregation, weights_from_gramian
-from mtl.strategies.grads import GradientTargets, all_reduce_mean_, frozen_bn_stats, task_grads
+from mtl.strategies.grads import (
+    GradientTargets,
+    PendingMeans,
+    all_reduce_mean_,
+    frozen_bn_stats,
+    task_grads,
+    to_device,
+    to_host,
+)
 from mtl.strategies.jacobian import Measured, Update, sync_weights
 from mtl.strategies.sam import ascent_step, check_rho
 
@@ -73,7 +84,7 @@ class FlatMTL(GradientAggregation):
         self.flat_aggregator = copy.deepcopy(self.aggregator)
 
     def _direction(
-        self, agg, jac: torch.Tensor, gram: torch.Tensor, out: torch.Tensor, add: bool
+        self, agg, jac: torch.Tensor, gram_host: torch.Tensor, out: torch.Tensor, add: bool
     ) -> torch.Tensor | None:
         if isinstance(agg, GradDrop):
             d = sync_weights(agg(jac))
@@ -82,7 +93,7 @@ class FlatMTL(GradientAggregation):
             else:
                 out.copy_(d)
             return None
-        w = sync_weights(weights_from_gramian(agg, gram.double()).to(jac.device, jac.dtype))
+        w = sync_weights(to_device(weights_from_gramian(agg, gram_host), jac))
         if add:
             out.addmv_(jac.T, w)
         else:
@@ -93,13 +104,19 @@ class FlatMTL(GradientAggregation):
         self, step: StepForward, targets: GradientTargets, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The clean Gramian (rows averaged over the ranks); the clean head gradients unscaled and
-        union-averaged in place."""
+        union-averaged in place (averaged during the passes: :meth:`heads_early`)."""
         gram, jac = super().measure(step, targets, scale)
-        all_reduce_mean_(self._heads(targets).div_(scale))
+        self._heads(targets).div_(scale)
         return gram, jac
 
-    def usable(self, gram: torch.Tensor, targets: GradientTargets) -> bool:
-        return super().usable(gram, targets) and bool(torch.isfinite(self._heads(targets)).all())
+    def shards_rows(self) -> bool:
+        return False  # the perturbation of task i reads its whole averaged row
+
+    def heads_early(self, step: StepForward) -> bool:
+        return True  # the perturbation of head i reads its union-averaged clean gradient
+
+    def finite_checks(self, gram: torch.Tensor, targets: GradientTargets) -> list[torch.Tensor]:
+        return [gram, self._heads(targets)]
 
     @staticmethod
     def _heads(targets: GradientTargets) -> torch.Tensor:
@@ -107,15 +124,15 @@ class FlatMTL(GradientAggregation):
         return targets.flat.flat[targets.n_shared :]
 
     def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
-        step, targets, gram, jac, scale = m.step, m.targets, m.gram, m.jac, m.scale
+        step, targets, jac, scale = m.step, m.targets, m.jac, m.scale
         shared = targets.shared
         flat, views, params = targets.flat.flat, targets.flat.views, targets.flat.params
         ex = task_grads(step.aux * scale, params) if step.aux is not None else None  # at the clean point
-        heads = self._heads(targets)
         shared_dir = flat[: targets.n_shared]
-        w_clean = self._direction(self.aggregator, jac, gram, shared_dir, add=False)
+        w_clean = self._direction(self.aggregator, jac, m.gram_host, shared_dir, add=False)
         shared_views = self._jac.row_views
         ns = len(shared)
+        pending = PendingMeans()
         for i, t in enumerate(self.task_names):
             head = targets.task[t]
             head_grads = [p.grad for p in head]
@@ -132,13 +149,15 @@ class FlatMTL(GradientAggregation):
             with torch.no_grad():
                 torch._foreach_copy_(shared + head, backup)
             del backup
-            # row i ← g_i − g_i^SAM
+            # row i ← g_i^SAM − g_i (rank-averaged, launched now: it overlaps the next task's passes)
             torch._foreach_sub_(shared_views[i], torch._foreach_div(list(g[:ns]), scale))
+            pending.launch(jac[i].neg_())
             if head:
                 torch._foreach_copy_(head_grads, list(g[ns:]))  # head i ← g_i^SAM (scaled)
-        all_reduce_mean_(jac.neg_())  # rows: rank-averaged g_i^SAM − g_i
-        all_reduce_mean_(heads)
-        gram_flat = jac @ jac.T
+                pending.launch(targets.head(t))
+            del g
+        pending.wait()
+        gram_flat = to_host(jac @ jac.T)  # the flat Gramian's one host sync (its solver reads it)
         if not bool(torch.isfinite(gram_flat).all()):
             return None
         w_flat = self._direction(self.flat_aggregator, jac, gram_flat, shared_dir, add=True)
@@ -147,6 +166,6 @@ class FlatMTL(GradientAggregation):
             torch._foreach_add_(views, list(ex))
             all_reduce_mean_(flat)
         logs = {}
-        if w_flat is not None:
-            logs = {f"{t}/flat_weight": float(v) for t, v in zip(self.task_names, w_flat.cpu(), strict=True)}
+        if w_flat is not None:  # device scalars: no host sync
+            logs = {f"{t}/flat_weight": v for t, v in zip(self.task_names, w_flat.unbind(0), strict=True)}
         return Update(w_clean, logs)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mtl.contracts import StepForward, StrategyHost
-from mtl.strategies.base import Strategy
+from mtl.strategies.base import Logs, Strategy
 from mtl.strategies.grads import all_reduce_mean_, task_grads, trainable
 
 if TYPE_CHECKING:
@@ -83,16 +83,19 @@ class GradNorm(Strategy):
 
     def update(self, losses: torch.Tensor, norms: torch.Tensor) -> None:
         """One weight step from the (rank-averaged) losses and per-task gradient norms at ``W``."""
-        if float(self.initial_losses.sum()) == 0:
-            self.initial_losses = losses.clone()
-        ratio = losses / self.initial_losses.clamp_min(1e-12)
+        # on the device, without a host sync: the first step's losses become the initial ones, and a
+        # step whose norms are not finite (fp16 overflow) leaves the weights and initial losses alone
+        initial = torch.where(self.initial_losses.sum() == 0, losses, self.initial_losses)
+        ratio = losses / initial.clamp_min(1e-12)
         rate = ratio / ratio.mean()
         g = self.weights * norms
         target = g.mean() * rate**self.alpha
         w = (self.weights - self.lr * torch.sign(g - target) * norms).clamp_min(1e-6)
-        self.weights = w * (len(w) / w.sum())
+        finite = torch.isfinite(norms).all()
+        self.initial_losses = torch.where(finite, initial, self.initial_losses)
+        self.weights = torch.where(finite, w * (len(w) / w.sum()), self.weights)
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         losses, extra = step.losses, step.aux
         layer = last_shared_layer(module.model, self.layer)
         scale = float(module.grad_scale())
@@ -110,8 +113,6 @@ class GradNorm(Strategy):
         self.tick()
         total = sum(wt * loss for wt, loss in zip(w, losses.values(), strict=True))
         module.manual_backward(total if extra is None else total + extra)
-        norms = jac.norm(dim=1)
-        if bool(torch.isfinite(norms).all()):
-            self.update(stacked, norms)
-        logs.update({f"{t}/weight": float(v) for t, v in zip(losses, w.cpu(), strict=True)})
+        self.update(stacked, norms=jac.norm(dim=1))
+        logs.update({f"{t}/weight": v for t, v in zip(losses, w.unbind(0), strict=True)})  # no host sync
         return logs

@@ -11,7 +11,9 @@ where ``g_i + g_j`` is the gradient of ``L_i + L_j``. One step costs ``k(k+1)/2`
 for the Gramian plus one for the update (``k = 4``: 11 instead of 4) and holds one ``n``-vector
 scratch row instead of ``k`` rows: it trades compute for memory, for backbones whose ``k × n``
 buffer does not fit. Under DDP every gradient is averaged over the ranks before its norm is
-taken, so ``G`` is the union's Gramian exactly, as with the buffer (``tests/strategies``).
+taken, so ``G`` is the union's Gramian exactly, as with the buffer (``tests/strategies``); these
+all-reduces stay synchronous (one in flight would need a second scratch row), so this mode moves
+``k(k+1)/2`` rows of ``n`` across the ranks per step, against ``k`` (overlapped) for the buffer.
 
 The numerics: polarisation subtracts squared norms, so an entry loses about
 ``ε · (‖g_i‖² + ‖g_j‖²)`` (float32 ``ε`` ≈ 1e-7) of absolute precision, negligible beside the
@@ -85,8 +87,8 @@ def weighted_direction(
 
     ``objectives`` maps every task, in the order of ``weights``, to its objective ``L_i``.
     """
-    total = sum(
-        float(w) * objective for objective, w in zip(objectives.values(), weights.tolist(), strict=True)
+    total = sum(  # device scalars: no host sync
+        w * objective for objective, w in zip(objectives.values(), weights.unbind(0), strict=True)
     )
     grads = task_grads(total * scale, targets.shared)
     torch._foreach_copy_(targets.flat.views[: len(targets.shared)], list(grads))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from mtl.contracts import StepForward, StrategyHost
+from mtl.strategies.base import Logs
 from mtl.strategies.grads import FlatGrad, all_reduce_mean_, frozen_bn_stats, task_grads, trainable
 from mtl.strategies.weighting import FixedWeights
 
@@ -59,10 +60,15 @@ def ascent_step(
             for p, s in zip(params, scaled, strict=True)
         ]
         tg = torch._foreach_mul(list(grads), t)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tg)))
-        return torch._foreach_mul(torch._foreach_mul(tg, t), float(rho) / max(float(norm), 1e-12))
+        return torch._foreach_mul(torch._foreach_mul(tg, t), _radius(rho, tg))
+    return torch._foreach_mul(list(grads), _radius(rho, grads))
+
+
+def _radius(rho: float, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``ρ / max(‖g‖, 1e-12)`` as a float64 device scalar (no host sync; the multiplication rounds it
+    to the gradients' dtype as a Python float would be)."""
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
-    return torch._foreach_mul(list(grads), float(rho) / max(float(norm), 1e-12))
+    return float(rho) / norm.double().clamp_min(1e-12)
 
 
 class SAM(FixedWeights):
@@ -96,7 +102,7 @@ class SAM(FixedWeights):
         self._flat: FlatGrad | None = None
         self._scaled: list[bool] = []
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         losses, extra = step.losses, step.aux
         params = trainable(module.model.parameters())
         if self._flat is None or [id(p) for p in self._flat.params] != [id(p) for p in params]:

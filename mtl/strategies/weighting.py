@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 
 from mtl.contracts import StepForward, StrategyHost
-from mtl.strategies.base import Strategy
+from mtl.strategies.base import Logs, Strategy
 
 
 class FixedWeights(Strategy):
@@ -49,7 +49,7 @@ class FixedWeights(Strategy):
         """The weighted total loss."""
         return sum(self.weights[t] * loss for t, loss in losses.items())
 
-    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> dict[str, float]:
+    def backward(self, step: StepForward, *, module: StrategyHost, batch: dict) -> Logs:
         losses, extra = step.losses, step.aux
         w = torch.tensor([self.weights[t] for t in losses])
         logs = self.diagnostics(losses, module, w)

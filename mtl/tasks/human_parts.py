@@ -31,7 +31,5 @@ class HumanParts(SemSeg):
         """Adds a batch, leaving out images without any part pixel (the field's ``AddIgnoreRegions``)."""
         target = batch[self.name]
         no_parts = ((target == 0) | (target == self.ignore_index)).flatten(1).all(dim=1)
-        if bool(no_parts.any()):
-            mask = no_parts.view(-1, *([1] * (target.dim() - 1)))
-            target = torch.where(mask, torch.full_like(target, self.ignore_index), target)
-        metric.update(pred, target)
+        mask = no_parts.view(-1, *([1] * (target.dim() - 1)))  # on the device, no host read
+        metric.update(pred, torch.where(mask, torch.full_like(target, self.ignore_index), target))

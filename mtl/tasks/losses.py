@@ -18,9 +18,11 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_inde
     """Pixel-wise cross-entropy averaged over pixels whose label is not ``ignore_index``.
 
     The sum over the valid pixels divided by their number (at least 1), as the
-    Multi-Task-Transformer code's ``CrossEntropyLoss`` reduces it.
+    Multi-Task-Transformer code's ``CrossEntropyLoss`` reduces it. Computed in float32 whatever
+    the logits' dtype (autocast does the same; bf16 logits outside autocast would otherwise sum
+    every pixel's loss in bf16).
     """
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     n = (target != ignore_index).sum()
     return loss / n.clamp(min=1)
 
@@ -58,12 +60,13 @@ def balanced_bce(
     """
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target)).float()
+    logits = logits.float()  # everything in float32: a bf16 weight 0.95 would be 0.9492
     if pos_weight is None:
         n_valid = valid.sum().clamp(min=1)
         w = ((1 - t) * valid).sum() / n_valid
     else:
-        w = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    logits = logits.float()
+        # float32 on the logits' device, written by a fill (no host-to-device copy)
+        w = torch.full((), float(pos_weight), dtype=torch.float32, device=logits.device)
     loss = -(w * t * F.logsigmoid(logits) + (1 - w) * (1 - t) * F.logsigmoid(-logits))
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 

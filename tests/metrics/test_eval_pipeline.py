@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from mtl.adapters.lora import MergeLoRA
 from mtl.backbones.routing_report import RoutingReport
-from mtl.baselines import WriteBaseline, write_baseline
+from mtl.baselines import METRICS_PROTOCOL, WriteBaseline, write_baseline
 from mtl.control.run import Control
 from mtl.eval_steps import EvalContext, EvalStep
 from mtl.metrics.delta_m import delta_m, delta_m_terms
@@ -56,6 +56,7 @@ def test_baseline_collector_prefers_test_metrics(tmp_path):
     text = path.read_text()
     assert text.startswith("# @package baselines\n")
     assert yaml.safe_load(text)["metrics"] == {"semseg/miou": 0.4, "edge/odsf": 0.5, "edge/f": 0.6}
+    assert yaml.safe_load(text)["protocol"] == METRICS_PROTOCOL  # the metric definitions it was measured with
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         write_baseline(tmp_path / "nothing", tmp_path / "out")
     # the Hydra callback of the single-task experiments does the same at the end of the multirun

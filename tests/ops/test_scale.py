@@ -51,6 +51,8 @@ def test_two_process_ddp_training_through_train_py(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4  # 16 samples / (2 ranks × batch 4) = 2 steps per epoch, 2 epochs
     assert len(ckpt["rng_states"]) == 2  # one RNG state per rank
+    # each rank its own random stream (dropout, stochastic depth), not rank 0's copy
+    assert not torch.equal(ckpt["rng_states"][0]["torch"], ckpt["rng_states"][1]["torch"])
     assert (run / "train_ddp_process_1.log").exists()  # Lightning's launcher started rank 1
     report = json.loads((run / "throughput.json").read_text())
     assert report["world_size"] == 2 and report["images_per_sec"] > 0

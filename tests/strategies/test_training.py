@@ -117,7 +117,7 @@ def test_fp16_unscales_before_aggregating(make_cfg, rep_grad):
     fp32, _, _ = _fit(make_cfg, overrides, steps=1)
     assert scaler.get_scale() == 2.0**10  # finite gradients: no back-off
     assert all(torch.isfinite(p).all() for p in fp16.parameters())
-    w16, w32 = (torch.tensor(m.strategy.last_weights) for m in (fp16, fp32))
+    w16, w32 = (torch.as_tensor(m.strategy.last_weights) for m in (fp16, fp32))
     assert torch.allclose(w16, w32, rtol=0.05, atol=1e-3), (w16, w32)
 
 
