@@ -79,7 +79,7 @@ def grouped_gemm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` runs for ``dtype`` on ``device`` without reading its
     offsets on the host: bf16 on the CPU (no device to wait on) or on a GPU of compute capability
     9.x / 10.x (CUTLASS kernels); elsewhere it falls back to a loop over host-read offsets."""
-    if dtype != torch.bfloat16:
+    if dtype != torch.bfloat16 or not hasattr(F, "grouped_mm"):  # older torch releases: the split path
         return False
     if device.type == "cpu":
         return True
