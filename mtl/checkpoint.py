@@ -13,16 +13,50 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+class NonFiniteCheckpointError(RuntimeError):
+    """A checkpoint whose weights or optimiser state hold NaN/inf: it is not written (it could not be
+    resumed), and the file it would have replaced is kept."""
+
+
+def nonfinite_entries(checkpoint: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` and of the optimiser states that hold
+    NaN or inf (one host read per device: checkpoints are rare, this is not a per-step cost)."""
+    named: list[tuple[str, torch.Tensor]] = [
+        (f"state_dict.{k}", t) for k, t in checkpoint.get("state_dict", {}).items() if torch.is_tensor(t)
+    ]
+    for i, opt in enumerate(checkpoint.get("optimizer_states", []) or []):
+        for pid, state in (opt.get("state", {}) if isinstance(opt, dict) else {}).items():
+            named += [(f"optimizer_states.{i}.{pid}.{k}", t) for k, t in state.items() if torch.is_tensor(t)]
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for n, t in named:
+        by_device.setdefault(t.device, []).append((n, t))
+    bad: list[str] = []
+    for group in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in group]).tolist()
+        bad += [n for (n, _), ok in zip(group, finite, strict=True) if not ok]
+    return bad
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to ``<path>.tmp``, flushes it to disk, then renames it over ``<path>``.
 
     ``os.replace`` is atomic on POSIX file systems, so readers see either the previous
-    complete file or the new complete file.
+    complete file or the new complete file. A checkpoint with non-finite weights or optimiser
+    state is refused (:class:`NonFiniteCheckpointError`): it never replaces a good file.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
+        bad = nonfinite_entries(checkpoint)
+        if bad:
+            kept = f"the previous {path} is kept" if Path(path).is_file() else f"{path} is not written"
+            raise NonFiniteCheckpointError(
+                f"checkpoint not saved: {len(bad)} tensor(s) hold NaN/inf, e.g. {bad[:4]}; {kept}. The "
+                "weights diverged (too high a learning rate? try a lower optimizer.lr, module.grad_clip, "
+                "or trainer.precision=32)"
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -42,11 +42,18 @@ def nonfinite_message(tasks: Sequence[str], *, step: int, epoch: int, batch_idx:
     return f"non-finite loss in {', '.join(tasks)} at step {step} (epoch {epoch}, batch {batch_idx})"
 
 
-def stop_message(base: str, *, max_skips: int, ckpt: str) -> str:
+def stop_message(base: str, *, max_skips: int, ckpt: str | None) -> str:
+    """The stop's message; ``ckpt``: where the last good state is, ``None`` when no finite state
+    was ever saved (the weights diverged before the first checkpoint)."""
+    saved = (
+        f"the last good state is saved at {ckpt} (resume with ckpt_path=last)"
+        if ckpt
+        else "no checkpoint was saved: the weights diverged before the first one (non-finite "
+        "weights are never saved)"
+    )
     return (
         f"{base}: {max_skips} batch(es) with non-finite losses were skipped already "
-        f"(module.nonfinite.max_skips={max_skips}); the last good state is saved at {ckpt} "
-        f"(resume with ckpt_path=last). Try: {_ADVICE}."
+        f"(module.nonfinite.max_skips={max_skips}); {saved}. Try: {_ADVICE}."
     )
 
 

@@ -11,13 +11,14 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 
-from mtl.checkpoint import gather_rng_states, restore_rank_rng_state, seed_rank_rng
+from mtl.checkpoint import NonFiniteCheckpointError, gather_rng_states, restore_rank_rng_state, seed_rank_rng
 from mtl.contracts import ModelOutput
 from mtl.guards import NonFiniteLossError, nonfinite_message, nonfinite_tasks, stop_message
 from mtl.metrics.delta_m import delta_m
@@ -240,11 +241,17 @@ class MTLModule(L.LightningModule):
         self.log("train/skipped_batches", torch.tensor(float(self.skipped)))  # a host value: no copy
         return True
 
-    def _save_last_good(self) -> str:
+    def _save_last_good(self) -> str | None:
         cb = getattr(self.trainer, "checkpoint_callback", None)
         folder = getattr(cb, "dirpath", None) or f"{self.trainer.default_root_dir}/checkpoints"
         path = f"{folder}/last.ckpt"
-        self.trainer.save_checkpoint(path)
+        try:
+            self.trainer.save_checkpoint(path)
+        except NonFiniteCheckpointError as err:  # the weights are poisoned too: keep the earlier file
+            warnings.warn(str(err), stacklevel=1)
+            if Path(path).is_file():
+                return f"{path} (an earlier save: the current weights are not finite and were not saved)"
+            return None
         return path
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl.checkpoint import AtomicCheckpointIO
+from mtl.checkpoint import AtomicCheckpointIO, NonFiniteCheckpointError, nonfinite_entries
 from mtl.data.transforms import RandomHorizontalFlip, ToTensor
 from mtl.loggers import wandb_logger
 from mtl.optim import lr_lambda
@@ -24,6 +24,25 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         io.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}
+
+
+def test_non_finite_weights_or_optimiser_state_never_replace_a_checkpoint(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    good = {"state_dict": {"w": torch.ones(3), "step": torch.tensor(4)}, "optimizer_states": []}
+    io.save_checkpoint(good, path)
+    poisoned = {"state_dict": {"w": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.zeros(2)}}
+    with pytest.raises(NonFiniteCheckpointError, match=r"1 tensor\(s\) hold NaN/inf.*state_dict\.w.*is kept"):
+        io.save_checkpoint(poisoned, path)
+    exp_avg = torch.tensor([float("inf")])
+    bad_opt = {"state_dict": {"w": torch.ones(3)}, "optimizer_states": [{"state": {0: {"exp_avg": exp_avg}}}]}
+    assert nonfinite_entries(bad_opt) == ["optimizer_states.0.0.exp_avg"]
+    with pytest.raises(NonFiniteCheckpointError, match="optimizer_states.0.0.exp_avg"):
+        io.save_checkpoint(bad_opt, path)
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))  # the good one
+    with pytest.raises(NonFiniteCheckpointError, match="is not written"):
+        io.save_checkpoint(poisoned, tmp_path / "first.ckpt")
+    assert not (tmp_path / "first.ckpt").exists()
 
 
 def test_wandb_offline_without_key(tmp_path, monkeypatch):

@@ -109,3 +109,12 @@ def test_restore_grads_sums_micro_batches():
     p.grad = torch.tensor([1.0, 1.0, 1.0])
     restore_grads(stash)
     assert torch.equal(p.grad, torch.tensor([2.0, 3.0, 4.0]))
+
+
+def test_stop_message_says_when_no_finite_state_was_ever_saved():
+    from mtl.guards import stop_message
+
+    saved = stop_message("non-finite loss", max_skips=3, ckpt="run/checkpoints/last.ckpt")
+    assert "saved at run/checkpoints/last.ckpt (resume with ckpt_path=last)" in saved
+    never = stop_message("non-finite loss", max_skips=3, ckpt=None)
+    assert "no checkpoint was saved" in never and "ckpt_path=last" not in never
