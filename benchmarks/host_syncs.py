@@ -24,15 +24,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from gpu_acceptance import compose_cfg  # benchmarks/ is on sys.path when run as a script
 
 from mtl.host_syncs import SyncsPerStep
 from mtl.pipeline import train
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 BATCH = 2
 SMALL = [
     "data.dataset.resolution=[64,64]",
@@ -70,18 +66,6 @@ SETUPS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
 }
-
-
-def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.log_dir = str(output_dir / "logs")
-            cfg.hydra.runtime.output_dir = str(output_dir)
-        HydraConfig().set_config(cfg)
-    return cfg
 
 
 def measure(overrides: list[str], *, steps: int, warmup: int) -> SyncsPerStep:
