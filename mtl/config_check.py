@@ -153,6 +153,36 @@ def check_node(path: str, node: DictConfig) -> list[str]:
     return problems
 
 
+# Values that fit their type but not their meaning; each reported with its key before anything is built.
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("optimizer.lr", lambda v: v > 0, "a learning rate > 0"),
+    ("optimizer.weight_decay", lambda v: v >= 0, "a weight decay >= 0"),
+    (
+        "module.grad_clip",
+        lambda v: v is None or v >= 0,
+        "a max gradient norm > 0, or null / 0 for no clipping",
+    ),
+    ("data.batch_size", lambda v: v >= 1, "a batch size >= 1"),
+    ("data.eval_batch_size", lambda v: v >= 1, "a batch size >= 1 (or null: data.batch_size)"),
+    ("trainer.accumulate_grad_batches", lambda v: v >= 1, "micro-batches per step >= 1"),
+)
+
+
+def value_problems(cfg: DictConfig) -> list[str]:
+    """Numbers out of their range (e.g. a negative learning rate), each naming its key."""
+    problems = []
+    for key, ok, wanted in _RANGES:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:  # noqa: BLE001 — an interpolation that needs runtime context
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # absent (the default), or a type problem reported by the node's check
+        if not ok(value):
+            problems.append(f"{key} = {value!r}: expected {wanted}")
+    return problems
+
+
 def check_config(cfg: DictConfig, groups: Sequence[str] | None = None) -> None:
     """Raises :class:`ConfigError` listing every problem in ``cfg``'s ``_target_`` nodes.
 
@@ -165,5 +195,7 @@ def check_config(cfg: DictConfig, groups: Sequence[str] | None = None) -> None:
         if key in cfg:
             for path, node in _nodes(cfg._get_node(key), str(key)):
                 problems.extend(check_node(path, node))
+    if groups is None:
+        problems.extend(value_problems(cfg))
     if problems:
         raise ConfigError("config errors (nothing was loaded or trained):\n  " + "\n  ".join(problems))

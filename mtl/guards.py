@@ -1,8 +1,14 @@
-"""Training guards: non-finite losses and out-of-memory errors, reported so a user can act on them.
+"""Training guards: non-finite losses, gradients and predictions, and out-of-memory errors, reported
+so a user can act on them.
 
-A non-finite loss names the task(s), the step and the batch. The policy skips such a batch (no
-update; under DDP every rank skips together) up to ``max_skips`` times over the run; the next one
-saves the last good state as ``last.ckpt`` and stops with :class:`NonFiniteLossError`.
+A non-finite loss names the task(s), the step and the batch; a non-finite gradient (finite losses,
+e.g. an exploding learning rate) names the first parameters that hold it. The policy skips such a
+batch (no optimiser step, no scheduler step; under DDP every rank skips together) up to
+``max_skips`` times over the run; the next one saves the last finite state as ``last.ckpt`` and
+stops with :class:`NonFiniteLossError`. Non-finite weights are never saved
+(:class:`~mtl.checkpoint.AtomicCheckpointIO`). Non-finite predictions at evaluation are counted per
+task (:class:`NonFiniteCount`), logged as ``{stage}/{task}/nonfinite`` and warned about; the task
+metrics then follow the field's evaluators (a NaN prediction makes a mean NaN), they never crash.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
+from torchmetrics import Metric
 
 _ADVICE = (
     "lower optimizer.lr, clip gradients (module.grad_clip=1.0), train in fp32 (trainer.precision=32) "
@@ -38,21 +46,47 @@ def nonfinite_tasks(losses: Mapping[str, torch.Tensor], aux: torch.Tensor | None
     return [n for n, b in zip(names, bad.tolist(), strict=True) if b > 0]
 
 
+def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, on their device (no host read): NaN/inf when
+    any gradient holds NaN/inf. Zero when no parameter has a gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
+
+
+def nonfinite_grads(named: Sequence[tuple[str, nn.Parameter]], limit: int = 4) -> list[str]:
+    """Names of (at most ``limit``) parameters whose gradient holds NaN/inf (one host read)."""
+    with_grad = [(n, p.grad) for n, p in named if p.grad is not None]
+    if not with_grad:
+        return []
+    flags = torch.stack([~torch.isfinite(g).all() for _, g in with_grad]).tolist()
+    return [n for (n, _), bad in zip(with_grad, flags, strict=True) if bad][:limit]
+
+
 def nonfinite_message(tasks: Sequence[str], *, step: int, epoch: int, batch_idx: int) -> str:
     return f"non-finite loss in {', '.join(tasks)} at step {step} (epoch {epoch}, batch {batch_idx})"
+
+
+def grad_message(params: Sequence[str], *, step: int, epoch: int, batch_idx: int) -> str:
+    return (
+        f"non-finite gradient (finite losses) at step {step} (epoch {epoch}, batch {batch_idx}), "
+        f"e.g. in {', '.join(params) or '?'}"
+    )
 
 
 def stop_message(base: str, *, max_skips: int, ckpt: str | None) -> str:
     """The stop's message; ``ckpt``: where the last good state is, ``None`` when no finite state
     was ever saved (the weights diverged before the first checkpoint)."""
     saved = (
-        f"the last good state is saved at {ckpt} (resume with ckpt_path=last)"
+        f"the last state with finite weights is saved at {ckpt} (resume with ckpt_path=last; after a "
+        "diverging learning rate it may already be poor: compare its validation metrics with best.ckpt's)"
         if ckpt
         else "no checkpoint was saved: the weights diverged before the first one (non-finite "
         "weights are never saved)"
     )
     return (
-        f"{base}: {max_skips} batch(es) with non-finite losses were skipped already "
+        f"{base}: {max_skips} batch(es) with non-finite losses or gradients were skipped already "
         f"(module.nonfinite.max_skips={max_skips}); {saved}. Try: {_ADVICE}."
     )
 
@@ -85,3 +119,23 @@ def explain_oom(**context) -> Iterator[None]:
         yield
     except torch.OutOfMemoryError as err:
         raise torch.OutOfMemoryError(oom_message(err, **context)) from err
+
+
+class NonFiniteCount(Metric):
+    """How many prediction values of a task were NaN/inf over an evaluation (sum states: exact
+    under DDP). ``compute()`` returns ``{"nonfinite": count}``, kept beside the task's metrics."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nonfinite", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor) -> None:
+        """Adds a batch's raw prediction (any shape)."""
+        self.nonfinite += (~torch.isfinite(pred.detach())).sum()
+        self.total += pred.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"nonfinite": self.nonfinite, "values": self.total}

@@ -20,7 +20,16 @@ from torch import nn
 
 from mtl.checkpoint import NonFiniteCheckpointError, gather_rng_states, restore_rank_rng_state, seed_rank_rng
 from mtl.contracts import ModelOutput
-from mtl.guards import NonFiniteLossError, nonfinite_message, nonfinite_tasks, stop_message
+from mtl.guards import (
+    NonFiniteCount,
+    NonFiniteLossError,
+    grad_message,
+    grad_norm,
+    nonfinite_grads,
+    nonfinite_message,
+    nonfinite_tasks,
+    stop_message,
+)
 from mtl.metrics.delta_m import delta_m
 from mtl.model import MultiTaskNet
 from mtl.optim import build_scheduler, param_groups, restore_grads, stash_grads
@@ -88,7 +97,7 @@ class MTLModule(L.LightningModule):
         strategy: the optimisation strategy (default: the field's fixed loss weights).
         scheduler: keyword arguments of :func:`mtl.optim.build_scheduler` (``name``,
             ``warmup_steps``, ``power``, …) or ``None`` for a constant learning rate.
-        grad_clip: max global gradient norm (``None`` or 0 disables clipping).
+        grad_clip: max global gradient norm (``None`` or 0 disables clipping; negative is refused).
         no_decay_1d: exclude biases and norm parameters from weight decay.
         log_images: log ground-truth/prediction pictures of the first validation batch.
         baseline: single-task reference metrics ``{task}/{metric}`` (``configs/baselines/``);
@@ -100,8 +109,12 @@ class MTLModule(L.LightningModule):
             for loss weighting this is the gradient of the large batch. Under DDP the micro-batches
             before the last of a group skip DDP's gradient all-reduce (``no_sync``): one all-reduce
             per optimiser step.
-        nonfinite: ``{"max_skips": K}``: skip up to K batches with a NaN/inf loss over the run,
-            then save ``last.ckpt`` and stop (0: stop at the first).
+        nonfinite: ``{"max_skips": K, "check_grads": bool}``: skip up to K batches with a NaN/inf
+            loss over the run, then save ``last.ckpt`` and stop (0: stop at the first). With
+            ``check_grads`` (default) a batch whose losses are finite but whose gradients are not
+            is skipped too (no optimiser or scheduler step; same budget): one host read of the
+            global gradient norm per optimiser step, which clipping computes anyway. Under fp16
+            the gradient scaler skips such steps itself and this check is off.
     """
 
     def __init__(
@@ -120,6 +133,11 @@ class MTLModule(L.LightningModule):
         nonfinite: Mapping | None = None,
     ) -> None:
         super().__init__()
+        if grad_clip is not None and not grad_clip >= 0:
+            raise ValueError(
+                f"module.grad_clip = {grad_clip}: the max gradient norm must be > 0 to clip, or null / 0 "
+                "for no clipping"
+            )
         if list(tasks) != list(model.tasks):
             raise ValueError(f"tasks {list(tasks)} differ from the model's tasks {model.tasks}")
         self.automatic_optimization = False
@@ -143,15 +161,21 @@ class MTLModule(L.LightningModule):
         self._micro = 0  # micro-batches accumulated towards the next optimiser step
         self._stash: dict[nn.Parameter, torch.Tensor] = {}  # their gradients during a strategy's backward
         nonfinite = dict(nonfinite or {})
-        unknown = set(nonfinite) - {"max_skips"}
+        unknown = set(nonfinite) - {"max_skips", "check_grads"}
         if unknown or int(nonfinite.get("max_skips", 10)) < 0:
-            raise ValueError(f"module.nonfinite expects {{max_skips: int >= 0}}, got {nonfinite}")
+            raise ValueError(
+                f"module.nonfinite expects {{max_skips: int >= 0, check_grads: bool}}, got {nonfinite}"
+            )
         self.max_skips = int(nonfinite.get("max_skips", 10))
+        self.check_grads = bool(nonfinite.get("check_grads", True))
         self.skipped = 0
         self._progress_at: int | None = None  # global step of the last progress-bar values
         self._resume_rng: list | None = None
         self.metrics = nn.ModuleDict(
             {s: nn.ModuleDict({t: task.metric() for t, task in self.tasks.items()}) for s in STAGES}
+        )
+        self.pred_checks = nn.ModuleDict(
+            {s: nn.ModuleDict({t: NonFiniteCount() for t in self.tasks}) for s in STAGES}
         )
         self.model_stats = {s: StatMeans() for s in STAGES}
         self.loss_means = {s: StatMeans() for s in STAGES}  # exact over the ranks' unequal shares
@@ -179,11 +203,16 @@ class MTLModule(L.LightningModule):
         return sum(self.tasks[t].default_weight * loss.detach() for t, loss in losses.items())
 
     # ---------------------------------------------------------------- training
-    def grad_scale(self) -> float:
-        """The fp16 gradient scaler's current scale (1.0 for fp32 / bf16): ``.grad`` is at this scale."""
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 gradient scaler when one is on."""
         trainer = self._trainer
         scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
-        if scaler is None or not scaler.is_enabled():
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def grad_scale(self) -> float:
+        """The fp16 gradient scaler's current scale (1.0 for fp32 / bf16): ``.grad`` is at this scale."""
+        scaler = self._scaler()
+        if scaler is None:
             return 1.0
         scaler.scale(torch.zeros((), device=self.device))  # creates the scale lazily (unscale_ needs it)
         return float(scaler.get_scale())
@@ -232,14 +261,45 @@ class MTLModule(L.LightningModule):
         bad = nonfinite_tasks(losses, aux)
         if not bad:
             return False
-        msg = nonfinite_message(bad, step=self.global_step, epoch=self.current_epoch, batch_idx=batch_idx)
+        at = {"step": self.global_step, "epoch": self.current_epoch, "batch_idx": batch_idx}
+        self._skip(nonfinite_message(bad, **at))
+        return True
+
+    def _skip(self, msg: str) -> None:
+        """Counts a skipped batch and warns, or saves the last finite state and stops at the limit."""
         if self.skipped >= self.max_skips:
             ckpt = self._save_last_good()
             raise NonFiniteLossError(stop_message(msg, max_skips=self.max_skips, ckpt=ckpt))
         self.skipped += 1
         warnings.warn(f"{msg}: batch skipped ({self.skipped}/{self.max_skips})", stacklevel=1)
         self.log("train/skipped_batches", torch.tensor(float(self.skipped)))  # a host value: no copy
-        return True
+
+    def _clip_and_check(self, batch_idx: int) -> bool:
+        """Clips the gradients to ``grad_clip`` and checks that they are finite (``check_grads``).
+
+        One global norm serves both (``torch.nn.utils.clip_grad_norm_``'s own two steps, so the
+        clipped gradients are the same). Returns whether the optimiser may step: ``False`` when a
+        gradient holds NaN/inf (the batch is skipped like one with a non-finite loss). Under fp16
+        ``.grad`` is still at the loss scale here (the scaler unscales inside ``opt.step()``):
+        clipping the scaled gradients to ``grad_clip·scale`` is clipping the true ones to
+        ``grad_clip``, and the scaler skips non-finite steps itself.
+        """
+        scaler = self._scaler()
+        check = self.check_grads and scaler is None
+        if not (check or self.grad_clip):
+            return True
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = grad_norm(params)
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip * self.grad_scale(), norm)
+        # DDP: the gradients are all-reduced already, every rank reads the same norm and decides alike
+        if not check or bool(torch.isfinite(norm)):  # the step's one host read of the check
+            return True
+        bad = nonfinite_grads(list(self.named_parameters()))
+        self.optimizers().zero_grad(set_to_none=True)
+        at = {"step": self.global_step, "epoch": self.current_epoch, "batch_idx": batch_idx}
+        self._skip(grad_message(bad, **at))
+        return False
 
     def _save_last_good(self) -> str | None:
         cb = getattr(self.trainer, "checkpoint_callback", None)
@@ -284,11 +344,8 @@ class MTLModule(L.LightningModule):
                 if p.grad is not None:
                     p.grad.div_(self._micro)
         self._micro = 0
-        if self.grad_clip:
-            # .grad is still at the fp16 loss scale here (the scaler unscales inside opt.step()):
-            # clipping the scaled gradients to grad_clip·scale is clipping the true ones to grad_clip.
-            clip = self.grad_clip * self.grad_scale()
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        if not self._clip_and_check(batch_idx):
+            return None
         opt.step()  # fp16: unscale, skip on inf/nan, update the scale
         self.strategy.after_step(batch, module=self, losses=losses)
         sched = self.lr_schedulers()
@@ -349,6 +406,7 @@ class MTLModule(L.LightningModule):
             {**{f"{t}/loss": loss for t, loss in losses.items()}, "loss": self.weighted_total(losses)}, bs
         )
         for t in losses:
+            self.pred_checks[stage][t].update(preds[t])
             self.tasks[t].update_metric(self.metrics[stage][t], preds[t], batch)
         if batch_idx == 0 and self.log_images_enabled and not self.trainer.sanity_checking:
             pictures = {t: task.visualise(preds[t], batch) for t, task in self.tasks.items() if t in preds}
@@ -378,6 +436,7 @@ class MTLModule(L.LightningModule):
                     prog_bar=(k == self.tasks[t].main_metric),
                 )
             metric.reset()
+        self._report_nonfinite(stage)
         if self.baseline and len(values):
             try:
                 dm = delta_m(values, self.baseline, self.tasks, stage=stage)
@@ -385,6 +444,23 @@ class MTLModule(L.LightningModule):
                 warnings.warn(f"{stage}/delta_m not logged: {err}", stacklevel=1)
             else:
                 self.log(f"{stage}/delta_m", dm, sync_dist=False)
+
+    def _report_nonfinite(self, stage: str) -> None:
+        """Logs ``{stage}/{task}/nonfinite`` (NaN/inf prediction values) and warns when any."""
+        for t, check in self.pred_checks[stage].items():
+            if not check.update_called:
+                continue
+            counts = check.compute()
+            check.reset()
+            n, total = int(counts["nonfinite"]), int(counts["values"])  # one read per task and epoch
+            self.log(f"{stage}/{t}/nonfinite", float(n), sync_dist=False)
+            if n:
+                warnings.warn(
+                    f"{stage}: {n} of {total} {t} prediction values ({100 * n / total:.3g} %) are NaN/inf; "
+                    f"the {t} metrics follow the field's evaluator on them (a mean over them is NaN). "
+                    "The weights have likely diverged: see the README, 'Failures and recovery'",
+                    stacklevel=1,
+                )
 
     def validation_step(self, batch: dict, batch_idx: int) -> ModelOutput:
         return self._eval_step("val", batch, batch_idx)

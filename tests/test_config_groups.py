@@ -71,6 +71,8 @@ CHANGED_LATER: dict[str, dict[str, str]] = {
     "*": {
         "trainer.strategy": "issue 20: trainer=ddp builds a DDPStrategy with its options (bucket size, …)",
         "data.num_workers": "issue 20: real datasets size their loader workers to the node ('auto')",
+        "module.nonfinite.check_grads": "issue 21: a non-finite gradient behind finite losses skips the step",
+        "data.allow_bad_data": "issue 21: the data preflight stops on wrong encodings unless this is set",
     },
     **{
         f"{dataset}_mtlora": {

@@ -69,7 +69,8 @@ class DepthMetric(Metric):
         valid = (target > self.min_depth) & (target < self.max_depth)
         g = target.double()[valid]
         p = pred.double()[valid]
-        p = torch.where(p > 0, p, torch.full_like(p, self.min_pred))  # clamp to ≥ 0, then ≤ 0 → 1e-9
+        # clamp to ≥ 0, then ≤ 0 → 1e-9; a NaN stays NaN as in the field's (torch.clamp keeps it)
+        p = torch.where(p <= 0, torch.full_like(p, self.min_pred), p)
         err = p - g
         ratio = torch.maximum(p / g, g / p)
         self.sq_err += err.pow(2).sum()
@@ -110,7 +111,7 @@ class NormalsMetric(Metric):
         self.n_bins = int(math.ceil(180.0 / bin_deg))
         for name in ("sum_deg", "sum_sq"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("count", "within_11_25", "within_22_5", "within_30"):
+        for name in ("count", "within_11_25", "within_22_5", "within_30", "nonfinite"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("hist", default=torch.zeros(self.n_bins, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -145,8 +146,13 @@ class NormalsMetric(Metric):
         self.within_11_25 += (deg < 11.25).sum()
         self.within_22_5 += (deg < 22.5).sum()
         self.within_30 += (deg < 30.0).sum()
-        idx = (deg / self.bin_deg).long().clamp(max=self.n_bins - 1)
-        self.hist += torch.bincount(idx, minlength=self.n_bins)
+        # a NaN angle (NaN/inf prediction) has no bin: it makes the mean and RMSE NaN, counts as not
+        # within any threshold (as NaN < t in the field's numpy meter) and the median NaN
+        finite = torch.isfinite(deg)
+        self.nonfinite += (~finite).sum()
+        idx = (torch.where(finite, deg, torch.zeros_like(deg)) / self.bin_deg).long()
+        # integer adds: exact, and no host read (bincount reads the maximum on CUDA)
+        self.hist.index_add_(0, idx.clamp(max=self.n_bins - 1), finite.long())
 
     def _median(self) -> torch.Tensor:
         """The median error: the middle order statistic(s) as bin centres, on the states' device.
@@ -158,7 +164,8 @@ class NormalsMetric(Metric):
         ks = torch.stack([(n + 1) // 2, n // 2 + 1])  # the two middle ranks (1-based)
         bins = torch.searchsorted(self.hist.cumsum(0), ks)
         centres = (bins.double() + 0.5) * self.bin_deg
-        return 0.5 * (centres[0] + centres[1])
+        median = 0.5 * (centres[0] + centres[1])
+        return torch.where(self.nonfinite > 0, torch.full_like(median, math.nan), median)  # numpy's median
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Returns ``mean``, ``median``, ``rmse`` (degrees) and ``within_*`` (percent); NaN for all

@@ -115,6 +115,6 @@ def test_stop_message_says_when_no_finite_state_was_ever_saved():
     from mtl.guards import stop_message
 
     saved = stop_message("non-finite loss", max_skips=3, ckpt="run/checkpoints/last.ckpt")
-    assert "saved at run/checkpoints/last.ckpt (resume with ckpt_path=last)" in saved
+    assert "saved at run/checkpoints/last.ckpt (resume with ckpt_path=last;" in saved and "best.ckpt" in saved
     never = stop_message("non-finite loss", max_skips=3, ckpt=None)
     assert "no checkpoint was saved" in never and "ckpt_path=last" not in never

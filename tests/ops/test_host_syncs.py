@@ -117,12 +117,16 @@ def syncs_per_step(objects) -> list[int]:
     return cb.per_step[cb.warmup :]
 
 
-def test_fixed_weights_training_step_syncs_at_most_once(make_cfg):
-    """Only the non-finite guard reads the device in a step: the progress bar's values are copied
-    every ``log_every_n_steps`` steps (Lightning reads every ``prog_bar`` value after each batch)."""
-    _, objects = train(make_cfg([*STEPS, "strategy=fixed", "trainer.log_every_n_steps=100"]))
+@pytest.mark.parametrize(("check_grads", "guard_reads"), [(True, 2), (False, 1)])
+def test_fixed_weights_training_step_syncs_only_for_the_guard(make_cfg, check_grads, guard_reads):
+    """Only the non-finite guard reads the device in a step (the loss flags before the backward, the
+    gradient norm before the optimiser step unless ``check_grads=false``): the progress bar's values
+    are copied every ``log_every_n_steps`` steps (Lightning reads every ``prog_bar`` value after each
+    batch)."""
+    overrides = [*STEPS, "strategy=fixed", "trainer.log_every_n_steps=100"]
+    _, objects = train(make_cfg(overrides + [f"module.nonfinite.check_grads={check_grads}"]))
     steps = syncs_per_step(objects)
-    assert len(steps) >= 3 and max(steps) <= 1, steps
+    assert len(steps) >= 3 and max(steps) <= guard_reads, steps
     pbar = objects["trainer"].progress_bar_metrics
     assert {"semseg/loss", "depth/loss", "normals/loss", "edge/loss"} <= set(pbar)
     assert "train/depth/loss" in objects["trainer"].callback_metrics
@@ -133,7 +137,7 @@ def test_fixed_weights_logging_steps_sync_once_per_logged_value(make_cfg):
     its losses in one copy); on average a few syncs per step at most."""
     _, objects = train(make_cfg([*STEPS, "strategy=fixed", "trainer.log_every_n_steps=2"]))
     steps = syncs_per_step(objects)
-    assert min(steps) <= 1 and sum(steps) / len(steps) <= 6, steps
+    assert min(steps) <= 2 and sum(steps) / len(steps) <= 7, steps  # 2: the guard's two reads
 
 
 @pytest.mark.slow
