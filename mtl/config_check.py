@@ -183,6 +183,22 @@ def value_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def data_root_problems(cfg: DictConfig) -> list[str]:
+    """An on-disk dataset whose ``data.dataset.root`` is not a folder (before a ViT-L is built)."""
+    from mtl.data.base import require_root
+
+    target = OmegaConf.select(cfg, "data.dataset._target_", default=None)
+    if not target:
+        return []
+    try:
+        require_root(str(target), OmegaConf.select(cfg, "data.dataset.root", default=None))
+    except FileNotFoundError as err:
+        return [str(err)]
+    except Exception:  # noqa: BLE001 — an unresolvable interpolation: the dataset reports it itself
+        return []
+    return []
+
+
 def check_config(cfg: DictConfig, groups: Sequence[str] | None = None) -> None:
     """Raises :class:`ConfigError` listing every problem in ``cfg``'s ``_target_`` nodes.
 
@@ -197,5 +213,6 @@ def check_config(cfg: DictConfig, groups: Sequence[str] | None = None) -> None:
                 problems.extend(check_node(path, node))
     if groups is None:
         problems.extend(value_problems(cfg))
+        problems.extend(data_root_problems(cfg))
     if problems:
         raise ConfigError("config errors (nothing was loaded or trained):\n  " + "\n  ".join(problems))

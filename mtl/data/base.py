@@ -8,7 +8,9 @@ one :class:`DenseDataset` subclass plus its ``data`` config (``dataset._target_`
 On-disk datasets (:class:`FolderDataset`) share split files, per-file decoding errors and
 skipping: every reader raises :class:`BadSampleError` naming the sample id and the file when a file is
 missing, unreadable or malformed; ``skip_bad_samples=True`` logs that error and serves the
-next good sample instead, so one corrupt file does not end a 40k-iteration run.
+next good sample instead, so one corrupt file does not end a 40k-iteration run. Encodings that
+cannot be right (a binary map stored 0/1, depth out of range) are refused the same way, and
+:func:`require_root` reports a missing root, naming ``data.dataset.root``, before anything is built.
 """
 
 from __future__ import annotations
@@ -39,14 +41,97 @@ class BadSampleError(RuntimeError):
         super().__init__(f"sample {sample_id!r}: {path}: {reason}")
 
 
-def read_ids(path: Path) -> list[str]:
-    """Reads a split file with one sample id per line (blank lines ignored)."""
+def read_split_file(path: Path) -> list[tuple[int, str]]:
+    """Reads a split file: ``(line number, id)`` per non-blank line, line numbers from 1.
+
+    Editors' habits are tolerated: a UTF-8 byte-order mark (``utf-8-sig``; a stray one at the
+    start of a line too), Windows (CRLF) line ends and blanks around an id are stripped, and
+    blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: it is not UTF-8 text or lists no ids.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} not found: is the dataset root right?")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"split file {path} is not UTF-8 text ({err}); expected one sample id per line"
+        ) from err
+    lines = [(n, line.replace("\ufeff", "").strip()) for n, line in enumerate(text.splitlines(), start=1)]
+    lines = [(n, sid) for n, sid in lines if sid]
+    if not lines:
         raise ValueError(f"split file {path} lists no ids")
-    return ids
+    return lines
+
+
+def read_ids(path: Path) -> list[str]:
+    """Reads a split file with one sample id per line (see :func:`read_split_file`)."""
+    return [sid for _, sid in read_split_file(path)]
+
+
+#: how to get the data, per dataset key (the datasets/<name>/README.md of the repository)
+DATA_HOWTO = {
+    "nyud": (
+        "download NYUDv2.tar.gz (the Multi-Task-Transformer copy) and extract it: see datasets/nyud/README.md"
+    ),
+    "pascal_context": (
+        "download PASCALContext.tar.gz (the Multi-Task-Transformer copy) and extract it: "
+        "see datasets/pascal_context/README.md"
+    ),
+}
+
+
+def _resolve_dataset_class(dataset: str | type) -> type | None:
+    if isinstance(dataset, type):
+        return dataset
+    if "." in dataset:  # a Hydra _target_ such as "mtl.data.nyud.NYUDv2"
+        import importlib
+
+        module, _, name = dataset.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+    from mtl.data.nyud import NYUDv2
+    from mtl.data.pascal_context import PASCALContext
+
+    return {NYUDv2.KEY: NYUDv2, PASCALContext.KEY: PASCALContext}.get(dataset)
+
+
+def require_root(dataset: str | type, root: str | Path | None) -> Path | None:
+    """Checks that an on-disk dataset's root folder exists, before anything expensive is built.
+
+    Args:
+        dataset: the dataset: its key (``nyud``, ``pascal_context``), its class, or the dotted
+            class path of ``data.dataset._target_``.
+        root: the configured ``data.dataset.root``.
+
+    Returns:
+        The root as a path; ``None`` when the dataset is not read from disk (synthetic scenes, an
+        unknown class): nothing to check.
+
+    Raises:
+        FileNotFoundError: the root is unset or not a folder; the message names ``data.dataset.root``,
+            the path and how to get the data.
+    """
+    cls = _resolve_dataset_class(dataset)
+    if cls is None or not issubclass(cls, FolderDataset):
+        return None
+    path = Path(root).expanduser() if root is not None else None
+    if path is not None and path.is_dir():
+        return path
+    howto = DATA_HOWTO.get(cls.KEY, "see datasets/README.md")
+    state = "is not set" if path is None else f"is {path}, which does not exist"
+    if path is not None and path.exists():
+        state = f"is {path}, which is not a folder"
+    raise FileNotFoundError(
+        f"data.dataset.root {state}: {cls.__name__} reads its files from there. Set paths.data_dir "
+        f"(the folder holding the extracted dataset folder) or data.dataset.root to where the data is; "
+        f"to get it, {howto}"
+    )
 
 
 def read_png(path: Path, sample_id: str, mode: str | None = None) -> np.ndarray:
@@ -93,6 +178,21 @@ def decode_normals(stored: np.ndarray, ignore_black: bool = False) -> np.ndarray
         invalid = (stored.astype(np.int32).sum(axis=2) == 0) | ((n * n).sum(axis=2) < 0.25)
         n[invalid] = 0.0
     return n
+
+
+def binary_01_problem(stored: np.ndarray) -> str | None:
+    """What is wrong with a binary 0/255 map stored as 0/1, or ``None``.
+
+    Such a map (maximum exactly 1) decodes to all zeros through ``value/255 > 0.5``: training
+    would silently learn an empty target. Unambiguous: no boundary or saliency map of the real
+    encodings has 1 as its largest value.
+    """
+    if stored.size and int(stored.max()) == 1:
+        return (
+            "binary map stored as 0/1, expected binary 0/255 (it would decode to all zeros); "
+            "multiply it by 255"
+        )
+    return None
 
 
 #: NYUD-v2's boundary matching tolerance (fraction of the image diagonal), the default one
@@ -160,12 +260,7 @@ class FolderDataset(DenseDataset):
         max_skips: int = 100,
     ) -> None:
         name = type(self).__name__
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"{name}: dataset root {self.root} does not exist; set paths.data_dir (or "
-                f"data.dataset.root) to the folder holding the extracted tarball"
-            )
+        self.root = require_root(type(self), root)
         if split not in self.SPLITS:
             raise ValueError(f"{name}: unknown split {split!r}; expected one of {self.SPLITS}")
         self.tasks = self.TASKS if tasks is None else tuple(tasks)
@@ -173,7 +268,10 @@ class FolderDataset(DenseDataset):
         if unknown:
             raise ValueError(f"{name}: unknown task(s) {unknown}; available tasks: {list(self.TASKS)}")
         self.split = split
-        self.ids = read_ids(self.split_file(split))
+        self.split_path = self.split_file(split)
+        lines = read_split_file(self.split_path)
+        self.ids = [sid for _, sid in lines]
+        self.id_lines = [n for n, _ in lines]  # line of each id in the split file, for error messages
         self.transform = transform
         self.skip_bad_samples = skip_bad_samples
         self.max_skips = max_skips
@@ -187,17 +285,33 @@ class FolderDataset(DenseDataset):
         """Reads and decodes one sample (raises :class:`BadSampleError`)."""
         raise NotImplementedError
 
+    def files(self, sample_id: str) -> list[Path]:
+        """The files :meth:`load` reads for ``sample_id`` with the current ``tasks``.
+
+        Used by the preflight's whole-split check for missing files (:mod:`mtl.data.check`);
+        the default, no list, skips that check.
+        """
+        return []
+
+    def where(self, index: int) -> str:
+        """Where the id at ``index`` is listed: ``<split file> line <n>``."""
+        return f"{self.split_path} line {self.id_lines[index]}"
+
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(self.max_skips + 1):
-            sample_id = self.ids[(index + attempt) % len(self.ids)]
+            position = (index + attempt) % len(self.ids)
+            sample_id = self.ids[position]
             try:
                 sample = self.load(sample_id)
-            except BadSampleError as err:
+            except BadSampleError as bad:
+                err = BadSampleError(
+                    sample_id, bad.path, f"{bad.reason} (id listed in {self.where(position)})"
+                )
                 if not self.skip_bad_samples:
-                    raise
+                    raise err from bad
                 self.skipped.append(sample_id)
                 log.warning("skipping bad sample (data.skip_bad_samples=true): %s", err)
                 continue

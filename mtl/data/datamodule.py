@@ -9,6 +9,7 @@ Datasets are given as partial constructors (Hydra ``_partial_: true``) of a
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import lightning as L
@@ -18,6 +19,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from mtl.data.base import DenseDataset, FolderDataset
 from mtl.data.resumable import ResumableLoader, ResumableSampler, SeededAugmentation, private_generator
 from mtl.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+MAX_LISTED = 20
+"""Problems listed by name in a preflight error or warning (the checker lists them all)."""
+
+
+class BadDataError(ValueError):
+    """The preflight found wrongly encoded or missing data (:func:`mtl.data.check.preflight`)."""
 
 
 def collate(samples: list[dict]) -> dict:
@@ -91,6 +100,12 @@ class MTLDataModule(L.LightningDataModule):
         resize: ``(h, w)`` every sample of every split is first resized to (``None``: native size).
         skip_bad_samples: log and skip missing or corrupt samples instead of raising
             (on-disk datasets only; passed to the dataset constructor when set).
+        allow_bad_data: log the preflight's findings as warnings (naming every file) instead of
+            stopping. On-disk datasets are checked when a split is set up
+            (:func:`mtl.data.check.preflight`: duplicate ids, missing files and header sizes over
+            the whole split, decoding checks on 16 ids spread over it: 0/1 binary maps, depth in
+            millimetres or negative, non-unit normals, tasks with too many invalid pixels). Files the
+            loader cannot use still stop the run when read, unless ``skip_bad_samples`` skips them.
         pin_memory: pin host memory (useful on GPUs).
         input_size: ``(h, w)`` the network sees (backbone configs read it as ``data.input_size``).
         split_kwargs: per-split keyword overrides of the dataset constructor, keyed by split
@@ -119,6 +134,7 @@ class MTLDataModule(L.LightningDataModule):
         pad_to: Sequence[int] | None = None,
         resize: Sequence[int] | None = None,
         skip_bad_samples: bool = False,
+        allow_bad_data: bool = False,
         pin_memory: bool = False,
         split_kwargs: Mapping[str, Mapping] | None = None,
         input_size: Sequence[int] | None = None,
@@ -154,6 +170,7 @@ class MTLDataModule(L.LightningDataModule):
         self.resize = tuple(resize) if resize is not None else None
         self.input_size = tuple(input_size) if input_size is not None else None
         self.skip_bad_samples = skip_bad_samples
+        self.allow_bad_data = allow_bad_data
         self.pin_memory = pin_memory
         self.split_kwargs = {k: dict(v) for k, v in (split_kwargs or {}).items()}
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
@@ -174,7 +191,51 @@ class MTLDataModule(L.LightningDataModule):
         kwargs = dict(self.split_kwargs.get(split, {}))
         if self.skip_bad_samples and issubclass(self.dataset_class, FolderDataset):
             kwargs["skip_bad_samples"] = True  # on-disk datasets only: rendered samples cannot be bad
-        return self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
+        dataset = self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
+        if isinstance(dataset, FolderDataset):
+            self._preflight(dataset)
+        return dataset
+
+    def _preflight(self, dataset: FolderDataset) -> None:
+        """Stops on what :func:`mtl.data.check.preflight` finds, or warns under ``allow_bad_data``.
+
+        With ``skip_bad_samples`` the files the loader refuses (missing, undecodable, 0/1 maps,
+        depth out of range, sizes that differ) are warnings (those samples are skipped) unless every
+        checked sample is bad.
+
+        Raises:
+            BadDataError: naming the files, what was expected and what to do.
+        """
+        # imported here: a synthetic-data run never loads the on-disk datasets' dependencies
+        from mtl.data.check import PREFLIGHT_SAMPLES, preflight, sample_indices
+
+        problems = preflight(dataset, samples=PREFLIGHT_SAMPLES, input_size=self.input_size)
+        if not problems:
+            return
+        fatal = problems
+        if self.skip_bad_samples:
+            fatal = [p for p in problems if not p.skippable]
+            bad_ids = {p.sample_id for p in problems if p.skippable}
+            checked = {dataset.ids[i] for i in sample_indices(dataset.ids, PREFLIGHT_SAMPLES)}
+            if checked <= bad_ids:
+                fatal = problems  # every checked sample bad: skipping would leave (next to) nothing
+        name, split = type(dataset).__name__, dataset.split
+        listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
+        if len(problems) > MAX_LISTED:
+            listed += f"\n  … and {len(problems) - MAX_LISTED} more"
+        check = f"python -m mtl.data.check {dataset.root} --dataset {dataset.KEY}"
+        if fatal and not self.allow_bad_data:
+            raise BadDataError(
+                f"{name} {split} split at {dataset.root}: {len(problems)} problem(s) in the data (a run "
+                f"would stop on them or train on wrong or empty targets):\n{listed}\nFix or re-download "
+                f"those files (`{check}` lists every problem of the root), or set "
+                "data.allow_bad_data=true to run anyway with these warnings."
+            )
+        reason = "data.allow_bad_data=true" if fatal else "data.skip_bad_samples=true: they are skipped"
+        log.warning(
+            "%s %s split at %s: %d problem(s) in the data (running anyway, %s):\n%s\nSee `%s`.",
+            name, split, dataset.root, len(problems), reason, listed, check,
+        )  # fmt: skip
 
     def _loader_kwargs(self) -> dict:
         return {

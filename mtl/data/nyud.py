@@ -8,9 +8,9 @@ Layout (``root`` = ``NYUDv2/``)::
 
     images/<id>.png          RGB, 448×576
     segmentation/<id>.png    stored class + 1 (0 = unlabelled) → value − 1, 0 → 255 = ignore; 40 classes
-    depth/<id>.npy           float metres, 0 = missing
+    depth/<id>.npy           float metres, 0 = missing (negative or > 20 m, i.e. millimetres: refused)
     normals/<id>.png         2·v/255 − 1 at every pixel (as the field's loader; see ``ignore_black_normals``)
-    edge/<id>.png            binary boundary map (v/255)
+    edge/<id>.png            binary boundary map 0/255 (v/255; a map stored 0/1 is refused)
     gt_sets/{train,val}.txt  795 / 654 ids
 
 The MTI-Net copy of the dataset stores 480×640 images; the field's 448×576 resolution
@@ -28,6 +28,7 @@ from mtl.data.base import (
     NYUD_EDGE_MAX_DIST,
     BadSampleError,
     FolderDataset,
+    binary_01_problem,
     decode_normals,
     read_npy,
     read_png,
@@ -36,6 +37,8 @@ from mtl.data.base import (
 SIZE = (448, 576)
 """(H, W) of the field's NYUD-v2 images."""
 MTINET_SIZE = (480, 640)
+MAX_DEPTH_M = 20.0
+"""Largest plausible depth in metres (the Kinect reads up to about 10 m): larger values are millimetres."""
 SPLIT_SIZES = {"train": 795, "val": 654}
 #: the 40 classes of Gupta et al. (CVPR 2013), label id = index
 SEMSEG_CLASSES: tuple[str, ...] = (
@@ -61,6 +64,19 @@ def decode_semseg(stored: np.ndarray) -> np.ndarray:
 def decode_edge(stored: np.ndarray) -> np.ndarray:
     """``png/255`` of a binary map → {0, 1} uint8 (values above half are boundary)."""
     return (stored > 127).astype(np.uint8)
+
+
+def depth_problem(depth: np.ndarray) -> str | None:
+    """What is wrong with a depth map in metres (NaN/inf, negative, millimetres), or ``None``."""
+    if not np.isfinite(depth).all():
+        return "depth holds NaN or inf (expected metres, 0 = missing)"
+    if depth.size == 0:
+        return None
+    lo, hi = float(depth.min()), float(depth.max())
+    if lo >= 0 and hi <= MAX_DEPTH_M:
+        return None
+    what = "negative depth" if lo < 0 else "values this large are millimetres: divide by 1000"
+    return f"depth range [{lo:.3g}, {hi:.3g}] m, expected [0, {MAX_DEPTH_M:g}] m with 0 = missing ({what})"
 
 
 class NYUDv2(FolderDataset):
@@ -100,6 +116,9 @@ class NYUDv2(FolderDataset):
         }[kind]
         return self.root / folder / f"{sample_id}{ext}"
 
+    def files(self, sample_id: str) -> list[Path]:
+        return [self.path(kind, sample_id) for kind in ("image", *self.tasks)]
+
     def load(self, sample_id: str) -> dict:
         p = self.path("image", sample_id)
         image = read_png(p, sample_id, mode="RGB")
@@ -113,9 +132,9 @@ class NYUDv2(FolderDataset):
                 arr = read_npy(p, sample_id).astype(np.float32)
                 if arr.ndim == 3 and arr.shape[-1] == 1:
                     arr = arr[..., 0]
-                if not np.isfinite(arr).all():
-                    msg = "depth holds NaN or inf (expected metres, 0 = missing)"
-                    raise BadSampleError(sample_id, p, msg)
+                problem = depth_problem(arr)
+                if problem is not None:
+                    raise BadSampleError(sample_id, p, problem)
             else:
                 stored = read_png(p, sample_id)
                 if task == "normals":
@@ -126,6 +145,9 @@ class NYUDv2(FolderDataset):
                     if stored.ndim != 2:
                         msg = f"expected a single-channel png, got {stored.shape}"
                         raise BadSampleError(sample_id, p, msg)
+                    problem = binary_01_problem(stored) if task == "edge" else None
+                    if problem is not None:
+                        raise BadSampleError(sample_id, p, problem)
                     arr = decode_semseg(stored) if task == "semseg" else decode_edge(stored)
                     if task == "semseg" and int(stored.max()) > NUM_SEMSEG:
                         raise BadSampleError(

@@ -11,7 +11,7 @@ Layout (``root`` = ``PASCALContext/``)::
     semseg/VOC12/<id>.png                  read instead of pascal-context's where present (field's loader)
     semseg/pascal-context/<id>.png         21 classes incl. background (0), 255 = ignore
     human_parts/<id>.mat                   PASCAL-Part ``anno``; 6 parts + background
-    sal_distill/<id>.png                   saliency, single-channel, stored value/255 > 0.5 → salient
+    sal_distill/<id>.png                   saliency, 1 channel, stored value/255 > 0.5 → salient (0/1 refused)
     normals_distill/<id>.png               2·v/255 − 1, valid on NYU-compatible context classes only
     pascal-context/trainval/<id>.mat       ``LabelMap`` (459 context classes): edges and normal validity
     ImageSets/Context/{train,val}.txt      4998 / 5105 ids
@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import scipy.io
 
-from mtl.data.base import BadSampleError, FolderDataset, decode_normals, read_png
+from mtl.data.base import BadSampleError, FolderDataset, binary_01_problem, decode_normals, read_png
 from mtl.metrics.morphology import thin
 
 SPLIT_SIZES = {"train": 4998, "val": 5105}
@@ -176,6 +176,12 @@ class PASCALContext(FolderDataset):
         }[kind]
         return self.root / rel[0] / f"{sample_id}{rel[1]}"
 
+    def files(self, sample_id: str) -> list[Path]:
+        kinds = ["image", *(t for t in self.tasks if t != "edge")]
+        if "edge" in self.tasks or "normals" in self.tasks:
+            kinds.append("context")
+        return [self.path(kind, sample_id) for kind in kinds]
+
     def load(self, sample_id: str) -> dict:
         image = read_png(self.path("image", sample_id), sample_id, mode="RGB")
         hw = image.shape[:2]
@@ -207,6 +213,9 @@ class PASCALContext(FolderDataset):
                 if stored.ndim != 2:
                     msg = f"expected a single-channel png, got shape {stored.shape}"
                     raise BadSampleError(sample_id, p, msg)
+                problem = binary_01_problem(stored)
+                if problem is not None:
+                    raise BadSampleError(sample_id, p, problem)
                 arr = (stored > 127.5).astype(np.uint8)  # value/255 > 0.5
             elif task == "normals":
                 stored = read_png(p, sample_id, mode="RGB")

@@ -157,3 +157,18 @@ def test_module_refuses_a_negative_grad_clip():
 
     with pytest.raises(ValueError, match=r"module.grad_clip = -1"):
         MTLModule(model=None, tasks={}, optimizer=torch.optim.SGD, grad_clip=-1)  # type: ignore[arg-type]
+
+
+def test_missing_dataset_root_is_reported_before_anything_is_built(make_cfg, monkeypatch, tmp_path):
+    """It was reported when the data was first read, after the model (minutes with ViT-L)."""
+    import mtl.pipeline as pipeline
+    from mtl.config_check import ConfigError
+
+    def nothing(cfg):
+        raise AssertionError("the data module was built before the root was checked")
+
+    monkeypatch.setattr(pipeline, "build_datamodule", nothing)
+    missing = tmp_path / "no_such_folder"
+    cfg = make_cfg(BASE + ["experiment=nyud_baseline", f"data.dataset.root={missing}"])
+    with pytest.raises(ConfigError, match=rf"data.dataset.root is {missing}, which does not exist"):
+        train(cfg)
