@@ -73,7 +73,7 @@ CHANGED_LATER: dict[str, dict[str, str]] = {
         "data.num_workers": "issue 20: real datasets size their loader workers to the node ('auto')",
         "module.nonfinite.check_grads": "issue 21: a non-finite gradient behind finite losses skips the step",
         "data.allow_bad_data": "issue 21: the data preflight stops on wrong encodings unless this is set",
-        "data.allow_bad_data": "issue 21: the data preflight stops on wrong encodings unless this is set",
+        "data.split_kwargs.test": "issue 22: the synthetic test split (eval.split=test) has val's length",
     },
     **{
         f"{dataset}_mtlora": {

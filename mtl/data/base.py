@@ -15,6 +15,7 @@ cannot be right (a binary map stored 0/1, depth out of range) are refused the sa
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,7 +85,10 @@ DATA_HOWTO = {
 }
 
 
-def _resolve_dataset_class(dataset: str | type) -> type | None:
+def resolve_dataset_class(dataset: str | type | functools.partial) -> type | None:
+    """The class a dataset key (``nyud``), class, partial constructor or dotted path names, or ``None``."""
+    if isinstance(dataset, functools.partial):  # a Hydra `_partial_: true` constructor
+        dataset = dataset.func
     if isinstance(dataset, type):
         return dataset
     if "." in dataset:  # a Hydra _target_ such as "mtl.data.nyud.NYUDv2"
@@ -97,8 +101,47 @@ def _resolve_dataset_class(dataset: str | type) -> type | None:
             return None
     from mtl.data.nyud import NYUDv2
     from mtl.data.pascal_context import PASCALContext
+    from mtl.data.synthetic import SyntheticScenes
 
-    return {NYUDv2.KEY: NYUDv2, PASCALContext.KEY: PASCALContext}.get(dataset)
+    return {cls.KEY: cls for cls in (NYUDv2, PASCALContext, SyntheticScenes)}.get(dataset)
+
+
+def check_eval_split(dataset: str | type | functools.partial, split: str) -> str:
+    """Checks ``eval.split`` against the dataset's splits, before anything is built.
+
+    The validation split (``val``) also picks ``best.ckpt``; a number reported on it is a
+    validation number. The synthetic renderer has an independent ``test`` split (its own scenes).
+    NYUD-v2 and PASCAL-Context have only ``train`` and ``val`` in the field's usage: their
+    published numbers (and this framework's headline rows) are on ``val``, so ``test`` is refused
+    for them with a message that says so.
+
+    Args:
+        dataset: the dataset: its key (``nyud``, ``pascal_context``, ``synthetic``), its class, a
+            partial constructor of it, or the dotted class path of ``data.dataset._target_``.
+        split: the configured ``eval.split``.
+
+    Returns:
+        ``split``.
+
+    Raises:
+        ValueError: the dataset has no such split; the message names ``eval.split``, the dataset
+            and the splits it has.
+        TypeError: the dataset cannot be resolved to a :class:`DenseDataset` subclass.
+    """
+    cls = resolve_dataset_class(dataset)
+    if cls is None or not issubclass(cls, DenseDataset):
+        raise TypeError(
+            f"data.dataset: cannot check eval.split={split!r}: {dataset!r} is not a "
+            "mtl.data.base.DenseDataset subclass (nor the key or dotted path of one)"
+        )
+    if split in cls.SPLITS:
+        return split
+    valid = ", ".join(cls.SPLITS)
+    note = f" {cls.SPLITS_NOTE}" if cls.SPLITS_NOTE else ""
+    raise ValueError(
+        f"eval.split={split!r}: {cls.__name__} ({cls.KEY}) has no such split; it has {valid}.{note} "
+        f"Set eval.split to one of {valid}."
+    )
 
 
 def require_root(dataset: str | type, root: str | Path | None) -> Path | None:
@@ -117,7 +160,7 @@ def require_root(dataset: str | type, root: str | Path | None) -> Path | None:
         FileNotFoundError: the root is unset or not a folder; the message names ``data.dataset.root``,
             the path and how to get the data.
     """
-    cls = _resolve_dataset_class(dataset)
+    cls = resolve_dataset_class(dataset)
     if cls is None or not issubclass(cls, FolderDataset):
         return None
     path = Path(root).expanduser() if root is not None else None
@@ -214,9 +257,14 @@ class DenseDataset(Dataset):
         NUM_CLASSES: classification task → number of classes (``len`` of ``CLASS_NAMES``).
         EDGE_MAX_DIST: boundary matching tolerance of its edge protocol, fraction of the image
             diagonal (NYUD-v2 0.011, PASCAL-Context 0.0075); default NYUD-v2's.
+        SPLITS: the splits it serves (``eval.split`` picks one of them, :func:`check_eval_split`).
+        SPLITS_NOTE: a sentence about its splits for the errors that refuse one (e.g. which split
+            the field's published numbers are on).
     """
 
     KEY: ClassVar[str] = ""
+    SPLITS: ClassVar[tuple[str, ...]] = ("train", "val")
+    SPLITS_NOTE: ClassVar[str] = ""
     TASKS: ClassVar[tuple[str, ...]] = ()
     CLASS_NAMES: ClassVar[dict[str, tuple[str, ...]]] = {}
     NUM_CLASSES: ClassVar[dict[str, int]] = {}
@@ -240,14 +288,12 @@ class FolderDataset(DenseDataset):
 
     Args:
         root: the dataset folder (e.g. ``data/NYUDv2``).
-        split: split name (``train`` or ``val``).
+        split: split name, one of :attr:`SPLITS` (``train`` or ``val`` for the field's datasets).
         tasks: subset of ``TASKS`` to load (default: all).
         transform: callable applied to the raw sample (see :mod:`mtl.data.transforms`).
         skip_bad_samples: log a bad sample and serve the next good one instead of raising.
         max_skips: how many consecutive bad samples to skip before giving up.
     """
-
-    SPLITS: tuple[str, ...] = ("train", "val")
 
     def __init__(
         self,
@@ -262,7 +308,8 @@ class FolderDataset(DenseDataset):
         name = type(self).__name__
         self.root = require_root(type(self), root)
         if split not in self.SPLITS:
-            raise ValueError(f"{name}: unknown split {split!r}; expected one of {self.SPLITS}")
+            note = f" {self.SPLITS_NOTE}" if self.SPLITS_NOTE else ""
+            raise ValueError(f"{name}: unknown split {split!r}; expected one of {self.SPLITS}.{note}")
         self.tasks = self.TASKS if tasks is None else tuple(tasks)
         unknown = [t for t in self.tasks if t not in self.TASKS]
         if unknown:

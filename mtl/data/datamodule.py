@@ -1,4 +1,4 @@
-"""``MTLDataModule``: builds the train / val datasets of any dataset class and their loaders.
+"""``MTLDataModule``: builds the train / val / evaluation datasets of any dataset class and their loaders.
 
 Datasets are given as partial constructors (Hydra ``_partial_: true``) of a
 :class:`~mtl.data.base.DenseDataset` subclass that accept ``split``, ``tasks`` and
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from mtl.data.base import DenseDataset, FolderDataset
+from mtl.data.base import DenseDataset, FolderDataset, check_eval_split
 from mtl.data.resumable import ResumableLoader, ResumableSampler, SeededAugmentation, private_generator
 from mtl.data.transforms import build_transform
 
@@ -82,7 +82,12 @@ class EvalShardSampler(DistributedSampler):
 
 
 class MTLDataModule(L.LightningDataModule):
-    """Train and validation loaders over one dataset.
+    """Train, validation and evaluation loaders over one dataset.
+
+    Validation (which also picks ``best.ckpt``) reads ``val_split``; testing (``trainer.test``:
+    ``eval.py``, ``train.py test=true``) reads ``eval_split``. The synthetic renderer has an
+    independent ``test`` split; NYUD-v2 and PASCAL-Context have only ``train`` and ``val`` in the
+    field's usage, and their published numbers are on ``val``.
 
     Args:
         dataset: partial constructor of a :class:`~mtl.data.base.DenseDataset` subclass
@@ -92,7 +97,9 @@ class MTLDataModule(L.LightningDataModule):
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: loader worker processes.
         train_split: split name used for training.
-        val_split: split name used for validation and testing.
+        val_split: split name used for validation (the metrics that pick ``best.ckpt``).
+        eval_split: split name the test loader serves (``eval.split``): one of the dataset's
+            splits (:func:`mtl.data.base.check_eval_split`), ``val`` by default.
         augment: keyword arguments of :func:`mtl.data.transforms.build_transform` for the
             training pipeline (``hflip``, ``scale``, ``crop``, ``cat_max_ratio``,
             ``photometric``); default: horizontal flips only.
@@ -109,7 +116,8 @@ class MTLDataModule(L.LightningDataModule):
         pin_memory: pin host memory (useful on GPUs).
         input_size: ``(h, w)`` the network sees (backbone configs read it as ``data.input_size``).
         split_kwargs: per-split keyword overrides of the dataset constructor, keyed by split
-            name (e.g. ``{"val": {"length": 200}}`` for a smaller synthetic validation set).
+            name (e.g. ``{"val": {"length": 200}, "test": {"length": 200}}`` for smaller synthetic
+            validation and test sets).
         seed: seeds the training order (per epoch) and every sample's augmentation (per epoch
             and sample), so that the batch stream does not depend on the worker count and a
             resumed run sees exactly the batches an uninterrupted one would (``None``: random).
@@ -130,6 +138,7 @@ class MTLDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_split: str = "train",
         val_split: str = "val",
+        eval_split: str = "val",
         augment: Mapping | None = None,
         pad_to: Sequence[int] | None = None,
         resize: Sequence[int] | None = None,
@@ -158,6 +167,7 @@ class MTLDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.train_split, self.val_split = train_split, val_split
+        self.eval_split = check_eval_split(cls, eval_split)
         self.augment = dict(augment) if augment is not None else {"hflip": 0.5}
         known = {"hflip", "scale", "crop", "cat_max_ratio", "photometric", "scale_normals"}
         unknown = set(self.augment) - known
@@ -178,14 +188,22 @@ class MTLDataModule(L.LightningDataModule):
         self._pending_state: dict | None = None  # a checkpoint's loader position, for the next loader
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.eval_sets: dict[str, Dataset] = {}  # split → its dataset with the evaluation transform
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             train_tf = build_transform(train=True, pad_to=self.pad_to, resize=self.resize, **self.augment)
             self.train_set = SeededAugmentation(self._make(self.train_split, train_tf), seed=self.seed)
-        if self.val_set is None:
+        self.val_set = self.eval_set(self.val_split)
+        if stage in (None, "test"):
+            self.eval_set(self.eval_split)  # built (and checked) now, not at the first test batch
+
+    def eval_set(self, split: str) -> Dataset:
+        """The dataset of ``split`` with the evaluation transform (built once, then kept)."""
+        if split not in self.eval_sets:
             test_tf = build_transform(train=False, pad_to=self.pad_to, resize=self.resize)
-            self.val_set = self._make(self.val_split, test_tf)
+            self.eval_sets[split] = self._make(split, test_tf)
+        return self.eval_sets[split]
 
     def _make(self, split: str, transform: Callable[[dict], dict]) -> Dataset:
         kwargs = dict(self.split_kwargs.get(split, {}))
@@ -281,8 +299,8 @@ class MTLDataModule(L.LightningDataModule):
         if "train_loader" in state:
             self._pending_state = dict(state["train_loader"])
 
-    def eval_dataloader(self, *, shard: bool = True) -> DataLoader:
-        """The validation split in order, for validation and testing.
+    def eval_dataloader(self, split: str | None = None, *, shard: bool = True) -> DataLoader:
+        """A split in order, for validation and testing (``None``: the validation split).
 
         Under DDP (``shard`` and a trainer with more than one rank) each rank reads its share
         without padding (:class:`EvalShardSampler`): every image is evaluated exactly once,
@@ -290,16 +308,19 @@ class MTLDataModule(L.LightningDataModule):
         Lightning keeps this sampler (it is a ``DistributedSampler``) instead of padding the split.
 
         Args:
+            split: the split to read: ``val_split`` when ``None`` (what validation, the control
+                table and other choices made before testing read), :attr:`eval_split` for the
+                test pass.
             shard: ``False``: every sample in this process (what one process reports on, e.g.
                 ``eval.py``'s prediction pictures, or a table every rank must agree on).
         """
+        split = self.val_split if split is None else check_eval_split(self.dataset_class, split)
+        dataset = self.eval_set(split)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = (
-            EvalShardSampler(self.val_set, num_replicas=world, rank=rank) if shard and world > 1 else None
-        )
+        sampler = EvalShardSampler(dataset, num_replicas=world, rank=rank) if shard and world > 1 else None
         return DataLoader(
-            self.val_set,
+            dataset,
             batch_size=self.eval_batch_size,
             shuffle=False,
             sampler=sampler,
@@ -310,4 +331,5 @@ class MTLDataModule(L.LightningDataModule):
         return self.eval_dataloader()
 
     def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader()
+        """The evaluation split (:attr:`eval_split`, ``eval.split``)."""
+        return self.eval_dataloader(self.eval_split)

@@ -3,11 +3,25 @@
 Used by the tests and ``benchmarks/data_loader.py`` (the real datasets cannot be downloaded
 here), and handy to try the real-data pipeline before a download finishes. The content is a
 few random rectangles per image with consistent labels across tasks; the files — PNG, JPEG,
-``.npy``, PASCAL-Part and context ``.mat`` — are byte-for-byte in the real encodings.
+``.npy``, PASCAL-Part and context ``.mat`` — are byte-for-byte in the real encodings. Each root
+also holds ``FAKE_ROOT.json`` (what wrote it, with which arguments), which the loaders ignore.
+
+Command line::
+
+    python -m mtl.data.fake nyud data/fake/NYUDv2 --train 8 --val 4
+    python -m mtl.data.fake pascal_context data/fake/PASCALContext --size 375 500 --seed 1
+
+It prints where it wrote and the ``train.py`` command that trains on the root. It refuses a
+folder that is not empty unless it is a fake root written before (which it then replaces).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +32,26 @@ from mtl.data.pascal_context import PERSON_CLASS, normals_valid_classes
 
 PART_NAMES = {1: "head", 2: "torso", 3: "luarm", 4: "lhand", 5: "luleg", 6: "lfoot"}
 """One PASCAL-Part name per part id, to write part masks under real names."""
+MARKER = "FAKE_ROOT.json"
+"""The file that marks a root written here (random content, not the real dataset)."""
+
+
+def _mark(root: Path, dataset: str, n_train: int, n_val: int, size: Sequence[int], seed: int) -> None:
+    info = {
+        "written_by": "mtl.data.fake",
+        "note": "random content in the real file formats: not the real dataset",
+        "dataset": dataset,
+        "train": n_train,
+        "val": n_val,
+        "size": [int(v) for v in size],
+        "seed": seed,
+    }
+    (root / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def is_fake_root(root: str | Path) -> bool:
+    """Whether ``root`` is a folder written by :func:`write_nyud` or :func:`write_pascal`."""
+    return (Path(root) / MARKER).is_file()
 
 
 def _rects(rng: np.random.Generator, h: int, w: int, n: int) -> list[tuple[int, int, int, int]]:
@@ -51,6 +85,7 @@ def write_nyud(root: str | Path, *, n_train: int = 3, n_val: int = 2, size=(448,
     root, rng = Path(root), np.random.default_rng(seed)
     for d in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
         (root / d).mkdir(parents=True, exist_ok=True)
+    _mark(root, "nyud", n_train, n_val, size, seed)
     h, w = size
     ids = {
         "train": [f"{i:06d}" for i in range(n_train)],
@@ -123,6 +158,7 @@ def write_pascal(
             "pascal-context/trainval", "ImageSets/Context")  # fmt: skip
     for d in dirs:
         (root / d).mkdir(parents=True, exist_ok=True)
+    _mark(root, "pascal_context", n_train, n_val, size, seed)
     h, w = size
     valid_ids = np.flatnonzero(normals_valid_classes())
     n = n_train + n_val
@@ -166,3 +202,64 @@ def write_pascal(
             )
             scipy.io.savemat(root / "pascal-context" / "trainval" / f"{sid}.mat", {"LabelMap": label_map})
     return root
+
+
+WRITERS = {"nyud": write_nyud, "pascal_context": write_pascal}
+#: default image size (H, W) per dataset: NYUD-v2's fixed 448×576, a typical PASCAL image
+DEFAULT_SIZES = {"nyud": (448, 576), "pascal_context": (375, 500)}
+#: the dataset's ``data`` config and the (H, W) it pads every image to (``data.input_size``)
+DATA_CONFIGS = {"nyud": ("nyud", (448, 576)), "pascal_context": ("pascal_context", (512, 512))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mtl.data.fake DATASET ROOT``: writes a fake root; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mtl.data.fake",
+        description="Write a small NYUD-v2 or PASCAL-Context root in the exact on-disk format of the real "
+        "tarball (random content), to try the real-data pipeline without the download.",
+    )
+    parser.add_argument("dataset", choices=sorted(WRITERS), help="which dataset's format")
+    parser.add_argument("root", help="the dataset folder to write (e.g. data/fake/NYUDv2); new or empty")
+    parser.add_argument("--train", type=int, default=8, metavar="N", help="train images (default 8)")
+    parser.add_argument("--val", type=int, default=4, metavar="N", help="val images (default 4)")
+    parser.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+        help="image size (default: NYUD-v2 448 576, PASCAL-Context 375 500)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="content seed (default 0)")
+    args = parser.parse_args(argv)
+    h, w = args.size or DEFAULT_SIZES[args.dataset]
+    if args.train < 1 or args.val < 1:
+        parser.error(f"--train and --val must be >= 1 (got {args.train}, {args.val})")
+    if min(h, w) < 8:
+        parser.error(f"--size must be at least 8 8 (got {h} {w})")
+    root = Path(args.root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        print(f"error: {root} exists and is not a folder; give a new or empty folder", file=sys.stderr)
+        return 2
+    if root.is_dir() and any(root.iterdir()):
+        if not is_fake_root(root):
+            print(
+                f"error: {root} is not empty and is not a fake root written by mtl.data.fake (no {MARKER}): "
+                "refusing to write into it; give a new or empty folder",
+                file=sys.stderr,
+            )
+            return 2
+        shutil.rmtree(root)  # a previous fake root: replaced, so no file of the old one remains
+    WRITERS[args.dataset](root, n_train=args.train, n_val=args.val, size=(h, w), seed=args.seed)
+    config, (ph, pw) = DATA_CONFIGS[args.dataset]
+    command = f"python train.py data={config} data.dataset.root={root}"
+    # NYUD-v2 images have one size (448×576, else data.input_size's); PASCAL's are padded to 512×512
+    fixed = args.dataset == "nyud"
+    if (h, w) != (ph, pw) if fixed else (h > ph or w > pw):
+        command += f" data.input_size=[{h},{w}]"
+    print(f"wrote a fake {args.dataset} root (random content) at {root}: {args.train} train / {args.val} val "
+          f"images of {h}×{w}")  # fmt: skip
+    if not fixed or (h, w) == (ph, pw):  # the checker expects NYUD-v2's real image size
+        print(f"check it:    python -m mtl.data.check {root} --dataset {args.dataset} --allow-partial")
+    print(f"train on it: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,10 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 class SyntheticScenes(DenseDataset):
     """Procedurally rendered indoor scenes (deterministic per split, seed and index).
 
+    Each split is an independent stream of scenes (its render seed is drawn from ``(seed, split)``),
+    so ``test`` (``eval.split=test``) holds scenes that neither training nor the choice of
+    ``best.ckpt`` on ``val`` has seen.
+
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``; each split is an independent stream.
         length: Number of samples.
@@ -48,6 +52,7 @@ class SyntheticScenes(DenseDataset):
     TASKS = ("semseg", "human_parts", "saliency", "normals", "depth", "edge")
     CLASS_NAMES = {"semseg": CLASSES, "human_parts": ("background", *PARTS)}
     NUM_CLASSES = {t: len(names) for t, names in CLASS_NAMES.items()}
+    SPLITS = SPLITS
     # EDGE_MAX_DIST: NYUD-v2's (the default)
 
     def __init__(
