@@ -17,37 +17,85 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mtl.control.cost import CostModel, WidthConfig, apply_config
 from mtl.control.search import search
 
+if TYPE_CHECKING:
+    from mtl.module import MTLModule
+
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
-def measure_table(module, loader, widths: Sequence[float]) -> dict[str, dict[tuple[float, float], float]]:
+def measure_table(
+    module: MTLModule,
+    loader: Iterable[dict],
+    widths: Sequence[float],
+    *,
+    progress_every_s: float | None = 10.0,
+) -> dict[str, dict[tuple[float, float], float]]:
     """Main metric of every task at every (encoder width, decoder width) pair on ``loader``.
 
-    One pass per pair with all decoders at the same width: a task's prediction depends only on
-    the encoder and its own decoder, so these ``|W|²`` passes cover every configuration.
+    A task's prediction depends only on the encoder and its own decoder, so the ``|W|²`` pairs,
+    all decoders at one width, cover every configuration. One pass over ``loader``: per batch the
+    encoder runs once per encoder width and, on its features, the decoders once per decoder
+    width (the encoder forward is shared by every pair with that encoder width). The numbers are
+    those of one full forward per pair and per batch.
+
+    Args:
+        module: the module with a slimmable model.
+        loader: the batches (the validation split).
+        widths: the encoder and decoder widths.
+        progress_every_s: log a progress line (batch i/N, elapsed, ETA) at most this often, and
+            after the last batch; ``None``: silent.
     """
     module.eval()
-    tasks = module.tasks
-    device = next(module.model.parameters()).device  # batches and metric states go where the model is
+    model, tasks = module.model, module.tasks
+    device = next(model.parameters()).device  # batches and metric states go where the model is
+    pairs = list(itertools.product(widths, widths))
+    metrics = {pair: {t: task.metric().to(device) for t, task in tasks.items()} for pair in pairs}
+    try:
+        total: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:  # an iterable without a length: no ETA
+        total = None
+    start = last = time.perf_counter()
+    for i, batch in enumerate(loader, 1):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        size = tuple(batch["image"].shape[-2:])
+        for e in widths:
+            model.backbone.set_width(e)
+            rep, feats = model.encode_features(batch["image"])
+            for d in widths:
+                model.decoder.set_widths(dict.fromkeys(tasks, d))
+                preds = model.decode(rep, size=size, tasks=list(tasks), features=feats).preds
+                for t, task in tasks.items():
+                    task.update_metric(metrics[(e, d)][t], preds[t], batch)
+        now = time.perf_counter()
+        if progress_every_s is not None and (now - last >= progress_every_s or i == total):
+            last = now
+            eta = f", ETA {(now - start) / i * (total - i):.0f} s" if total else ""
+            log.info(
+                "control table: batch %d/%s measured at all %d (encoder, decoder) width pairs, "
+                "%.0f s elapsed%s",
+                i,
+                total if total else "?",
+                len(pairs),
+                now - start,
+                eta,
+            )
     table: dict[str, dict[tuple[float, float], float]] = {t: {} for t in tasks}
-    for e, d in itertools.product(widths, widths):
-        apply_config(module.model, WidthConfig(e, dict.fromkeys(tasks, d)))
-        metrics = {t: task.metric().to(device) for t, task in tasks.items()}
-        for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            preds = module.model(batch["image"])
-            for t, task in tasks.items():
-                task.update_metric(metrics[t], preds[t], batch)
+    for (e, d), per_task in metrics.items():
         for t, task in tasks.items():
-            table[t][(float(e), float(d))] = float(metrics[t].compute()[task.main_metric])
-    apply_config(module.model, WidthConfig(1.0, dict.fromkeys(tasks, 1.0)))
+            table[t][(float(e), float(d))] = float(per_task[t].compute()[task.main_metric])
+    apply_config(model, WidthConfig(1.0, dict.fromkeys(tasks, 1.0)))
     return table
 
 

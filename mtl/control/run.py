@@ -1,11 +1,13 @@
 """``eval.py ... control.budget=… control.preference=[…]`` and ``control.sweep=true``.
 
-Before evaluating a slimmable checkpoint, :func:`apply_control` measures (or loads) the
-performance table on the validation split, then either picks the configuration for one
-(budget, preference) request — the evaluation then runs that sub-network — or sweeps
-budgets × preferences and writes ``controllability.json``, ``controllability.md`` and
-``controllability.png`` (see :mod:`mtl.control.evaluate` for the score). :class:`Control` is
-the evaluation step that runs it in ``eval.py``.
+Before evaluating a slimmable checkpoint, :func:`apply_control` counts the cost of every width
+configuration (a few counted parts, seconds) and refuses a budget below the cheapest before
+anything else; then it measures (logging progress) or loads the performance table on the
+validation split, and either picks the configuration for one (budget, preference) request — the
+evaluation then runs that sub-network — or sweeps budgets × preferences and writes
+``controllability.json``, ``controllability.md`` and ``controllability.png`` (see
+:mod:`mtl.control.evaluate` for the score). Its last log line names the saved
+``control_table.json``. :class:`Control` is the evaluation step that runs it in ``eval.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,12 +36,25 @@ log = logging.getLogger(__name__)
 
 
 def _preference(value, tasks: Sequence[str]) -> dict[str, float]:
+    """``control.preference`` as task → weight, checked before anything is measured."""
     if isinstance(value, Mapping):
-        return {t: float(value[t]) for t in tasks}
-    values = list(value)
-    if len(values) != len(tasks):
-        raise ValueError(f"control.preference has {len(values)} values; expected one per task {list(tasks)}")
-    return dict(zip(tasks, map(float, values), strict=True))
+        if set(value) != set(tasks):
+            raise ValueError(
+                f"control.preference must name exactly the tasks {list(tasks)}, got {sorted(value)}"
+            )
+        pref = {t: float(value[t]) for t in tasks}
+    else:
+        values = list(value)
+        if len(values) != len(tasks):
+            raise ValueError(
+                f"control.preference has {len(values)} values; expected one per task {list(tasks)}"
+            )
+        pref = dict(zip(tasks, map(float, values), strict=True))
+    if any(p < 0 for p in pref.values()) or sum(pref.values()) <= 0:
+        raise ValueError(
+            f"control.preference weights must be >= 0 with a positive sum, got {pref} (one weight per task)"
+        )
+    return pref
 
 
 def default_budgets(
@@ -103,21 +119,70 @@ def apply_control(
     widths = list(model.backbone.widths)
     tasks = list(module.tasks)
     hib = {t: task.higher_is_better for t, task in module.tasks.items()}
+    pref = _preference(control.get("preference") or dict.fromkeys(tasks, 1.0), tasks)
+    # the cost of every configuration first (a few FLOP counts): a budget nothing fits is refused
+    # before the performance table is measured (minutes on a real validation split)
+    started = time.perf_counter()
+    cost = CostModel(model, input_size)
+    cheapest_config, cheapest = cost.cheapest()
+    full = cost(WidthConfig(1.0, dict.fromkeys(tasks, 1.0)))[0]
+    unit = f"GFLOPs per {cost.input_size[0]}×{cost.input_size[1]} image"
+    log.info(
+        "control: FLOPs of all %d width configurations from %d counted parts in %.1f s: %.4g (cheapest) "
+        "to %.4g (full model) %s",
+        len(cost.encoder_widths) * len(cost.decoder_widths) ** len(tasks),
+        cost.counts,
+        time.perf_counter() - started,
+        cheapest,
+        full,
+        unit,
+    )
+    if budget is not None and float(budget) < cheapest:
+        raise ValueError(
+            f"control.budget={budget} is below the cheapest configuration of this model, {cheapest:.4g} "
+            f"{unit} (encoder width {cheapest_config.encoder}, decoders {dict(cheapest_config.decoders)}); "
+            f"the full model costs {full:.4g}. Give control.budget between {cheapest:.4g} and {full:.4g} "
+            "(higher budgets all pick the full model)"
+        )
+    budgets = control.get("budgets")
+    if sweep_on and budgets:
+        below = [float(b) for b in budgets if float(b) < cheapest]
+        if len(below) == len(budgets):
+            raise ValueError(
+                f"control.budgets={list(budgets)} are all below the cheapest configuration of this model, "
+                f"{cheapest:.4g} {unit}; the full model costs {full:.4g}. Give budgets in that range, or "
+                "control.budgets=null for 11 at the deciles of all configurations' costs"
+            )
+        if below:
+            log.warning(
+                "control.budgets %s are below the cheapest configuration (%.4g %s): skipped",
+                below,
+                cheapest,
+                unit,
+            )
     table_path = Path(control.get("table") or output_dir / "control_table.json")
     if table_path.is_file():
         table = table_from_json(table_path.read_text())
+        log.info("control: performance table read from %s", table_path)
     else:
         datamodule.setup("validate")
-        table = measure_table(module, datamodule.eval_dataloader(shard=False), widths)
+        loader = datamodule.eval_dataloader(shard=False)
+        log.info(
+            "control: measuring the performance table on the validation split (%s batches; per batch %d "
+            "encoder passes and %d decoder passes, one per (encoder, decoder) width pair)",
+            len(loader),
+            len(widths),
+            len(widths) ** 2,
+        )
+        table = measure_table(module, loader, widths, progress_every_s=10.0 if write else None)
         if write:  # atomically: another rank may read it
             table_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = table_path.with_name(table_path.name + ".tmp")
             tmp.write_text(table_to_json(table))
             tmp.replace(table_path)
-    cost = CostModel(model, input_size)
     report: dict = {"table": str(table_path)}
     if sweep_on:
-        budgets = control.get("budgets") or default_budgets(cost, widths, tasks)
+        budgets = budgets or default_budgets(cost, widths, tasks)
         rows, score = sweep(
             table=table,
             cost=cost,
@@ -135,11 +200,11 @@ def apply_control(
             "|---|---|---|---|---|---|",
         ]
         for r in rows:
-            pref = ", ".join(f"{t}={v:.2f}" for t, v in r["preference"].items())
+            wanted = ", ".join(f"{t}={v:.2f}" for t, v in r["preference"].items())
             dec = ", ".join(f"{t}={v}" for t, v in r["decoders"].items())
             sc = ", ".join(f"{t}={v:.3f}" for t, v in r["scores"].items())
             lines.append(
-                f"| {r['budget']:.4g} | {pref} | {r['encoder']} | {dec} | {r['gflops']:.4g} | {sc} |"
+                f"| {r['budget']:.4g} | {wanted} | {r['encoder']} | {dec} | {r['gflops']:.4g} | {sc} |"
             )
         if write:
             (output_dir / "controllability.json").write_text(
@@ -149,8 +214,9 @@ def apply_control(
             plot_sweep(rows, output_dir / "controllability.png")
         report["controllability"] = score
         log.info("controllability %.3f over %d requests", score, len(rows))
+        if write:
+            log.info("control: sweep report in %s", output_dir / "controllability.md")
     if budget is not None:
-        pref = _preference(control.get("preference") or dict.fromkeys(tasks, 1.0), tasks)
         config, rep = search(
             budget=float(budget),
             preference=pref,
@@ -174,6 +240,8 @@ def apply_control(
         )
         if write:
             (output_dir / "control.json").write_text(json.dumps(report, indent=1))
+    if write:
+        log.info("control: performance table in %s (reuse it with control.table=%s)", table_path, table_path)
     return report
 
 

@@ -84,7 +84,8 @@ def search(
                 best, best_key = (config, {"cost": c, "objective": objective, "scores": s}), key
     if best is None:
         raise ValueError(
-            f"no configuration fits the budget {budget:.4g} GFLOPs; the cheapest costs {cheapest:.4g}"
+            f"no configuration fits the budget {budget:.4g} GFLOPs per image; the cheapest costs "
+            f"{cheapest:.4g} GFLOPs per image"
         )
     best[1]["candidates"] = n
     return best
