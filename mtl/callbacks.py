@@ -8,6 +8,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from mtl.contracts import ModelOutput
 from mtl.initial_weights import load_init_weights, state_fingerprint
@@ -146,32 +148,101 @@ class CrashAt(L.Callback):
             raise SimulatedCrash(f"simulated crash at step {trainer.global_step} (mtl.callbacks.CrashAt)")
 
 
-class PeriodicCheckpoint(L.Callback):
-    """Writes ``<dirpath>/last.ckpt`` every ``every_n_steps`` optimiser steps (atomically).
+class PeriodicCheckpoint(Checkpoint):
+    """The one writer of ``<dirpath>/last.ckpt``: always the run's latest state, written atomically.
 
-    The model checkpoint callback saves at validation ends; this bounds the work a crash can
-    lose in between (``ckpt_path=last`` resumes exactly, mid-epoch included). Lightning's own
-    ``every_n_train_steps`` defers saving to the next validation under manual optimisation
-    when a monitored metric is missing, so the framework does not rely on it.
+    Written every ``every_n_steps`` optimiser steps (a crash loses at most that many), after every
+    validation of the fit, at every training epoch's end that no validation followed, and when
+    training ends; ``ckpt_path=last`` resumes from it exactly (mid-epoch included). Lightning's
+    ``ModelCheckpoint`` keeps ``best.ckpt`` only (``save_last: false``): two writers of
+    ``last.ckpt`` made Lightning switch to ``last-v1.ckpt`` and leave ``last.ckpt`` stale, so a
+    ``ModelCheckpoint`` with ``save_last`` in the same folder is refused.
+
+    As a :class:`~lightning.pytorch.callbacks.Checkpoint`, Lightning runs it after the other
+    callbacks, and :func:`mtl.pipeline.build_trainer` puts it after ``ModelCheckpoint``, so the file
+    holds the best-model bookkeeping of the validation it follows. Lightning's own
+    ``every_n_train_steps`` defers saving to the next validation under manual optimisation when a
+    monitored metric is missing, so the framework does not rely on it.
 
     Args:
         dirpath: checkpoint folder.
-        every_n_steps: save period in optimiser steps (0 disables).
+        every_n_steps: save period in optimiser steps (0: no periodic saves; the saves at
+            validation, epoch and training ends still happen).
     """
+
+    FILENAME = "last.ckpt"
 
     def __init__(self, *, dirpath: str, every_n_steps: int = 500) -> None:
         super().__init__()
         if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+            raise ValueError(f"callbacks.periodic_checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
-        self._saved_at = -1
+        self._saved_at = -1  # the step of the latest save
+        self._saved_after_validation = False  # … and whether it followed a validation
+
+    @property
+    def path(self) -> Path:
+        """``<dirpath>/last.ckpt``."""
+        return self.dirpath / self.FILENAME
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and Path(cb.dirpath or "") == self.dirpath:
+                raise ValueError(
+                    f"two writers of {self.path}: ModelCheckpoint has save_last={cb.save_last!r} and "
+                    "mtl.callbacks.PeriodicCheckpoint writes it too (Lightning then moves to last-v1.ckpt "
+                    "and last.ckpt goes stale); set callbacks.model_checkpoint.save_last=false"
+                )
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return (
+            trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and not trainer.fast_dev_run
+        )
+
+    def save(self, trainer: L.Trainer, *, after_validation: bool = False) -> Path:
+        """Writes ``last.ckpt`` now (every rank calls it; rank 0 writes). The loggers are flushed
+        first: the rows up to the checkpoint are on disk when it is (a resume continues from them)."""
+        for logger in trainer.loggers:
+            logger.save()
+        trainer.save_checkpoint(self.path)
+        self._saved_at, self._saved_after_validation = trainer.global_step, after_validation
+        return self.path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved_at:
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
-            self._saved_at = step
+            if self._active(trainer):
+                self.save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer):
+            self.save(trainer, after_validation=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the validation at the epoch's end (if any) ran before this hook and saved already
+        if self._active(trainer) and not (
+            self._saved_at == trainer.global_step and self._saved_after_validation
+        ):
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._active(trainer) and self._saved_at != trainer.global_step:
+            self.save(trainer)
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """Where ``last.ckpt`` of ``trainer``'s run is: the :class:`PeriodicCheckpoint`'s file, else
+    ``<ModelCheckpoint dirpath>/last.ckpt``, else ``<default_root_dir>/checkpoints/last.ckpt``."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, PeriodicCheckpoint):
+            return cb.path
+    folder = (
+        trainer.checkpoint_callback.dirpath
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
+        else None
+    )
+    return Path(folder or Path(trainer.default_root_dir) / "checkpoints") / PeriodicCheckpoint.FILENAME
 
 
 class Throughput(L.Callback):

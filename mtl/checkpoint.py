@@ -1,16 +1,136 @@
-"""Atomic checkpoint writing (a crash during a save never corrupts the last good checkpoint) and
-the random states of every rank: saved in each checkpoint, restored on resume (also on another
-number of ranks or GPUs, with a warning), and a stream of its own for every DDP rank."""
+"""Atomic checkpoint writing (a crash during a save never corrupts the last good checkpoint), the
+one checkpoint reader of the project (:func:`read_checkpoint`: ``weights_only`` loading, errors that
+name the file and say what is wrong with it), and the random states of every rank: saved in each
+checkpoint, restored on resume (also on another number of ranks or GPUs, with a warning), and a
+stream of its own for every DDP rank."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+#: the first bytes of a ``torch.save`` file (a zip archive since PyTorch 1.6)
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read: truncated, not a PyTorch checkpoint, or holding Python
+    objects that ``weights_only`` loading refuses. The message names the file and what to do."""
+
+
+def _other_checkpoints(path: Path) -> str:
+    others = sorted(
+        (p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    if not others:
+        return (
+            f"resume from another checkpoint of the run (ckpt_path=<run>/checkpoints/best.ckpt) or an "
+            f"earlier copy of {path.name}"
+        )
+    names = ", ".join(p.name for p in others[:4])
+    return f"other checkpoints in {path.parent}: {names}; resume from one, e.g. ckpt_path={others[0]}"
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    *,
+    mmap: bool = True,
+    weights_only: bool = True,
+    map_location: str | torch.device | Callable | None = "cpu",
+    expected: str = "a checkpoint written by train.py or merge.py",
+) -> dict[str, Any]:
+    """Every checkpoint load of the project goes through here (eval, merge, resume, ``InitWeights``).
+
+    Loads with ``torch.load(weights_only=True)``: only tensors and plain Python types (dict, list,
+    str, numbers) are unpickled, so a downloaded file cannot run code. The checkpoints ``train.py``
+    and ``merge.py`` write hold nothing else (random states are saved as tensors and numbers, the
+    run's config as plain containers, no ``hyper_parameters`` objects) and always load this way.
+    Files holding other Python objects (e.g. a Lightning checkpoint of another project whose
+    ``hyper_parameters`` are an OmegaConf ``DictConfig``) are refused with a
+    :class:`CheckpointReadError` naming the object; ``weights_only=False`` loads them, for files
+    from a trusted source only (``eval.py ckpt_trusted=true``).
+
+    Args:
+        path: the file.
+        mmap: memory-map the tensors (they stay in the file until read; zip-format files only,
+            older formats load fully).
+        weights_only: ``False`` unpickles arbitrary objects (trusted files only).
+        map_location: as ``torch.load``.
+        expected: what the file should be, for the error messages.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CheckpointReadError: the file is truncated or corrupt, is not a PyTorch checkpoint, holds
+            objects ``weights_only`` refuses, or does not hold a dict.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist (expected {expected})")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = head == _ZIP_MAGIC
+    if is_zip and not zipfile.is_zipfile(path):
+        raise CheckpointReadError(
+            f"checkpoint '{path}' is truncated or corrupt ({size} bytes, a zip archive without its end): it "
+            "was cut short while being written (a process killed during the save by a version without "
+            f"atomic saves, a full disk) or copied partially. {_other_checkpoints(path)}"
+        )
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found is None:  # not a pickle of objects: garbage, another format
+            raise _not_a_checkpoint(path, size, head, expected, err) from err
+        raise CheckpointReadError(
+            f"checkpoint '{path}' holds Python objects besides tensors and plain types (e.g. "
+            f"{found.group(1)}); they are "
+            "loaded only with weights_only=False, which runs code from the file: do that only for a file "
+            "from a trusted source (eval.py: ckpt_trusted=true). Checkpoints of train.py and merge.py "
+            "never need it"
+        ) from err
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        if is_zip:
+            raise CheckpointReadError(
+                f"checkpoint '{path}' is corrupt ({size} bytes; torch: {str(err).splitlines()[0][:200]}). "
+                f"{_other_checkpoints(path)}"
+            ) from err
+        raise _not_a_checkpoint(path, size, head, expected, err) from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointReadError(
+            f"'{path}' holds a {type(ckpt).__name__}, expected {expected} (a dict with a 'state_dict')"
+        )
+    return ckpt
+
+
+def _not_a_checkpoint(
+    path: Path, size: int, head: bytes, expected: str, err: Exception
+) -> CheckpointReadError:
+    kind = "an empty file" if size == 0 else f"{size} bytes starting with {head!r}"
+    return CheckpointReadError(
+        f"'{path}' is not a PyTorch checkpoint ({kind}; torch: {type(err).__name__}: "
+        f"{str(err).splitlines()[0][:120] if str(err) else '-'}): expected {expected} (a torch.save file, "
+        "e.g. <run>/checkpoints/last.ckpt or best.ckpt)"
+    )
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The ``global_step`` of a checkpoint (a memory-mapped read: cheap for any size); 0 if absent.
+
+    Also checks the file before anything is built (:func:`read_checkpoint`'s errors).
+    """
+    return int(read_checkpoint(path, mmap=True).get("global_step", 0))
 
 
 class NonFiniteCheckpointError(RuntimeError):
@@ -65,6 +185,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Lightning's resume and ``trainer.test(ckpt_path=…)`` read through :func:`read_checkpoint`
+        (``weights_only`` unless the caller passes ``False``; the tensors are loaded, not mapped)."""
+        return read_checkpoint(
+            path, mmap=False, weights_only=weights_only is not False, map_location=map_location
+        )
 
 
 # ------------------------------------------------------------------------------ RNG states

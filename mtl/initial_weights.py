@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from mtl.checkpoint import read_checkpoint
+
 #: the fingerprint callback's key in ``checkpoint["callbacks"]`` (Lightning uses the class name)
 STATE_KEY = "InitFingerprint"
 
@@ -71,7 +73,7 @@ def load_init_weights(module: torch.nn.Module, path: str | Path) -> tuple[list[s
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_weights path '{path}' does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = read_checkpoint(path, mmap=True, expected="a checkpoint of train.py or a state dict file")
     state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), Mapping) else ckpt
     own = module.state_dict()
     fits = {k: v for k, v in state.items() if k in own and torch.is_tensor(v) and v.shape == own[k].shape}

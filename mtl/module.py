@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 
+from mtl.callbacks import last_checkpoint_path
 from mtl.checkpoint import NonFiniteCheckpointError, gather_rng_states, restore_rank_rng_state, seed_rank_rng
 from mtl.contracts import ModelOutput
 from mtl.guards import (
@@ -302,9 +303,7 @@ class MTLModule(L.LightningModule):
         return False
 
     def _save_last_good(self) -> str | None:
-        cb = getattr(self.trainer, "checkpoint_callback", None)
-        folder = getattr(cb, "dirpath", None) or f"{self.trainer.default_root_dir}/checkpoints"
-        path = f"{folder}/last.ckpt"
+        path = str(last_checkpoint_path(self.trainer))
         try:
             self.trainer.save_checkpoint(path)
         except NonFiniteCheckpointError as err:  # the weights are poisoned too: keep the earlier file

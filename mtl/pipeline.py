@@ -18,9 +18,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl.baselines import METRICS_PROTOCOL
+from mtl.callbacks import PeriodicCheckpoint
+from mtl.checkpoint import checkpoint_step, read_checkpoint
 from mtl.config_check import check_config
-from mtl.data.base import DenseDataset
+from mtl.data.base import DenseDataset, check_eval_split
 from mtl.data.datamodule import MTLDataModule, dataset_class
+from mtl.data.switch import dataset_switch_warning
 from mtl.eval_steps import EvalContext, EvalStep
 from mtl.gpu import (
     ChannelsLast,
@@ -31,7 +34,7 @@ from mtl.gpu import (
     use_scaled_clipping,
 )
 from mtl.guards import explain_oom
-from mtl.loggers import code_version
+from mtl.loggers import code_version, resume_loggers
 from mtl.model import MultiTaskNet
 from mtl.module import MTLModule
 from mtl.objective import score
@@ -84,12 +87,13 @@ def _num_workers(cfg: DictConfig) -> int:
     )
 
 
-def build_datamodule(cfg: DictConfig) -> MTLDataModule:
+def build_datamodule(cfg: DictConfig, **overrides: Any) -> MTLDataModule:
     """The data module of ``cfg.data`` (checks that the dataset provides every task; ``num_workers:
-    auto`` sized to the node, see :func:`setup_gpu`)."""
+    auto`` sized to the node, see :func:`setup_gpu`); ``overrides``: constructor arguments that win
+    over the config (e.g. ``eval_split``)."""
     if cfg.data.get("num_workers") == "auto":
-        return instantiate(cfg.data, _convert_="all", num_workers=_num_workers(cfg))
-    return instantiate(cfg.data, _convert_="all")
+        overrides = {"num_workers": _num_workers(cfg), **overrides}
+    return instantiate(cfg.data, _convert_="all", **overrides)
 
 
 def build_module(cfg: DictConfig, datamodule: MTLDataModule) -> MTLModule:
@@ -250,6 +254,9 @@ def build_trainer(cfg: DictConfig, *, model: MultiTaskNet | None = None, **overr
     ]
     if gpu_settings(cfg).channels_last:
         callbacks.append(ChannelsLast())
+    # last.ckpt after ModelCheckpoint's best.ckpt: it then holds the best-model bookkeeping of the
+    # validation it follows (Lightning runs checkpoint callbacks last, in list order)
+    callbacks.sort(key=lambda c: isinstance(c, PeriodicCheckpoint))
     if "accumulate_grad_batches" in cfg.trainer:  # done by MTLModule (manual optimisation)
         overrides.setdefault("accumulate_grad_batches", 1)
     trainer = instantiate(
@@ -313,14 +320,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     settings = setup_gpu(cfg)
     check_config(cfg)
+    note = dataset_switch_warning(cfg)
+    if note is not None:
+        log.warning(note)
+    output_dir = Path(cfg.paths.output_dir)
+    # the checkpoint to resume from is read (and its errors raised) before anything is built
+    ckpt_path = _resolve_ckpt(cfg, output_dir)
+    resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     compile_model(module.model, settings.compile)
     log.info("parameters:\n%s", parameter_report(module.model))
     trainer = build_trainer(cfg, model=module.model)
+    resume_loggers(trainer.loggers, resume_step)  # a resumed run continues the loggers' histories
     params = {g: c["trainable"] for g, c in parameter_counts(module.model).items()}
     code = code_version()
     for logger in trainer.loggers:
@@ -328,7 +342,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:  # the resolved config next to the run (.hydra/ holds the unresolved one)
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create({**job_config(cfg), "code": code}), output_dir / "config.yaml")
-    ckpt_path = _resolve_ckpt(cfg, output_dir)
     data, trainer_cfg = cfg.get("data") or {}, cfg.get("trainer") or {}
     with explain_oom(
         batch_size=data.get("batch_size"),
@@ -336,7 +349,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         precision=trainer_cfg.get("precision"),
         devices=trainer_cfg.get("devices"),
     ):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # the run's own checkpoints hold tensors and plain types only: never unpickle objects
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _to_float(trainer.callback_metrics)
     try:
         metrics["val/score"] = score(metrics, module.tasks)
@@ -345,7 +359,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("test") and not trainer.fast_dev_run:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         use_eval_metrics(module, cfg)
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update(_to_float(trainer.callback_metrics))
     table = format_table(metrics, module.tasks, "val")
     log.info("validation metrics after training:\n%s", table)
@@ -355,7 +369,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluates ``cfg.ckpt_path`` on the validation split with the published protocols.
+    """Evaluates ``cfg.ckpt_path`` on ``eval.split`` (default ``val``: NYUD-v2's and PASCAL-Context's
+    published numbers are on their val splits; the synthetic scenes also have an independent
+    ``test`` split) with the published protocols.
 
     Writes ``results.json``, ``results.csv`` and ``results.md`` (see :mod:`mtl.report`); the
     evaluation steps of ``cfg.eval_steps`` (:mod:`mtl.eval_steps`: LoRA merging, control,
@@ -372,14 +388,23 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = _resolve_ckpt(cfg, output_dir)
     if ckpt_path is None:
         raise ValueError("evaluate needs ckpt_path=<checkpoint file>")
+    # read before anything is built: a wrong file fails at once, naming it
+    # weights_only unless the user vouches for a file holding other Python objects (ckpt_trusted=true)
+    state = read_checkpoint(ckpt_path, weights_only=not cfg.get("ckpt_trusted", False))
+    if "state_dict" not in state:
+        raise ValueError(
+            f"checkpoint '{ckpt_path}' has no 'state_dict' (keys: {sorted(state)[:6]}): expected a "
+            "checkpoint of train.py or merge.py"
+        )
     setup_gpu(cfg)
     check_config(cfg)
+    eval_cfg = cfg.get("eval") or {}
+    split = check_eval_split(cfg.data.dataset._target_, eval_cfg.get("split") or "val")
     steps = build_eval_steps(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, eval_split=split)
     module = build_module(cfg, datamodule)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     missing, unexpected = module.load_state_dict(state["state_dict"], strict=False)
     # the strategy's training state (UW's log-variances, DWA's history, …) does not affect evaluation
     missing = [k for k in missing if not k.startswith("strategy.")]
@@ -402,7 +427,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     use_eval_metrics(module, cfg)
     ctx.trainer.test(module, datamodule=datamodule)
     metrics = ctx.metrics = _to_float(ctx.trainer.callback_metrics)
-    eval_cfg = cfg.get("eval") or {}
     name = eval_cfg.get("name") or Path(ckpt_path).resolve().parent.parent.name
     if ctx.is_global_zero:
         table = write_results(
@@ -413,6 +437,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             name=name,
             dataset=dataset_key(cfg),
             headline=bool(eval_cfg.get("headline", True)),
+            provenance={
+                "checkpoint": str(Path(ckpt_path).resolve()),
+                "split": split,
+                "dataset": dataset_key(cfg),
+                "tasks": list(cfg.data.tasks),
+                "code": code_version(),
+            },
         )
         print(table)
     for step in steps:

@@ -16,6 +16,7 @@ import csv
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mtl.metrics.published import HEADLINES
 from mtl.tasks.base import Task
@@ -121,11 +122,20 @@ def write_results(
     dataset: str | None = None,
     headline: bool = True,
     stem: str = "results",
+    provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """Writes ``<stem>.json`` (all metrics), ``<stem>.csv`` (one row: model + every metric, raw
-    units) and ``<stem>.md`` (published layout + all metrics); returns the Markdown."""
+    units) and ``<stem>.md`` (published layout + all metrics); returns the Markdown.
+
+    ``provenance`` (checkpoint, split, dataset, code version, …) goes to ``<stem>.provenance.json``
+    and heads the Markdown; ``<stem>.json`` stays the flat metric → value map.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{stem}.json").write_text(json.dumps(dict(metrics), indent=2))
+    if provenance is not None:
+        (output_dir / f"{stem}.provenance.json").write_text(
+            json.dumps(dict(provenance), indent=2, default=str)
+        )
     keys = sorted(metrics)
     with open(output_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -136,5 +146,7 @@ def write_results(
         + "\n\nAll metrics:\n\n"
         + all_metrics_table(metrics, tasks, stage)
     )
+    if provenance is not None and "split" in provenance:
+        md += f"\n\nSplit: `{provenance['split']}` · checkpoint: `{provenance.get('checkpoint', '?')}`"
     (output_dir / f"{stem}.md").write_text(md + "\n")
     return md

@@ -61,6 +61,7 @@ NEW_KEYS = {
     "eval": {
         "eval_steps": "pipeline.evaluate's pluggable evaluation steps (configs/eval_steps/)",
         "gpu": "issue 20: GPU knobs (configs/gpu/), defaults keep the papers' fp32",
+        "ckpt_trusted": "issue 21: checkpoints load with weights_only=True unless the user vouches for one",
     },
     "train": {"gpu": "issue 20: GPU knobs (configs/gpu/), defaults keep the papers' fp32"},
 }
@@ -74,6 +75,9 @@ CHANGED_LATER: dict[str, dict[str, str]] = {
         "module.nonfinite.check_grads": "issue 21: a non-finite gradient behind finite losses skips the step",
         "data.allow_bad_data": "issue 21: the data preflight stops on wrong encodings unless this is set",
         "data.split_kwargs.test": "issue 22: the synthetic test split (eval.split=test) has val's length",
+        "callbacks.model_checkpoint.save_last": "issue 21: last.ckpt has one writer (PeriodicCheckpoint)",
+        "logger.csv._target_": "issue 21: mtl.loggers.CSVLogger continues metrics.csv on resume",
+        "logger.tensorboard._target_": "issue 21: mtl.loggers.TensorBoardLogger continues on resume",
     },
     **{
         f"{dataset}_mtlora": {

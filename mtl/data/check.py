@@ -291,6 +291,10 @@ def preflight(
 ) -> list[Problem]:
     """The checks of a training run's data setup: cheap on the whole split, decoding on a sample.
 
+    The decoding checks know the encodings of NYUD-v2 and PASCAL-Context; another
+    :class:`~mtl.data.base.FolderDataset` gets the id-level ones (duplicates, and missing files and
+    sizes through its :meth:`~mtl.data.base.FolderDataset.files`).
+
     Args:
         ds: the dataset as training builds it (its split, tasks and options).
         samples: how many ids, spread over the split, are decoded and checked.
@@ -304,6 +308,8 @@ def preflight(
     if ds.KEY == NYUDv2.KEY:
         sizes = {SIZE} | ({(int(input_size[0]), int(input_size[1]))} if input_size is not None else set())
     problems = check_ids(ds, sizes=sizes)
+    if ds.KEY not in (NYUDv2.KEY, PASCALContext.KEY):
+        return problems  # a user's dataset: the id-level checks only (the encodings are the field's)
     known = {p.path for p in problems}
     picked = sample_indices(ds.ids, samples)
     stats = []

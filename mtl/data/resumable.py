@@ -107,36 +107,88 @@ class ResumableLoader(DataLoader):
         if not isinstance(self.sampler, ResumableSampler):
             raise TypeError(f"ResumableLoader needs a ResumableSampler, got {type(self.sampler).__name__}")
         self.progress = progress
+        self._resumed: tuple[int, int, int] | None = None  # (epoch, trainer's batch count, samples) at resume
 
     def state_dict(self) -> dict[str, int]:
-        """The epoch, the number of its batches already trained on (per rank) and the number of ranks."""
+        """The epoch, the number of its batches already trained on (per rank, as the trainer counts
+        them), the number of ranks, the batch size per rank, and the samples of the epoch already
+        trained on over all ranks (-1 once the epoch is finished)."""
+        batches = int(self.progress()) if self.progress else 0
         return {
             "epoch": int(self.sampler.epoch),
-            "batches": int(self.progress()) if self.progress else 0,
+            "batches": batches,
             "world_size": int(self.sampler.num_replicas),
+            "batch_size": int(self.batch_size),
+            "samples": self._samples_done(batches),
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Positions the next iteration right after the last batch trained on before the save.
+    def _samples_done(self, batches: int) -> int:
+        if batches < 0:
+            return -1
+        per_batch = int(self.batch_size) * int(self.sampler.num_replicas)
+        if self._resumed is not None and self._resumed[0] == self.sampler.epoch:
+            _, batches0, samples0 = (
+                self._resumed
+            )  # the epoch resumed after samples0 samples, counted batches0
+            return samples0 + (batches - batches0) * per_batch
+        return batches * per_batch
 
-        A checkpoint written by another number of ranks resumes the interrupted epoch after the
-        same number of batches per rank, with a warning: that epoch's samples are then not exactly
-        the remaining ones (the following epochs are exact).
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Positions the next iteration right after the last samples trained on before the save.
+
+        The position is kept in samples, so a run resumed with another batch size (``data.batch_size``)
+        continues the interrupted epoch with exactly the samples it had left, with a warning naming
+        both sizes (the optimiser steps are of the new size from then on; a larger batch size also
+        ends the interrupted epoch early, see the warning). A checkpoint written by another number of
+        ranks resumes after the same number of samples, with a warning: that epoch's samples are then
+        not exactly the remaining ones (the following epochs are exact).
         """
         epoch, batches = int(state["epoch"]), int(state["batches"])
-        saved_world = int(state.get("world_size", self.sampler.num_replicas))
-        if saved_world != self.sampler.num_replicas and 0 < batches < len(self) and self.sampler.rank == 0:
+        world, rank, size = int(self.sampler.num_replicas), int(self.sampler.rank), int(self.batch_size)
+        saved_world = int(state.get("world_size", world))
+        saved_size = int(state.get("batch_size", size))  # older checkpoints: assumed unchanged
+        samples = int(state.get("samples", -1 if batches < 0 else batches * saved_size * saved_world))
+        total = len(self.sampler) * world
+        self._resumed = None
+        if samples < 0 or samples >= total or (batches >= len(self) and saved_size == size):
+            # saved at an epoch's end: the next one starts afresh
+            self.sampler.set_epoch(epoch + 1)
+            self.sampler.skip = 0
+            return
+        skip = -(-samples // world)  # per rank; exact unless the number of ranks changed
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = skip
+        self._resumed = (epoch, batches, samples)
+        if rank != 0 or samples == 0:
+            return
+        if saved_world != world:
             warnings.warn(
-                f"the checkpoint's loader position is {batches} batches per rank of {saved_world} ranks; "
-                f"this run has {self.sampler.num_replicas}: the interrupted epoch {epoch} resumes after "
-                f"{batches} batches per rank, so some of its samples are seen twice or not at all "
-                "(the next epochs are exact)",
+                f"the checkpoint was written by {saved_world} rank(s), this run has {world}: the interrupted "
+                f"epoch {epoch} resumes after its first {samples} samples ({skip} per rank); up to "
+                f"{world - 1} of its samples are not seen (the next epochs are exact)",
                 stacklevel=2,
             )
-        if batches < 0 or batches >= len(self):  # saved at an epoch's end: the next one starts afresh
-            epoch, batches = epoch + 1, 0
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip = batches * int(self.batch_size)
+        if saved_size != size:
+            left = (
+                (len(self.sampler) - skip) // size
+                if self.drop_last
+                else -(-(len(self.sampler) - skip) // size)
+            )
+            cut = max(0, batches + left - len(self)) if batches < len(self) else 0
+            warnings.warn(
+                f"the checkpoint was written with batch size {saved_size} per rank (data.batch_size), this "
+                f"run uses {size}: the interrupted epoch {epoch} continues after the {samples} samples "
+                f"already trained on, in batches of {size}; optimiser steps are of the new size from now on "
+                "(the learning-rate schedule, max_steps and every_n_steps count them)"
+                + (
+                    f"; the trainer counts that epoch's {batches} earlier batches against the new epoch "
+                    f"length of {len(self)}, so it ends {cut} batch(es) early ({cut * size} samples of that "
+                    "epoch unseen; the next epochs are complete)"
+                    if cut
+                    else ""
+                ),
+                stacklevel=2,
+            )
 
 
 def private_generator(seed: int) -> torch.Generator:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtl.checkpoint import read_checkpoint
 from mtl.initial_weights import stored_fingerprint
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,10 @@ class Run:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` of a checkpoint, memory-mapped (falls back to a full load for old formats)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as err:  # not the zip format (mmap impossible) or non-tensor pickles
-        warnings.warn(f"{path}: cannot memory-map ({err}); loading it fully", stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint, memory-mapped (older formats load fully), with ``weights_only=True``: files from
+    elsewhere (``base_ckpt``) cannot run code; see :func:`mtl.checkpoint.read_checkpoint` (its
+    errors name the file: missing, truncated, not a checkpoint, other Python objects inside)."""
+    return read_checkpoint(path, mmap=True, expected="a checkpoint of train.py or a state dict file")
 
 
 def checkpoint_config(path: Path, checkpoint: Mapping[str, Any]) -> DictConfig:
@@ -100,6 +96,22 @@ def _plain(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def check_disjoint_tasks(runs: Sequence[Run]) -> None:
+    """Raises ``ValueError`` naming both files when a task is in two checkpoints (or none is given);
+    checked before the merged model (whose task list is the union) is built."""
+    if len(runs) < 1:
+        raise ValueError("ckpts: give at least one checkpoint")
+    owner: dict[str, Path] = {}
+    for r in runs:
+        for t in r.tasks:
+            if t in owner:
+                raise ValueError(
+                    f"task '{t}' is in two checkpoints: {owner[t]} and {r.path}; merging needs each task "
+                    "from one checkpoint (give the checkpoints of disjoint task sets)"
+                )
+            owner[t] = r.path
+
+
 def check_runs(runs: Sequence[Run], shared_keys: Sequence[str]) -> None:
     """Checks that the runs can be merged; raises ``ValueError`` naming what differs.
 
@@ -110,14 +122,7 @@ def check_runs(runs: Sequence[Run], shared_keys: Sequence[str]) -> None:
       without one are compared by their backbone source (timm name, pretrained, checkpoint_path)
       and seed, with a warning.
     """
-    if len(runs) < 1:
-        raise ValueError("ckpts: give at least one checkpoint")
-    owner: dict[str, Path] = {}
-    for r in runs:
-        for t in r.tasks:
-            if t in owner:
-                raise ValueError(f"task '{t}' is in two checkpoints: {owner[t]} and {r.path}")
-            owner[t] = r.path
+    check_disjoint_tasks(runs)
     ref = runs[0]
     for r in runs:
         for k in shared_keys:

@@ -25,13 +25,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mtl.initial_weights import first_mismatch, init_weights_paths, load_init_weights, state_fingerprint
 from mtl.merging.base import MergeMethod
 from mtl.merging.io import (
     Run,
     backbone_source,
+    check_disjoint_tasks,
     check_runs,
     key_owners,
     load_checkpoint,
@@ -123,9 +124,33 @@ def _first_images(datamodule: Any, n: int) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
+def checkpoint_list(value: Any, key: str = "ckpts") -> list[str]:
+    """The checkpoint paths of ``merge.py ckpts=…``: a list (``ckpts=[a.ckpt,b.ckpt]``), one path
+    (``ckpts=a.ckpt``) or a comma-separated string (``ckpts='a.ckpt,b.ckpt'``).
+
+    Raises:
+        TypeError: anything else (a number, a mapping, a list holding non-strings).
+        ValueError: no path at all.
+    """
+    expected = "a checkpoint path, 'a.ckpt,b.ckpt' or a list [a.ckpt,b.ckpt]"
+    if isinstance(value, (str, Path)):
+        items = str(value).split(",")
+    elif isinstance(value, (list, tuple, ListConfig)):
+        bad = [v for v in value if not isinstance(v, (str, Path))]
+        if bad:
+            raise TypeError(f"{key}: every entry must be a path, got {bad[0]!r}; expected {expected}")
+        items = [str(v) for v in value]
+    else:
+        raise TypeError(f"{key} must be {expected}, got {type(value).__name__} {value!r}")
+    paths = [p.strip() for p in items if p.strip()]
+    if not paths:
+        raise ValueError(f"{key} is empty: expected {expected}")
+    return paths
+
+
 def merge_checkpoints(
     *,
-    ckpts: Sequence[str],
+    ckpts: Sequence[str] | str,
     method: MergeMethod,
     output_dir: str | Path,
     base_ckpt: str | None = None,
@@ -134,17 +159,18 @@ def merge_checkpoints(
     """Merges ``ckpts`` with ``method``; returns the merged checkpoint's path and config.
 
     Args:
-        ckpts: checkpoints of ``train.py`` (one or more tasks each, disjoint).
+        ckpts: checkpoints of ``train.py`` (one or more tasks each, disjoint): a list, one path or
+            a comma-separated string (:func:`checkpoint_list`).
         method: a :class:`~mtl.merging.base.MergeMethod`.
         output_dir: the run folder (the merged config's ``paths.output_dir``).
         base_ckpt: the initial weights θ0 (a Lightning checkpoint, a model state dict or a timm
             backbone file); default: rebuilt from the training config.
         output: the merged checkpoint file (default ``<output_dir>/checkpoints/merged.ckpt``).
     """
-    if isinstance(ckpts, (str, bytes)) or not ckpts:
-        raise ValueError(f"ckpts must be a non-empty list of checkpoint paths, got {ckpts!r}")
+    ckpts = checkpoint_list(ckpts)
     output_dir = Path(output_dir)
     runs = [load_run(p) for p in ckpts]
+    check_disjoint_tasks(runs)  # before the model of the union is built (it refuses repeated tasks)
     cfg = merged_config(runs, output_dir)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)

@@ -323,3 +323,29 @@ def test_the_real_data_config_refuses_a_wrong_encoding_before_training(roots, tm
     with caplog.at_level(logging.WARNING, logger="mtl.data.datamodule"):
         build_datamodule(cfg).setup("fit")
     assert "sal_distill/2008_000000.png" in caplog.text
+
+
+def test_a_users_folder_dataset_gets_the_id_level_preflight_only(tmp_path):
+    """A dataset the checker does not know (no ``path()``): duplicates and missing files are still
+    found, the field's encoding checks are not applied to it."""
+    from mtl.data.base import FolderDataset
+    from mtl.data.check import preflight
+
+    class Mine(FolderDataset):
+        KEY = "mine"
+        TASKS = ("semseg",)
+
+        def split_file(self, split: str) -> Path:
+            return self.root / f"{split}.txt"
+
+        def files(self, sample_id: str) -> list[Path]:
+            return [self.root / f"{sample_id}.png"]
+
+        def load(self, sample_id: str) -> dict:
+            raise AssertionError("the preflight of a user's dataset decodes nothing")
+
+    (tmp_path / "train.txt").write_text("a\nb\na\n")
+    (tmp_path / "a.png").write_bytes(b"")
+    found = preflight(Mine(root=tmp_path, split="train"))
+    assert any("listed 2 times" in p.reason for p in found)
+    assert any(p.path.endswith("b.png") and p.reason == "file is missing" for p in found)

@@ -132,6 +132,14 @@ def test_bad_checkpoints_give_clear_errors(ckpts, tmp_path):
         merge_checkpoints(ckpts=[str(tmp_path / "nope.ckpt")], method=TaskArithmetic(), output_dir=tmp_path)
 
 
+def test_overlapping_tasks_name_both_checkpoints(ckpts, tmp_path):
+    """The union's task list used to be built first and fail with 'task list has duplicates' and
+    no file named."""
+    same = [str(ckpts["semseg"]), str(ckpts["semseg"])]
+    with pytest.raises(ValueError, match=r"task 'semseg' is in two checkpoints: .*semseg.* and .*semseg"):
+        merge_checkpoints(ckpts=same, method=TaskArithmetic(), output_dir=tmp_path)
+
+
 def test_adamerging_learns_layerwise_coefficients(ckpts, tmp_path):
     method = AdaMerging(steps=4, lr=0.05, images=4, batch_size=2)
     path, _ = merge_checkpoints(ckpts=[str(ckpts[t]) for t in TASKS], method=method, output_dir=tmp_path)
