@@ -15,7 +15,8 @@ Each feature owns its step next to its code, configured by the keys users alread
     mtl.adapters.lora.MergeLoRA                   adapter.merge: fold LoRA into the base weights
     mtl.control.run.Control                       control.*: slimmable sub-network or sweep
     mtl.backbones.routing_report.RoutingReport    expert use of routing backbones (M³ViT)
-    mtl.visualise.PredictionPictures              eval.pictures: prediction panels
+    mtl.decoders.taskexpert.GateReport            gate statistics: gates.md, a short console summary
+    mtl.visualise.PredictionPictures              eval.pictures: labelled prediction panels
 
 A new step subclasses :class:`EvalStep`, implements one or both hooks and is added from the
 command line (``+eval_steps.mine._target_=my_pkg.MyStep``); ``eval_steps.pictures=null``

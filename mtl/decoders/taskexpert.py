@@ -47,6 +47,7 @@ the last layer's assembled features as output.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -55,8 +56,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.contracts import Decoder, DecoderOutput
-from mtl.decoders.moe import BatchedExperts, ChannelNorm, balance_loss, gate_picture, gate_stats, gate_weights
+from mtl.decoders.moe import (
+    GATE_TABLE_FILE,
+    BatchedExperts,
+    ChannelNorm,
+    balance_loss,
+    gate_figure,
+    gate_stats,
+    gate_weights,
+    write_gate_report,
+)
 from mtl.decoders.multihead import conv_bn_relu
+from mtl.eval_steps import EvalContext, EvalStep
+
+log = logging.getLogger(__name__)
 
 CHOICES = {
     "gate_input": ("feature", "feature_memory"),
@@ -287,9 +300,45 @@ class TaskExpertDecoder(Decoder):
     def picture_maps(
         self, maps: Mapping[str, list[torch.Tensor]], index: int, *, size: tuple[int, int]
     ) -> dict[str, np.ndarray]:
-        """``gates_<task>`` pictures of sample ``index`` of an eval output's maps (:func:`gate_picture`)."""
+        """``gates_<task>`` pictures of sample ``index`` of an eval output's maps: every layer's gates
+        with the layer names and a legend of the experts' colours (:func:`gate_figure`)."""
         return {
-            name: gate_picture([g[index] for g in layers], size=size, memory=self.use_memory)
+            name: gate_figure(
+                [g[index] for g in layers],
+                size=size,
+                memory=self.use_memory,
+                expert_names=self.expert_names,
+                title=f"gates of {name.removeprefix('gates_')}",
+            )
             for name, layers in maps.items()
             if name.startswith("gates_") and layers
         }
+
+
+class GateReport(EvalStep):
+    """Evaluation step: the gate statistics of the test pass, in short on the console, in full in a file.
+
+    The test metrics hold a mean weight per task × layer × expert (and a gate entropy per task ×
+    layer): 160 values for 4 tasks, 4 layers and 9 experts. This writes all of them to
+    ``<output_dir>/gates.md`` (:func:`~mtl.decoders.moe.gate_table`) and logs at most
+    ``max_lines`` lines: per task its top experts and the mean entropy, and the file's path
+    (``ctx.reports["gates"]``). Models without gate statistics get nothing. Rank 0 writes.
+
+    Args:
+        max_lines: console lines at most (``eval_steps.gate_report.max_lines``).
+    """
+
+    def __init__(self, *, max_lines: int = 10) -> None:
+        if max_lines < 2:
+            raise ValueError(
+                f"eval_steps.gate_report.max_lines must be >= 2 (a summary and the file), got {max_lines}"
+            )
+        self.max_lines = int(max_lines)
+
+    def after_test(self, ctx: EvalContext) -> None:
+        if not ctx.is_global_zero:
+            return
+        lines = write_gate_report(ctx.metrics, ctx.output_dir, "test", max_lines=self.max_lines)
+        if lines:
+            log.info("%s", "\n".join(lines))
+            ctx.reports["gates"] = str(ctx.output_dir / GATE_TABLE_FILE)

@@ -36,6 +36,11 @@ image's count table is added to the states on their device; ``compute`` reads th
 once and returns its values on the states' device.
 States are sums (``dist_reduce_fx="sum"``): under DDP every rank evaluates its own images and the
 counts are pooled exactly.
+
+Progress (the evaluation takes minutes on a full split): images done / total, rate, elapsed time
+and ETA, as a ``tqdm`` bar on a terminal or a log line every ``progress_interval`` seconds otherwise
+(:class:`mtl.progress.Progress`; rank 0 reports its share). The total comes from
+:class:`mtl.progress.ProgressLog` at the start of the test (:meth:`SEISMEdgeF.expect_images`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import torch
 from torchmetrics import Metric
 
 from mtl.metrics.seism import GT, MATCHED_GT, MATCHED_PRED, PRED, THRESHOLDS, evaluate_pair
+from mtl.progress import Mode, Progress, ReportsProgress, check_mode
 
 
 def _pr(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,7 +124,7 @@ def valid_crop(target: torch.Tensor, ignore_index: int) -> tuple[slice, slice]:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-class SEISMEdgeF(Metric):
+class SEISMEdgeF(Metric, ReportsProgress):
     """Exact boundary odsF / oisF / AP (SEISM protocol) pooled over the split.
 
     Args:
@@ -129,6 +135,9 @@ class SEISMEdgeF(Metric):
             forking a process that holds torch / BLAS threads).
         ignore_index: target value of padding / unlabelled pixels.
         max_pending: images in flight before ``update`` waits (default ``4 × workers``).
+        progress: ``auto`` (a bar on a terminal, log lines otherwise), ``always`` (log lines) or
+            ``never``.
+        progress_interval: seconds between two progress lines.
     """
 
     full_state_update = False
@@ -141,8 +150,13 @@ class SEISMEdgeF(Metric):
         start_method: str = "forkserver",
         ignore_index: int = 255,
         max_pending: int | None = None,
+        progress: Mode = "auto",
+        progress_interval: float = 20.0,
     ) -> None:
         super().__init__()
+        check_mode(progress, "eval.edge.progress")
+        if progress_interval <= 0:
+            raise ValueError(f"eval.edge.progress_interval must be > 0 seconds, got {progress_interval}")
         if not 0 < max_dist < 1:
             raise ValueError(f"max_dist is a fraction of the image diagonal in (0, 1), got {max_dist}")
         if workers < 0:
@@ -160,6 +174,12 @@ class SEISMEdgeF(Metric):
         self.add_state("n_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[Future] = deque()
+        where = f", {self.workers} worker processes" if self.workers else ", in-process"
+        self.progress = Progress("edge odsF (SEISM)", mode=progress, interval=progress_interval, note=where)
+
+    def expect_images(self, n: int | None) -> None:
+        """The number of images this process will evaluate (the progress report's total)."""
+        self.progress.set_total(n)
 
     # ------------------------------------------------------------------ pool
     def _executor(self) -> ProcessPoolExecutor:
@@ -174,9 +194,11 @@ class SEISMEdgeF(Metric):
         self.counts += torch.from_numpy(table).to(self.counts.device)
         self.ois_counts += torch.from_numpy(best_image_counts(table)).to(self.ois_counts.device)
         self.n_images += 1
+        self.progress.update()
 
     def _drain(self, keep: int = 0) -> None:
-        while len(self._pending) > keep:
+        """Adds the finished images in order, waiting until at most ``keep`` are in flight."""
+        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
             self._add(self._pending.popleft().result())
 
     def _shutdown(self) -> None:
@@ -190,6 +212,12 @@ class SEISMEdgeF(Metric):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_pool"], state["_pending"] = None, deque()
+        state["progress"] = Progress(
+            self.progress.desc,
+            mode=self.progress.mode,
+            interval=self.progress.interval,
+            note=self.progress.note,
+        )
         return state
 
     # ---------------------------------------------------------------- metric
@@ -204,6 +232,7 @@ class SEISMEdgeF(Metric):
         """
         if logits.dim() != 4 or logits.shape[1] != 1:
             raise ValueError(f"edge logits must be B × 1 × H × W, got {tuple(logits.shape)}")
+        self.progress.start()  # the first line at once: the worker processes take a while to start
         # the host work (SEISM's matching) needs the maps on the CPU: each input crosses once per batch
         pred_u8 = to_8bit(logits.detach()[:, 0]).cpu()  # quantised on the device: 1 byte per pixel
         target = target.detach().reshape(pred_u8.shape).cpu()
@@ -212,6 +241,7 @@ class SEISMEdgeF(Metric):
             rs, cs = valid_crop(target[b], self.ignore_index)
             p = pred_u8[b, rs, cs].numpy()
             if p.size == 0:
+                self.progress.update()  # an image without valid pixels: nothing to match
                 continue
             t = target[b, rs, cs]
             if label_map is not None:
@@ -236,10 +266,12 @@ class SEISMEdgeF(Metric):
         on the states' device like every other metric's values (the scores are computed on the host)."""
         self._drain()
         self._shutdown()
+        self.progress.close()
         scores = scores_from_counts(self.counts.cpu().numpy(), self.ois_counts.cpu().numpy())
         values = torch.tensor(list(scores.values()), dtype=torch.float64).to(self.counts.device)
         return {k: v.float() for k, v in zip(scores, values, strict=True)}
 
     def reset(self) -> None:
         self._shutdown()
+        self.progress.close()
         super().reset()

@@ -20,6 +20,7 @@ import torch
 from torchmetrics import Metric
 
 from mtl.metrics import ApproxEdgeF, SEISMEdgeF
+from mtl.progress import Mode
 from mtl.tasks.registry import register_task
 from mtl.tasks.saliency import Saliency
 
@@ -71,6 +72,8 @@ class Edge(Saliency):
         max_dist: float = 0.011,
         workers: int = 0,
         start_method: str = "forkserver",
+        progress: Mode = "auto",
+        progress_interval: float = 20.0,
     ) -> Metric:
         """SEISM odsF / oisF / AP (``exact``), or the approximate F of training validation.
 
@@ -80,10 +83,19 @@ class Edge(Saliency):
                 PASCAL-Context 0.0075).
             workers: worker processes for the per-image evaluation (0: in-process).
             start_method: multiprocessing start method of the workers.
+            progress: progress of the exact evaluation: ``auto`` (a bar on a terminal, a log line every
+                ``progress_interval`` seconds otherwise), ``always`` (log lines) or ``never``.
+            progress_interval: seconds between two progress lines.
         """
         if not exact:
             return self.metric()
-        return SEISMEdgeF(max_dist=max_dist, workers=workers, start_method=start_method)
+        return SEISMEdgeF(
+            max_dist=max_dist,
+            workers=workers,
+            start_method=start_method,
+            progress=progress,
+            progress_interval=progress_interval,
+        )
 
     @classmethod
     def eval_metric_defaults(cls, dataset: type[DenseDataset]) -> dict:

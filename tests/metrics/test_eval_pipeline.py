@@ -12,6 +12,7 @@ from mtl.adapters.lora import MergeLoRA
 from mtl.backbones.routing_report import RoutingReport
 from mtl.baselines import METRICS_PROTOCOL, WriteBaseline, write_baseline
 from mtl.control.run import Control
+from mtl.decoders.taskexpert import GateReport
 from mtl.eval_steps import EvalContext, EvalStep
 from mtl.metrics.delta_m import delta_m, delta_m_terms
 from mtl.pipeline import build_eval_steps, dataset_key, eval_metric_options, evaluate, train
@@ -159,7 +160,14 @@ def test_eval_runs_the_configured_steps_in_order_around_the_test_pass(make_cfg, 
         [f"+eval_steps.mine._target_={target}", "+eval_steps.mine.label=mine", "eval.pictures=1"],
     )
     steps = build_eval_steps(cfg)
-    assert [type(s) for s in steps] == [MergeLoRA, Control, RoutingReport, PredictionPictures, RecordingStep]
+    assert [type(s) for s in steps] == [
+        MergeLoRA,
+        Control,
+        RoutingReport,
+        GateReport,
+        PredictionPictures,
+        RecordingStep,
+    ]
     metrics, objects = evaluate(cfg)
     seen = objects["reports"]["mine"]
     assert seen["before"] == {} and seen["after"] == metrics and "test/semseg/miou" in metrics
@@ -184,14 +192,14 @@ def test_eval_steps_none_removes_them_and_a_wrong_target_is_refused(make_cfg, tm
 
 def test_eval_steps_read_the_user_keys_and_default_without_an_eval_config(make_cfg):
     cfg = make_cfg(["adapter.merge=true", "eval.pictures=3", "control.budget=2.5"], config_name="eval")
-    merge, control, _, pictures = build_eval_steps(cfg)
+    merge, control, _, _, pictures = build_eval_steps(cfg)
     assert merge.enabled and pictures.n == 3 and control.options["budget"] == 2.5
     cfg.adapter.merge, cfg.eval.pictures = False, 0  # set after composing (as tests and scripts do)
-    merge, _, _, pictures = build_eval_steps(cfg)
+    merge, _, _, _, pictures = build_eval_steps(cfg)
     assert not merge.enabled and pictures.n == 0
     # a training config (merge.py's in-process evaluation) has no eval_steps, adapter or control keys
     train_cfg = make_cfg([])
     assert "eval_steps" not in train_cfg and "control" not in train_cfg
     steps = build_eval_steps(train_cfg)
-    assert [type(s) for s in steps] == [MergeLoRA, Control, RoutingReport, PredictionPictures]
-    assert not steps[0].enabled and steps[1].options["budget"] is None and steps[3].n == 0
+    assert [type(s) for s in steps] == [MergeLoRA, Control, RoutingReport, GateReport, PredictionPictures]
+    assert not steps[0].enabled and steps[1].options["budget"] is None and steps[4].n == 0

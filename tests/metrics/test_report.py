@@ -5,7 +5,7 @@ import pytest
 
 from mtl.report import published_table, write_results
 from mtl.tasks import build_tasks
-from mtl.visualise import prediction_panel
+from mtl.visualise import PanelRow, panel_layout, prediction_panel
 
 
 def _nyud():
@@ -45,9 +45,15 @@ def test_write_results_three_files(tmp_path):
 
 def test_prediction_panel_rows_and_size_check():
     img = np.zeros((8, 10, 3), dtype=np.uint8)
-    rows = {t: (np.full_like(img, v), np.full_like(img, v + 1)) for t, v in (("a", 1), ("b", 3))}
-    panel = prediction_panel(img, rows, gap=2)
-    assert panel.shape == (8 * 2 + 2, 10 * 3 + 2 * 2, 3)
-    assert panel[0, 12, 0] == 1 and panel[0, 24, 0] == 2 and panel[10, 24, 0] == 4 and panel[8, 0, 0] == 255
+    rows = {t: PanelRow(np.full_like(img, v), np.full_like(img, v + 1)) for t, v in (("a", 1), ("b", 3))}
+    panel, boxes = panel_layout(img, rows, gap=2)
+    assert np.array_equal(prediction_panel(img, rows, gap=2), panel)
+    for t, v in (("a", 1), ("b", 3)):  # image | ground truth | prediction, in that order, 2 px apart
+        for key, value in (("image", 0), ("truth", v), ("prediction", v + 1)):
+            top, left, h, w = boxes[f"{t}/{key}"]
+            assert (h, w) == (8, 10) and (panel[top : top + h, left : left + w] == value).all(), (t, key)
+        assert boxes[f"{t}/truth"][1] == boxes[f"{t}/image"][1] + 12
+    top, left, _, _ = boxes["a/image"]
+    assert boxes["b/image"][0] >= top + 8 + 2 and (panel[top + 8, left : left + 10] == 255).all()  # white gap
     with pytest.raises(ValueError, match="panel row 'a'"):
-        prediction_panel(img, {"a": (np.zeros((4, 4, 3), np.uint8), img)})
+        prediction_panel(img, {"a": PanelRow(np.zeros((4, 4, 3), np.uint8), img)})

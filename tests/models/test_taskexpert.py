@@ -147,7 +147,8 @@ def test_validation_stats_and_gate_pictures():
     dec.eval()
     pics = dec.picture_maps(out.maps, 1, size=(16, 20))
     assert set(pics) == {f"gates_{t}" for t in TASKS}
-    assert pics["gates_depth"].shape == (2 * 16, 2 * 20 + 2, 3)  # rows: dominant expert, memory weight
+    h, w, _ = pics["gates_depth"].shape  # labelled: title, layer headers, row names, legend
+    assert h > 2 * 16 and w > 2 * 20 + 2 and pics["gates_depth"].dtype.name == "uint8"
     picture = gate_picture([torch.tensor([[[1.0]], [[0.0]]])], size=(2, 2), memory=True)
     assert (picture[2:] == 0).all()  # memory weight 0 → black bottom row
 

@@ -87,3 +87,6 @@ def test_gate_statistics_are_logged_and_eval_saves_gate_maps(make_cfg, tmp_path)
     assert "test/gates/depth/layer3/memory" in results
     pictures = sorted(p.name for p in (tmp_path / "eval" / "pictures").glob("gates_*.png"))
     assert pictures == [f"gates_{t}_{i:03d}.png" for t in ("depth", "semseg") for i in range(2)]
+    # every gate mean in gates.md, a short summary on the console (GateReport)
+    assert objects["reports"]["gates"] == str(tmp_path / "eval" / "gates.md")
+    assert "| depth | 3 |" in (tmp_path / "eval" / "gates.md").read_text()
