@@ -33,6 +33,7 @@ from mtl.guards import (
 )
 from mtl.metrics.delta_m import delta_m
 from mtl.model import MultiTaskNet
+from mtl.objective import score
 from mtl.optim import build_scheduler, param_groups, restore_grads, stash_grads
 from mtl.strategies import FixedWeights, Strategy
 from mtl.tasks import Task
@@ -443,6 +444,11 @@ class MTLModule(L.LightningModule):
                 warnings.warn(f"{stage}/delta_m not logged: {err}", stacklevel=1)
             else:
                 self.log(f"{stage}/delta_m", dm, sync_dist=False)
+        if values:
+            try:  # a weight-free checkpoint monitor for sweeps over loss weights (hparams_search=optuna)
+                self.log(f"{stage}/score", score(values, self.tasks, stage=stage), sync_dist=False)
+            except KeyError:  # a task without any of its score metrics
+                pass
 
     def _report_nonfinite(self, stage: str) -> None:
         """Logs ``{stage}/{task}/nonfinite`` (NaN/inf prediction values) and warns when any."""

@@ -74,10 +74,17 @@ def test_optuna_sweep_two_trials(tmp_path):
     )
     (sweep,) = list((tmp_path / "train" / "multiruns").iterdir())
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(result["best_params"]) >= {"optimizer.lr", "strategy", "+task_options.depth.weight"}
+    assert set(result["best_params"]) >= {"optimizer.lr", "strategy"}
     assert 0 <= result["best_value"] <= 1  # val/score: a mean of [0, 1] task metrics
     trials = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(trials) == 2 and all((t / "metrics.json").exists() for t in trials)
+    for trial in trials:  # loss weights are searched in the trials of strategy=fixed only
+        overrides = yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text())
+        weights = [o for o in overrides if "weights." in o]
+        assert bool(weights) == ("strategy=fixed" in overrides), overrides
+        assert not [o for o in overrides if "task_options" in o]  # val/loss keeps the default weights
+    summary = (sweep / "summary.md").read_text()  # mtl.sweep.SweepSummary: every trial, the best folder
+    assert "2 jobs: 2 ok" in summary and f"{sweep}/" in summary.splitlines()[-1]
 
 
 @pytest.mark.slow
