@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,54 @@ def code_version() -> dict[str, str | bool]:
             return {"version": version("mtl")}
         except PackageNotFoundError:
             return {"version": "unknown"}
+
+
+#: start-up messages of the libraries that are advertisements or internal notes, not information
+#: about the run: logger name → message prefixes dropped
+QUIET_MESSAGES: dict[str, tuple[str, ...]] = {
+    # "💡 Tip: … litlogger / litmodels …" (Lightning ≥ 2.6)
+    "lightning.pytorch.utilities.rank_zero": ("💡 Tip:",),
+    "lightning.fabric.utilities.rank_zero": ("💡 Tip:",),
+    # a note Lightning logs for every checkpoint saved without an explicit weights_only
+    "lightning.pytorch.trainer.connectors.checkpoint_connector": ("`weights_only` was not set",),
+}
+#: warnings of the libraries about their own code (nothing a user of this project can change):
+#: (message regex, category)
+QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # Lightning 2.6's pytree helper builds torch.utils._pytree.LeafSpec, deprecated in torch ≥ 2.10
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_libraries() -> None:
+    """Silences the libraries' start-up noise (:data:`QUIET_MESSAGES`, :data:`QUIET_WARNINGS`) and,
+    when the logging is configured (Hydra's job logging: console and ``<task>.log``), sends
+    Lightning's messages through it: once on the console, and into the run's log file.
+
+    Lightning adds a console handler of its own to the ``lightning`` logger; under a configured root
+    logger its messages would print twice (and, imported before the configuration, never reach the
+    log file). Idempotent.
+    """
+    for name, prefixes in QUIET_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if logging.getLogger().hasHandlers():
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(handler)
+            logger.propagate = True

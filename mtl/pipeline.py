@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from mtl.baselines import METRICS_PROTOCOL
 from mtl.callbacks import PeriodicCheckpoint
@@ -34,7 +36,7 @@ from mtl.gpu import (
     use_scaled_clipping,
 )
 from mtl.guards import explain_oom
-from mtl.loggers import code_version, resume_loggers
+from mtl.loggers import code_version, quiet_libraries, resume_loggers
 from mtl.model import MultiTaskNet
 from mtl.module import MTLModule
 from mtl.objective import score
@@ -47,7 +49,11 @@ log = logging.getLogger(__name__)
 
 #: the evaluation steps of ``configs/eval.yaml``, for configs composed without them (``merge.py``'s
 #: in-process evaluation starts from a training config)
-DEFAULT_EVAL_STEPS = Path(__file__).resolve().parents[1] / "configs" / "eval_steps" / "default.yaml"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_EVAL_STEPS = CONFIG_DIR / "eval_steps" / "default.yaml"
+#: the parts of a training run's config that ``eval.py`` takes from the run (``eval.run_config``):
+#: what decides the model's weights and what they are evaluated on
+RUN_KEYS = ("model", "data", "task_options", "baselines")
 
 
 def _container(node: Any) -> dict:
@@ -245,6 +251,8 @@ def build_trainer(cfg: DictConfig, *, model: MultiTaskNet | None = None, **overr
     ``gpu.channels_last`` adds :class:`~mtl.gpu.ChannelsLast`; fp16 mixed precision gets the precision
     plugin that clips gradients for fused optimisers too (:class:`~mtl.gpu.ScaledClipMixedPrecision`).
     ``model``: DDP searches for unused parameters when its backbone needs it (:func:`ddp_trainer_config`).
+    Lightning's model summary is off (``train`` logs the parameter table by group) unless
+    ``trainer.enable_model_summary`` is set (``+trainer.enable_model_summary=true``).
     """
     loggers = _instantiate_dict(cfg.get("logger"))
     callbacks = [
@@ -259,6 +267,10 @@ def build_trainer(cfg: DictConfig, *, model: MultiTaskNet | None = None, **overr
     callbacks.sort(key=lambda c: isinstance(c, PeriodicCheckpoint))
     if "accumulate_grad_batches" in cfg.trainer:  # done by MTLModule (manual optimisation)
         overrides.setdefault("accumulate_grad_batches", 1)
+    if "enable_model_summary" not in cfg.trainer:
+        # train() logs the parameter table by group; Lightning's summary would add a second table
+        # with a FLOPs column of zeros (it measures FLOPs only on an example_input_array)
+        overrides.setdefault("enable_model_summary", False)
     trainer = instantiate(
         ddp_trainer_config(cfg.trainer, model),
         callbacks=callbacks,
@@ -305,6 +317,271 @@ def _resolve_ckpt(cfg: DictConfig, output_dir: Path) -> str | None:
     return str(path)
 
 
+def hydra_choices(cfg: DictConfig) -> dict[str, Any]:
+    """The config groups chosen (Hydra's ``runtime.choices``, e.g. ``experiment``, ``recipe``): from
+    ``cfg.hydra`` when the config was composed with it, else from the running Hydra app; empty without
+    either."""
+    if "hydra" in cfg:
+        return dict(OmegaConf.to_container(OmegaConf.select(cfg, "hydra.runtime.choices") or {}))
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def job_overrides(cfg: DictConfig) -> list[str]:
+    """The command-line overrides of this job (Hydra's ``overrides.task``): from ``cfg.hydra`` when the
+    config was composed with it, else from the running Hydra app; empty without either."""
+    if "hydra" in cfg:
+        return [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task") or []]
+    from hydra.core.hydra_config import HydraConfig
+
+    return [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+
+
+def _short(target: Any) -> str:
+    return str(target or "?").rpartition(".")[2]
+
+
+def run_summary(cfg: DictConfig, output_dir: Path, choices: Mapping[str, Any] | None = None) -> str:
+    """What is run on what, in a few lines: run folder, experiment, model (backbone, decoder), data
+    (dataset, tasks, input size), recipe and strategy, device and precision.
+
+    ``choices``: the config groups chosen (default: :func:`hydra_choices`).
+    """
+    choices = hydra_choices(cfg) if choices is None else choices
+    model = cfg.get("model") or {}
+    backbone, decoder = model.get("backbone") or {}, model.get("decoder") or {}
+    origin = "pretrained" if backbone.get("pretrained") or backbone.get("checkpoint_path") else "from scratch"
+    name = f" {backbone.get('name')}" if backbone.get("name") else ""
+    channels = f" ({decoder.get('channels')} channels)" if decoder.get("channels") is not None else ""
+    data = cfg.get("data") or {}
+    dataset = _short((data.get("dataset") or {}).get("_target_"))
+    size = "×".join(str(v) for v in data.get("input_size") or [])
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "auto":
+        accelerator = f"auto → {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    lines = [
+        f"run folder: {output_dir}",
+        f"experiment: {choices.get('experiment') or '—'} · recipe: {choices.get('recipe') or '—'} · "
+        f"strategy: {_short((cfg.get('strategy') or {}).get('_target_'))}",
+        f"model: {_short(model.get('_target_'))} · backbone: {_short(backbone.get('_target_'))}{name} "
+        f"({origin}) · decoder: {_short(decoder.get('_target_'))}{channels}",
+        f"data: {dataset} · tasks: {', '.join(data.get('tasks') or [])} · input {size}",
+        f"device: {accelerator}, devices {trainer.get('devices', 1)}, precision {trainer.get('precision')}",
+    ]
+    return "\n".join(lines)
+
+
+def run_choices(ckpt_path: str | Path) -> dict[str, Any]:
+    """The config groups a run chose (``experiment``, ``recipe``, …), from its
+    ``<run>/.hydra/hydra.yaml`` for ``<run>/checkpoints/x.ckpt``; empty when there is none."""
+    path = Path(ckpt_path).expanduser().resolve().parent.parent / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices")
+    return dict(OmegaConf.to_container(choices)) if isinstance(choices, DictConfig) else {}
+
+
+def find_run_config(
+    ckpt_path: str | Path, state: Mapping[str, Any], setting: Any = "auto"
+) -> tuple[DictConfig, str] | None:
+    """The config a checkpoint was trained with, and where it was found (``eval.run_config``).
+
+    Args:
+        ckpt_path: the checkpoint file.
+        state: its contents (a merged checkpoint of ``merge.py`` holds its ``config``).
+        setting: ``"auto"``: the config inside the checkpoint, else ``<run>/.hydra/config.yaml``
+            (Hydra's composition: interpolations such as ``${paths.data_dir}`` kept), else
+            ``<run>/config.yaml`` (train's resolved copy), where ``<run>/checkpoints/`` holds the
+            checkpoint; a path: that config file; ``None`` or ``false``: none.
+
+    Returns:
+        The config and its source, or ``None`` when there is none.
+
+    Raises:
+        FileNotFoundError: ``setting`` names a file that does not exist.
+        ValueError: that file is not a training config (no ``model`` and ``data``).
+    """
+    if setting is None or setting is False:
+        return None
+    if setting != "auto":
+        path = Path(str(setting)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"eval.run_config='{path}' does not exist: give a run's config.yaml (or .hydra/config.yaml), "
+                "auto (the checkpoint's run) or null (this command line alone)"
+            )
+        cfg = OmegaConf.load(path)
+        if not isinstance(cfg, DictConfig) or "model" not in cfg or "data" not in cfg:
+            raise ValueError(
+                f"eval.run_config='{path}' is not a training config (it has no 'model' and 'data'): give "
+                "<run>/config.yaml of the run that wrote the checkpoint"
+            )
+        return cfg, str(path)
+    inside = state.get("config")
+    if isinstance(inside, Mapping) and "model" in inside and "data" in inside:
+        return OmegaConf.create(dict(inside)), f"{ckpt_path} (the config inside the checkpoint)"
+    folder = Path(ckpt_path).expanduser().resolve().parent
+    if folder.name != "checkpoints":  # not in a run folder: no neighbour's config is taken for its own
+        return None
+    for path in (folder.parent / ".hydra" / "config.yaml", folder.parent / "config.yaml"):
+        if path.is_file():
+            cfg = OmegaConf.load(path)
+            if isinstance(cfg, DictConfig) and "model" in cfg and "data" in cfg:
+                return cfg, str(path)
+    return None
+
+
+def _override_targets(overrides: Sequence[str]) -> list[tuple[str, bool]]:
+    """``(dotted key, deletes)`` of each command-line override; a config group override (``model=…``,
+    ``model/decoder=…``) gives its package (``model``, ``model.decoder``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    targets = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if (CONFIG_DIR / key).is_dir():
+            key = override.package or key.replace("/", ".")
+        targets.append((key, override.is_delete()))
+    return targets
+
+
+def _copy_node(src: DictConfig, dst: DictConfig, key: str, delete: bool) -> bool:
+    """Copies ``src``'s node at ``key`` into ``dst`` (interpolations kept); ``delete``: removes it from
+    ``dst``. Returns whether anything was copied or removed."""
+    parent_key, _, leaf = key.rpartition(".")
+    if delete:
+        parent = OmegaConf.select(dst, parent_key) if parent_key else dst
+        if isinstance(parent, DictConfig) and leaf in parent:
+            with open_dict(parent):
+                del parent[leaf]
+            return True
+        return False
+    node = OmegaConf.select(src, key, default="<absent>", throw_on_missing=False)
+    if isinstance(node, str) and node == "<absent>":
+        return False
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
+    with open_dict(dst):
+        OmegaConf.update(dst, key, node, merge=False, force_add=True)
+    return True
+
+
+def eval_config(
+    cfg: DictConfig, ckpt_path: str | Path, state: Mapping[str, Any], overrides: Sequence[str]
+) -> tuple[DictConfig, str | None]:
+    """The config ``eval.py`` evaluates ``ckpt_path`` with: the run's own config for :data:`RUN_KEYS`
+    (model, data, task options, baselines), then this job's command-line ``overrides``.
+
+    The run's config (:func:`find_run_config`, setting ``eval.run_config``) is taken first; the
+    command-line overrides (plain keys, ``+``/``++``/``~`` keys and config groups such as
+    ``model/decoder=…`` or ``data=…``) are then copied from the composed ``cfg`` into it, so that an
+    explicit override always wins; the run's parts are resolved in that context (``${task}`` of a
+    single-task run, ``${paths.data_dir}`` with this job's ``paths.*`` overrides) and replace
+    ``cfg``'s. Everything else (``eval.*``, ``trainer``, ``gpu``, ``eval_steps``, …) stays this
+    job's. An ``experiment=`` override composes this job's other parts; the model and data still come
+    from the run unless named.
+
+    Returns:
+        The config to evaluate with and the run config's source (``None``: no run config found or
+        ``eval.run_config=null``; then ``cfg`` as composed).
+    """
+    setting = (cfg.get("eval") or {}).get("run_config")
+    found = find_run_config(ckpt_path, state, setting)
+    if found is None:
+        if setting == "auto":
+            log.warning(
+                "no training config for %s (none inside it, and it is not in a run folder's checkpoints/ "
+                "next to config.yaml or .hydra/config.yaml): evaluating with this command line's config; "
+                "give the training's experiment and model/data overrides, or eval.run_config=<the run's "
+                "config.yaml>",
+                ckpt_path,
+            )
+        return cfg, None
+    run_cfg, source = found
+    ctx = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=False))
+    applied = []
+    for (key, delete), text in zip(_override_targets(overrides), overrides, strict=True):
+        if key.split(".")[0] in ("hydra", "experiment"):
+            continue
+        if _copy_node(cfg, ctx, key, delete) and key.split(".")[0] in RUN_KEYS:
+            applied.append(text)
+    out = cfg.copy()
+    with open_dict(out):
+        for key in RUN_KEYS:
+            if key not in ctx:
+                continue
+            try:
+                node = ctx[key]
+                out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+            except OmegaConfBaseException as err:  # an interpolation the run's config cannot resolve
+                raise ValueError(
+                    f"the run's config {source}: '{key}' does not resolve ({type(err).__name__}: {err}); "
+                    "give the missing key on the command line, or eval.run_config=null with the training's "
+                    "overrides"
+                ) from err
+    kept = [k for k in RUN_KEYS if k in ctx]
+    log.info(
+        "config: %s of the run's %s, then the command line (%s)",
+        ", ".join(kept),
+        source,
+        " ".join(applied) or "no overrides of them",
+    )
+    if any(str(o).startswith("experiment=") for o in overrides):
+        log.info(
+            "experiment=… sets this evaluation's other settings; the model and data are the run's "
+            "(name model.…, data.… or model=/data= on the command line to change them)"
+        )
+    return out, source
+
+
+def check_weights_fit(
+    module: MTLModule, weights: Mapping[str, torch.Tensor], ckpt_path: str, config_source: str | None
+) -> None:
+    """Raises ``ValueError`` when ``weights`` do not fit ``module``: missing or unexpected keys and
+    shape mismatches, the first of each named with both shapes, and what to do.
+
+    The strategy's training state (``strategy.…``: UW's log-variances, DWA's history) is not
+    compared: it does not affect evaluation.
+    """
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith("strategy.")}
+    weights = {k: v for k, v in weights.items() if not k.startswith("strategy.")}
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(weights[k].shape)}, model {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    problems = [
+        f"{len(items)} {what} ({'; '.join(items[:3])}{'; …' if len(items) > 3 else ''})"
+        for items, what in (
+            (shapes, "shape mismatches"),
+            (missing, "keys missing in the checkpoint"),
+            (unexpected, "unexpected keys in the checkpoint"),
+        )
+        if items
+    ]
+    if config_source is None:
+        hint = (
+            "no training config was found for it: keep the checkpoint in its run folder "
+            "(<run>/checkpoints/, next to <run>/config.yaml) and give only ckpt_path=, or give "
+            "eval.run_config=<the run's config.yaml>, or retype the training's model/data overrides"
+        )
+    else:
+        hint = (
+            f"the model was built from {config_source} and this command line: drop the command-line "
+            "overrides of model.*, data.tasks or task_options that differ from the training's, or give "
+            "eval.run_config=<the config.yaml of the run that wrote this checkpoint>"
+        )
+    raise ValueError(
+        f"checkpoint '{ckpt_path}' does not match the configured model: {'; '.join(problems)}. {hint}"
+    )
+
+
 def _write_results(output_dir: Path, metrics: dict[str, float], table: str, stem: str) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{stem}.json").write_text(json.dumps(metrics, indent=2))
@@ -318,12 +595,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         The final validation metrics (``{stage}/{task}/{metric}``) and the objects built
         (``datamodule``, ``module``, ``trainer``).
     """
+    quiet_libraries()
     settings = setup_gpu(cfg)
     check_config(cfg)
     note = dataset_switch_warning(cfg)
     if note is not None:
         log.warning(note)
     output_dir = Path(cfg.paths.output_dir)
+    log.info("training\n%s", run_summary(cfg, output_dir))
     # the checkpoint to resume from is read (and its errors raised) before anything is built
     ckpt_path = _resolve_ckpt(cfg, output_dir)
     resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
@@ -365,10 +644,40 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("validation metrics after training:\n%s", table)
     if not trainer.fast_dev_run and trainer.is_global_zero:  # every rank holds the same synced metrics
         _write_results(output_dir, metrics, table, "metrics")
+    if trainer.is_global_zero:
+        log.info("%s", outputs_summary(output_dir, trainer, metrics))
     return metrics, {"datamodule": datamodule, "module": module, "trainer": trainer}
 
 
-def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+def outputs_summary(output_dir: Path, trainer: L.Trainer, metrics: Mapping[str, float]) -> str:
+    """Where a training run's outputs are: run folder, checkpoints (the best one with its monitored
+    value), metrics files, and the command that evaluates the best checkpoint."""
+    callback = trainer.checkpoint_callback
+    best = (
+        Path(callback.best_model_path)
+        if isinstance(callback, ModelCheckpoint) and callback.best_model_path
+        else None
+    )
+    lines = [f"run folder: {output_dir}"]
+    if best is not None:
+        score = callback.best_model_score
+        value = f" {float(score):.4g}" if score is not None else ""
+        extreme = "lowest" if callback.mode == "min" else "highest"
+        lines.append(f"best checkpoint: {best} ({callback.monitor}{value}, the {extreme})")
+    ckpt_dir = output_dir / "checkpoints"
+    others = sorted(p for p in ckpt_dir.glob("*.ckpt") if best is None or p.resolve() != best.resolve())
+    lines += [f"checkpoint: {p}" for p in others]
+    if (output_dir / "metrics.json").is_file():
+        lines.append(f"metrics: {output_dir / 'metrics.md'} (.json)")
+    target = best or next(iter(others), None)
+    if target is not None:
+        lines.append(f"evaluate it: python eval.py ckpt_path={target}")
+    return "\n".join(lines)
+
+
+def evaluate(
+    cfg: DictConfig, overrides: Sequence[str] | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluates ``cfg.ckpt_path`` on ``eval.split`` (default ``val``: NYUD-v2's and PASCAL-Context's
     published numbers are on their val splits; the synthetic scenes also have an independent
     ``test`` split) with the published protocols.
@@ -378,6 +687,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     routing report, prediction pictures, …) run before and after the test pass. Under DDP every
     rank evaluates its share of the split (each image once, :class:`~mtl.data.datamodule.EvalShardSampler`),
     the metrics are summed over the ranks, and rank 0 alone writes files.
+
+    The model, data, task options and baselines are the checkpoint's run's (:func:`eval_config`,
+    ``eval.run_config``), with the job's command-line ``overrides`` winning (default: Hydra's
+    ``overrides.task``, :func:`job_overrides`). ``results.config.yaml`` holds the config used and
+    ``results.provenance.json`` the checkpoint, split, dataset, tasks, code version and configs.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model (missing or unexpected keys, shape
+            mismatches: the first ones named, with both shapes).
 
     Returns:
         The test metrics (``test/{task}/{metric}``, ``test/delta_m`` with a baseline) and the
@@ -396,24 +714,24 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             f"checkpoint '{ckpt_path}' has no 'state_dict' (keys: {sorted(state)[:6]}): expected a "
             "checkpoint of train.py or merge.py"
         )
+    quiet_libraries()
+    overrides = job_overrides(cfg) if overrides is None else list(overrides)
+    cfg, config_source = eval_config(cfg, ckpt_path, state, overrides)
     setup_gpu(cfg)
     check_config(cfg)
     eval_cfg = cfg.get("eval") or {}
     split = check_eval_split(cfg.data.dataset._target_, eval_cfg.get("split") or "val")
+    choices = run_choices(ckpt_path) if config_source else None  # the run's experiment, not eval's
+    log.info("evaluating %s on the %s split\n%s", ckpt_path, split, run_summary(cfg, output_dir, choices))
     steps = build_eval_steps(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, eval_split=split)
     module = build_module(cfg, datamodule)
-    missing, unexpected = module.load_state_dict(state["state_dict"], strict=False)
     # the strategy's training state (UW's log-variances, DWA's history, …) does not affect evaluation
-    missing = [k for k in missing if not k.startswith("strategy.")]
-    unexpected = [k for k in unexpected if not k.startswith("strategy.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint '{ckpt_path}' does not match the configured model: missing keys {missing[:5]}…, "
-            f"unexpected keys {unexpected[:5]}… (same experiment/model overrides as in training?)"
-        )
+    weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("strategy.")}
+    check_weights_fit(module, weights, ckpt_path, config_source)
+    module.load_state_dict(weights, strict=False)
     ctx = EvalContext(
         cfg=cfg,
         module=module,
@@ -425,10 +743,17 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for step in steps:
         step.before_test(ctx)
     use_eval_metrics(module, cfg)
-    ctx.trainer.test(module, datamodule=datamodule)
+    ctx.trainer.test(module, datamodule=datamodule, verbose=False)  # the results table is logged below
     metrics = ctx.metrics = _to_float(ctx.trainer.callback_metrics)
-    name = eval_cfg.get("name") or Path(ckpt_path).resolve().parent.parent.name
+    merge = state.get("merge") or {}  # merge.py's record: its run folder's name says nothing of the model
+    default_name = (
+        f"merged ({merge.get('method')})" if merge else Path(ckpt_path).resolve().parent.parent.name
+    )
+    name = eval_cfg.get("name") or default_name
+    config_file = output_dir / "results.config.yaml"
     if ctx.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(job_config(cfg)), config_file)
         table = write_results(
             output_dir,
             metrics,
@@ -443,9 +768,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 "dataset": dataset_key(cfg),
                 "tasks": list(cfg.data.tasks),
                 "code": code_version(),
+                "config": str(config_file),
+                "run_config": config_source,
+                "overrides": overrides,
             },
         )
-        print(table)
+        log.info("results (%s split):\n%s", split, table)
+        log.info(
+            "results: %s (and results.json, .csv); provenance: %s; config used: %s",
+            output_dir / "results.md",
+            output_dir / "results.provenance.json",
+            config_file,
+        )
     for step in steps:
         step.after_test(ctx)
     objects = {
