@@ -19,8 +19,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from mtl.model import MultiTaskNet
 
@@ -163,33 +161,6 @@ class ChannelsLast(L.Callback):
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._images(batch)
-
-
-class ScaledClipMixedPrecision(MixedPrecision):
-    """fp16 mixed precision whose gradient clipping accepts fused optimisers.
-
-    Lightning refuses to clip for an optimiser that unscales inside ``step()`` (fused Adam/AdamW),
-    since it clips after unscaling. :class:`~mtl.module.MTLModule` clips before ``step()``, on the
-    gradients at the loss scale, with the threshold times the scale: the same clipping for fused and
-    foreach optimisers, so the check does not apply.
-    """
-
-    def clip_gradients(
-        self,
-        optimizer: torch.optim.Optimizer,
-        clip_val: int | float = 0.0,
-        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
-    ) -> None:
-        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
-
-
-def use_scaled_clipping(trainer: L.Trainer) -> None:
-    """Swaps Lightning's fp16 precision plugin (one with a scaler) for :class:`ScaledClipMixedPrecision`."""
-    plugin = trainer.strategy.precision_plugin
-    if type(plugin) is MixedPrecision and plugin.scaler is not None:
-        trainer.strategy.precision_plugin = ScaledClipMixedPrecision(
-            plugin.precision, plugin.device, scaler=plugin.scaler
-        )
 
 
 def cpu_count() -> int:

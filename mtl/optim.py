@@ -62,8 +62,9 @@ def build_optimizer(
     """``optimizer(params, **kwargs)`` with PyTorch's fused kernels where ``fused`` asks for them.
 
     Fused kernels do the same fp32 arithmetic as the default (foreach) ones in fewer launches;
-    under fp16 they unscale the gradients inside ``step()`` (the pipeline's precision plugin,
-    :class:`mtl.gpu.ScaledClipMixedPrecision`, keeps gradient clipping working with them).
+    under fp16 they unscale the gradients inside ``step()``; :class:`~mtl.module.MTLModule` clips
+    before ``step()``, on the gradients at the loss scale with the threshold times the scale, which
+    works for fused and foreach optimisers alike.
 
     Args:
         params: parameters or parameter groups.

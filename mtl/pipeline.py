@@ -33,7 +33,6 @@ from mtl.gpu import (
     apply_backend_settings,
     compile_model,
     resolve_num_workers,
-    use_scaled_clipping,
 )
 from mtl.guards import explain_oom
 from mtl.loggers import code_version, quiet_libraries, resume_loggers
@@ -248,8 +247,8 @@ def ddp_trainer_config(trainer_cfg: DictConfig, model: MultiTaskNet | None) -> D
 def build_trainer(cfg: DictConfig, *, model: MultiTaskNet | None = None, **overrides) -> L.Trainer:
     """The Lightning trainer with the configured callbacks and loggers.
 
-    ``gpu.channels_last`` adds :class:`~mtl.gpu.ChannelsLast`; fp16 mixed precision gets the precision
-    plugin that clips gradients for fused optimisers too (:class:`~mtl.gpu.ScaledClipMixedPrecision`).
+    ``gpu.channels_last`` adds :class:`~mtl.gpu.ChannelsLast` (gradient clipping is the module's own,
+    so it works with fused optimisers under fp16 too).
     ``model``: DDP searches for unused parameters when its backbone needs it (:func:`ddp_trainer_config`).
     Lightning's model summary is off (``train`` logs the parameter table by group) unless
     ``trainer.enable_model_summary`` is set (``+trainer.enable_model_summary=true``).
@@ -278,7 +277,6 @@ def build_trainer(cfg: DictConfig, *, model: MultiTaskNet | None = None, **overr
         _convert_="all",
         **overrides,
     )
-    use_scaled_clipping(trainer)
     return trainer
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from mtl import gpu
-from mtl.gpu import ChannelsLast, CompileOptions, GPUSettings, ScaledClipMixedPrecision, compile_model
+from mtl.gpu import ChannelsLast, CompileOptions, GPUSettings, compile_model
 from mtl.optim import build_optimizer, fused_choice, param_groups, with_fused
 from mtl.pipeline import build_datamodule, build_module, build_trainer, setup_gpu, train
 
@@ -183,7 +183,7 @@ def test_pipeline_module_builds_the_configured_optimizer_fused_on_request(make_c
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
 
 
-def _fp16_fit(make_cfg, fused: bool, scaled_clipping: bool) -> dict[str, torch.Tensor]:
+def _fp16_fit(make_cfg, fused: bool) -> dict[str, torch.Tensor]:
     """The model's weights after two fp16 steps with gradient clipping (CPU autocast and scaler)."""
     cfg = make_cfg(["module.grad_clip=0.05", f"gpu.fused_optimizer={str(fused).lower()}"])
     torch.manual_seed(0)
@@ -194,8 +194,6 @@ def _fp16_fit(make_cfg, fused: bool, scaled_clipping: bool) -> dict[str, torch.T
     trainer = _quiet_trainer(
         max_steps=2, accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
     )
-    if scaled_clipping:
-        gpu.use_scaled_clipping(trainer)
     trainer.fit(module, datamodule=dm)
     assert scaler.get_scale() == 2.0**8, "a step was skipped (inf/nan gradients)"
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
@@ -203,30 +201,12 @@ def _fp16_fit(make_cfg, fused: bool, scaled_clipping: bool) -> dict[str, torch.T
 
 
 def test_fp16_gradient_clipping_works_with_a_fused_optimizer(make_cfg):
-    """Lightning refuses to clip for fused optimisers under fp16; the pipeline's plugin clips the scaled
-    gradients (threshold × scale) as for foreach ones: the same update."""
-    with pytest.raises(RuntimeError, match="fused"):
-        _fp16_fit(make_cfg, fused=True, scaled_clipping=False)
-    fused = _fp16_fit(make_cfg, fused=True, scaled_clipping=True)
-    foreach = _fp16_fit(make_cfg, fused=False, scaled_clipping=True)
+    """Lightning refuses to clip for fused optimisers under fp16; the module clips the scaled gradients
+    itself (threshold × scale, before ``step()``) as for foreach ones: the same update."""
+    fused = _fp16_fit(make_cfg, fused=True)
+    foreach = _fp16_fit(make_cfg, fused=False)
     for k in foreach:
         torch.testing.assert_close(fused[k], foreach[k], rtol=1e-5, atol=1e-6, msg=k)
-
-
-def test_build_trainer_swaps_only_the_fp16_scaler_plugin(make_cfg):
-    trainer = _quiet_trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu")])
-    scaler = trainer.precision_plugin.scaler
-    gpu.use_scaled_clipping(trainer)
-    assert (
-        type(trainer.precision_plugin) is ScaledClipMixedPrecision
-        and trainer.precision_plugin.scaler is scaler
-    )
-    bf16 = _quiet_trainer(accelerator="cpu", precision="bf16-mixed")
-    plugin = bf16.precision_plugin
-    gpu.use_scaled_clipping(bf16)
-    assert bf16.precision_plugin is plugin  # no scaler: nothing to change
-    trainer = build_trainer(make_cfg(["trainer.precision=32"]))
-    assert type(trainer.precision_plugin) is not ScaledClipMixedPrecision
 
 
 # ------------------------------------------------------------------ channels_last
@@ -359,7 +339,6 @@ def test_fp16_clip_fused_trains_on_cuda(make_cfg):
     )
     _, objects = train(cfg)
     trainer = objects["trainer"]
-    assert type(trainer.precision_plugin) is ScaledClipMixedPrecision
     assert trainer.optimizers[0].defaults["fused"] is True and trainer.state.finished
 
 
