@@ -26,6 +26,7 @@ from mtl.config_check import check_config
 from mtl.data.base import DenseDataset, check_eval_split
 from mtl.data.datamodule import MTLDataModule, dataset_class
 from mtl.data.switch import dataset_switch_warning
+from mtl.decoders.moe import write_gate_report
 from mtl.eval_steps import EvalContext, EvalStep
 from mtl.gpu import (
     ChannelsLast,
@@ -41,6 +42,7 @@ from mtl.module import MTLModule
 from mtl.objective import score
 from mtl.optim import with_fused
 from mtl.params import parameter_counts, parameter_report
+from mtl.progress import progress_bar_enabled
 from mtl.report import write_results
 from mtl.tasks import Task, build_tasks, task_class
 
@@ -266,6 +268,8 @@ def build_trainer(cfg: DictConfig, *, model: MultiTaskNet | None = None, **overr
     callbacks.sort(key=lambda c: isinstance(c, PeriodicCheckpoint))
     if "accumulate_grad_batches" in cfg.trainer:  # done by MTLModule (manual optimisation)
         overrides.setdefault("accumulate_grad_batches", 1)
+    if "enable_progress_bar" not in cfg.trainer:  # log lines replace the bar when stdout is a file
+        overrides.setdefault("enable_progress_bar", progress_bar_enabled(callbacks))
     if "enable_model_summary" not in cfg.trainer:
         # train() logs the parameter table by group; Lightning's summary would add a second table
         # with a FLOPs column of zeros (it measures FLOPs only on an example_input_array)
@@ -636,8 +640,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("test") and not trainer.fast_dev_run:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         use_eval_metrics(module, cfg)
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        # verbose=False: Lightning's table would list every logged value (160 gate rows for TaskExpert)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
         metrics.update(_to_float(trainer.callback_metrics))
+        for line in write_gate_report(metrics, output_dir, "test") if trainer.is_global_zero else ():
+            log.info("%s", line)
     table = format_table(metrics, module.tasks, "val")
     log.info("validation metrics after training:\n%s", table)
     if not trainer.fast_dev_run and trainer.is_global_zero:  # every rank holds the same synced metrics

@@ -79,6 +79,8 @@ CHANGED_LATER: dict[str, dict[str, str]] = {
         "logger.csv._target_": "issue 21: mtl.loggers.CSVLogger continues metrics.csv on resume",
         "logger.tensorboard._target_": "issue 21: mtl.loggers.TensorBoardLogger continues on resume",
         "callbacks.progress": "issue 22: progress lines in the log when stdout is not a terminal",
+        "eval.edge.progress": "issue 22: progress of the exact edge evaluation",
+        "eval.edge.progress_interval": "issue 22: progress of the exact edge evaluation",
         "extras.print_config": "issue 22: the config dump is opt-in; a short run summary is always logged",
         "eval.run_config": "issue 22 (new): eval.py takes the model and data from the checkpoint's run",
     },
