@@ -200,7 +200,6 @@ def overrides_for(
         "++trainer.limit_val_batches=2",
         "++trainer.num_sanity_val_steps=1",
         "trainer.log_every_n_steps=10",
-        "callbacks.model_checkpoint.save_last=false",  # one checkpoint file per validation
         f"paths.data_dir={data_dir}",
         "extras.print_config=false",
         "+callbacks.acceptance._target_=gpu_acceptance.AcceptanceProbe",

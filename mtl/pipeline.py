@@ -622,7 +622,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger.log_hyperparams({**job_config(cfg), "trainable_params": params, "code": code})
     if trainer.is_global_zero:  # the resolved config next to the run (.hydra/ holds the unresolved one)
         output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create({**job_config(cfg), "code": code}), output_dir / "config.yaml")
+        saved = {**job_config(cfg), "code": code, "metrics_protocol": METRICS_PROTOCOL}
+        OmegaConf.save(OmegaConf.create(saved), output_dir / "config.yaml")
     data, trainer_cfg = cfg.get("data") or {}, cfg.get("trainer") or {}
     with explain_oom(
         batch_size=data.get("batch_size"),
@@ -773,6 +774,7 @@ def evaluate(
                 "dataset": dataset_key(cfg),
                 "tasks": list(cfg.data.tasks),
                 "code": code_version(),
+                "metrics_protocol": METRICS_PROTOCOL,
                 "config": str(config_file),
                 "run_config": config_source,
                 "overrides": overrides,

@@ -8,6 +8,10 @@ its objective (``optimized_metric`` from the job's ``metrics.json``, see :mod:`m
 status, then the best job's folder. A sweep that stops at a failed job (Hydra's basic sweeper
 stops at the first) still leaves ``summary.md`` up to that job.
 
+:class:`CompareTable` is a Hydra callback (``hydra.callbacks.compare_table``): when the multirun
+ends it writes the comparison table of its jobs (:mod:`mtl.compare`: configurations as rows, seeds
+grouped into mean ± std, Δm) into ``<sweep dir>/compare.{md,csv,tex,json}`` and prints it.
+
 :func:`fixed_strategy_weights` is the ``hydra.sweeper.custom_search_space`` of
 ``hparams_search=optuna``: loss weights are searched only in trials of ``strategy=fixed``, the one
 strategy that uses them (``strategy.weights``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.baselines import launcher_rank
+from mtl.compare import CompareError, build_table, write_table
 from mtl.objective import objective
 
 #: written into each job folder when the job ends
@@ -240,6 +246,91 @@ class SweepSummary(Callback):
             return
         path, text = write_summary(Path(str(config.hydra.sweep.dir)), direction=_direction(config))
         print(f"\n{text}(written to {path})")
+
+
+def sweep_command(config: DictConfig) -> str:
+    """The command line of a multirun (``python train.py -m <overrides>``), from its Hydra config: the
+    job overrides, then the ``hydra.*`` ones given (``hydra.sweep.dir``, ``hydra.sweeper.params.*``)."""
+    name = OmegaConf.select(config, "hydra.job.name", default=None) or "train"
+    overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=None) or []]
+    hydra = [str(o) for o in OmegaConf.select(config, "hydra.overrides.hydra", default=None) or []]
+    overrides += [o for o in hydra if not o.startswith("hydra.mode=")]
+    return shlex.join(["python", f"{name}.py", "-m", *overrides])
+
+
+class CompareTable(Callback):
+    """Hydra callback: the comparison table of a multirun's jobs when it ends (module docstring).
+
+    Every job must have test metrics (``test=true``) or be an evaluation; jobs without results (a
+    failed job) are left out and listed under the table (``skip_missing``). A sweep whose jobs cannot
+    be compared (e.g. single-task runs of different tasks) gets a one-line note instead of a table.
+    Only rank 0 of a multirun started on every rank writes.
+
+    Args:
+        baseline: a baseline file, or its name in ``configs/baselines/`` (default: the jobs' own
+            ``baselines=``, else no Δm).
+        baseline_row: the row Δm is measured against instead (e.g. ``strategy=ew``).
+        per_task: per-task relative change columns.
+        published: the papers' rows for the dataset.
+        cost: parameters and GFLOPs of each row's model.
+        plot: ``compare_delta_m.png`` and ``compare_tasks.png``.
+        time_ref: the row per-step times are relative to (default ``strategy=ew``).
+        skip_missing: leave jobs without results out instead of writing no table.
+        ignore: config keys that do not tell rows apart, besides :data:`mtl.compare.IGNORED`.
+    """
+
+    def __init__(
+        self,
+        *,
+        baseline: str | None = None,
+        baseline_row: str | None = None,
+        per_task: bool = False,
+        published: bool = False,
+        cost: bool = False,
+        plot: bool = False,
+        time_ref: str | None = None,
+        skip_missing: bool = True,
+        ignore: list[str] | None = None,
+    ) -> None:
+        self.options = {
+            "baseline": baseline,
+            "baseline_row": baseline_row,
+            "per_task": per_task,
+            "published": published,
+            "cost": cost,
+            "time_ref": time_ref,
+            "skip_missing": skip_missing,
+            "ignore": list(ignore or []),
+        }
+        self.plot = plot
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if launcher_rank() != 0:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            table = build_table([sweep_dir], command=sweep_command(config), **self.options)
+        except CompareError as err:
+            print(f"\nno comparison table for {sweep_dir}: {err}")
+            return
+        paths = write_table(table, sweep_dir, plot=self.plot)
+        print(f"\n{paths['md'].read_text()}(written to {paths['md']}, .csv, .tex, .json; from the folder: "
+              f"{self.cli(sweep_dir)})")  # fmt: skip
+
+    def cli(self, sweep_dir: Path) -> str:
+        """The ``python -m mtl.compare`` command that makes this table from the sweep folder."""
+        args = ["python", "-m", "mtl.compare", str(sweep_dir)]
+        for key in ("baseline", "baseline_row", "time_ref"):
+            if self.options[key]:
+                args += [f"--{key.replace('_', '-')}", str(self.options[key])]
+        for key in ("per_task", "published", "cost", "skip_missing"):
+            if self.options[key]:
+                args.append(f"--{key.replace('_', '-')}")
+        if self.plot:
+            args.append("--plot")
+        if self.options["ignore"]:
+            args += ["--ignore", *self.options["ignore"]]
+        return shlex.join(args)
 
 
 def fixed_strategy_weights(cfg: DictConfig, trial: Any) -> None:

@@ -183,9 +183,10 @@ def test_loader_position_of_another_world_size_resumes_and_warns(make_cfg):
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.state_dict()["world_size"] == 1
-    with pytest.warns(UserWarning, match="of 2 ranks; this run has 1"):
+    with pytest.warns(UserWarning, match=r"written by 2 rank\(s\), this run has 1"):
         loader.load_state_dict({"epoch": 1, "batches": 1, "world_size": 2})
-    assert loader.sampler.epoch == 1 and loader.sampler.skip == loader.batch_size
+    # the position is in samples (issue 21): one batch on each of 2 ranks = 2 batches' samples here
+    assert loader.sampler.epoch == 1 and loader.sampler.skip == 2 * loader.batch_size
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loader.load_state_dict({"epoch": 1, "batches": 1})  # checkpoints before the world size was saved

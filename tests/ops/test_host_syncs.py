@@ -154,5 +154,5 @@ def test_m3vit_training_step_syncs_only_for_the_split_sizes(make_cfg, precision)
     backbone = objects["module"].model.backbone
     calls = len(backbone.moe_blocks) * len(backbone.passes(backbone.tasks))
     steps = syncs_per_step(objects)
-    expected = 1 + (calls if precision == "32" else 0)
+    expected = 2 + (calls if precision == "32" else 0)  # 2: the non-finite guard's loss flags and grad norm
     assert len(steps) >= 3 and max(steps) <= expected, (steps, calls)
