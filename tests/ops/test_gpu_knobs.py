@@ -254,7 +254,7 @@ TINY_VIT_MULTIHEAD = [  # inductor generates C++ per kernel: a small graph keeps
 @pytest.mark.parametrize(
     ("backend", "overrides"),
     [
-        ("aot_eager", ["experiment=synthetic_taskexpert"]),
+        pytest.param("aot_eager", ["experiment=synthetic_taskexpert"], marks=pytest.mark.slow),
         pytest.param("inductor", TINY_VIT_MULTIHEAD, marks=pytest.mark.slow),
     ],
 )

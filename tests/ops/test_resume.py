@@ -45,7 +45,7 @@ def _run(make_cfg, tmp_path, name: str, extra: list[str]):
     ("strategy", "crash"),
     [
         ("uw", 3),
-        ("dwa", 4),  # the checkpoint right after the epoch's last batch
+        pytest.param("dwa", 4, marks=pytest.mark.slow),  # the checkpoint right after the epoch's last batch
         pytest.param("famo", 3, marks=pytest.mark.slow),
         pytest.param("gradvac", 5, marks=pytest.mark.slow),
         pytest.param("dbmtl", 3, marks=pytest.mark.slow),
