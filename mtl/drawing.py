@@ -102,26 +102,26 @@ def _pad_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def hstack(parts: Sequence[np.ndarray], gap: int = 0) -> np.ndarray:
-    """Pictures side by side, top-aligned, white ``gap`` columns between, padded white to one height."""
-    h = max(p.shape[0] for p in parts)
+def _stack(parts: Sequence[np.ndarray], gap: int, axis: int) -> np.ndarray:
+    """``parts`` along ``axis`` (1: side by side, 0: one above the other), white ``gap`` between,
+    each padded white to the largest extent across."""
+    size = max(p.shape[1 - axis] for p in parts)
     out: list[np.ndarray] = []
     for i, p in enumerate(parts):
         if i and gap:
-            out.append(blank(h, gap))
-        out.append(_pad_to(p, h, p.shape[1]))
-    return np.concatenate(out, axis=1)
+            out.append(blank(size, gap) if axis == 1 else blank(gap, size))
+        out.append(_pad_to(p, size, p.shape[1]) if axis == 1 else _pad_to(p, p.shape[0], size))
+    return np.concatenate(out, axis=axis)
+
+
+def hstack(parts: Sequence[np.ndarray], gap: int = 0) -> np.ndarray:
+    """Pictures side by side, top-aligned, white ``gap`` columns between, padded white to one height."""
+    return _stack(parts, gap, axis=1)
 
 
 def vstack(parts: Sequence[np.ndarray], gap: int = 0) -> np.ndarray:
     """Pictures one above the other, left-aligned, white ``gap`` rows between, padded white to one width."""
-    w = max(p.shape[1] for p in parts)
-    out: list[np.ndarray] = []
-    for i, p in enumerate(parts):
-        if i and gap:
-            out.append(blank(gap, w))
-        out.append(_pad_to(p, p.shape[0], w))
-    return np.concatenate(out, axis=0)
+    return _stack(parts, gap, axis=0)
 
 
 def grey(values: np.ndarray) -> np.ndarray:

@@ -16,27 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from slim_nets import TASKS, slim_net
 
-from mtl.backbones.slimmable_vit import SlimmableViT
 from mtl.control.cost import CostModel, WidthConfig, apply_config, count_forward
 from mtl.control.evaluate import measure_table, table_to_json
 from mtl.control.run import apply_control, default_budgets
-from mtl.decoders.slimmable import SlimmableDecoder
 from mtl.model import MultiTaskNet
 
-VIT = {"name": "vit_tiny_patch16_224", "img_size": (32, 48), "embed_dim": 32, "depth": 2, "num_heads": 4,
-       "out_indices": [0, 1]}  # fmt: skip
 WIDTHS = (0.25, 0.5, 1.0)
-TASKS = {"semseg": 5, "depth": 1}
 
 
 def make_net() -> MultiTaskNet:
-    torch.manual_seed(0)
-    return MultiTaskNet(
-        backbone=SlimmableViT(widths=WIDTHS, **VIT),
-        decoder=lambda **kw: SlimmableDecoder(channels=16, widths=WIDTHS, **kw),
-        tasks=TASKS,
-    ).eval()
+    return slim_net(WIDTHS, depth=2, out_indices=[0, 1])
 
 
 def all_configs(widths=WIDTHS, tasks=tuple(TASKS)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from slim_nets import slim_net, vit_kwargs
 from torch import nn
 
 from mtl.backbones import TimmBackbone
@@ -13,19 +14,12 @@ from mtl.control.cost import CostModel, WidthConfig, active_parameters, apply_co
 from mtl.decoders.slimmable import SlimmableDecoder
 from mtl.model import MultiTaskNet
 
-VIT = {"name": "vit_tiny_patch16_224", "img_size": (32, 48), "embed_dim": 32, "depth": 4, "num_heads": 4,
-       "out_indices": [1, 3]}  # fmt: skip
+VIT = vit_kwargs(depth=4, out_indices=[1, 3])
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
-TASKS = {"semseg": 5, "depth": 1}
 
 
 def make_net() -> MultiTaskNet:
-    torch.manual_seed(0)
-    return MultiTaskNet(
-        backbone=SlimmableViT(widths=WIDTHS, **VIT),
-        decoder=lambda **kw: SlimmableDecoder(channels=16, widths=WIDTHS, **kw),
-        tasks=TASKS,
-    ).eval()
+    return slim_net(WIDTHS, depth=4, out_indices=[1, 3])
 
 
 def test_full_width_vit_equals_the_timm_vit():
