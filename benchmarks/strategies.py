@@ -16,6 +16,9 @@ on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of the CPU a
 alloc/free events recorded by ``torch.profiler`` (``profile_memory=True``): exact tensor
 bytes, not the noisy resident set size.
 
+Rows: every strategy config, plus ``upgrad_gramian_passes`` (``upgrad_gramian`` with
+``strategy.autogram=false``: the polarised ``k(k+1)/2 + 1`` passes instead of the autogram engine).
+
     python benchmarks/strategies.py [--tasks 2,4,5] [--steps 5] [--resolution 64] [--batch 4]
                                      [--only ew,cagrad]
 """
@@ -109,10 +112,19 @@ def strategy_configs(only: list[str] | None) -> dict:
 
     names = [n for n in names if n != "fixed" and ours(n)]  # fixed: the same computation as ew
     names.sort(key=lambda n: n != "ew")  # EW first: the baseline
+    passes = "upgrad_gramian_passes"  # Gramian-only without the autogram engine: k(k+1)/2 + 1 passes
+    if "upgrad_gramian" in names:
+        names.insert(names.index("upgrad_gramian") + 1, passes)
     if only:
         names = [n for n in names if n in only or n == "ew"]
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return {n: compose(config_name="train", overrides=[f"strategy={n}"]).strategy for n in names}
+        configs = {}
+        for n in names:
+            overrides = [f"strategy={'upgrad_gramian' if n == passes else n}"]
+            if n == passes:
+                overrides.append("+strategy.autogram=false")
+            configs[n] = compose(config_name="train", overrides=overrides).strategy
+        return configs
 
 
 def cpu_peak_bytes(prof) -> int:

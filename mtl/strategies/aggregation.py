@@ -34,6 +34,7 @@ back to the device without a sync.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from torch import nn
 from torchjd.aggregation import Aggregator, GradDrop, GramianWeightedAggregator, NashMTL, WeightedAggregator
 
 from mtl.contracts import StepForward, StrategyHost
+from mtl.strategies.autogram import autogram_refusal, engine_gramian, gramians_agree, make_engine
 from mtl.strategies.grads import (
     GradientTargets,
     TaskJacobian,
@@ -48,6 +50,7 @@ from mtl.strategies.grads import (
     task_grads,
     to_device,
     to_host,
+    world_size,
 )
 from mtl.strategies.gramian_only import polarised_gramian, weighted_direction
 from mtl.strategies.jacobian import Measured, PerTaskGradients, Update, sync_weights
@@ -87,6 +90,9 @@ class GradientAggregation(PerTaskGradients):
         gramian_only: parameter level without the ``k × n`` Jacobian buffer: the Gramian by
             polarisation, ``k(k+1)/2 + 1`` backward passes and one ``n``-vector of scratch
             (:mod:`mtl.strategies.gramian_only`); not for GradDrop or ``rep_grad``.
+        autogram: with ``gramian_only``, take the Gramian from torchjd's ``autogram.Engine`` (one
+            backward pass batched over the tasks) where the model allows it, else (with a one-line
+            warning saying why) the polarised passes (:mod:`mtl.strategies.autogram`).
         task_weighted_heads: each task's own parameters get ``w_t ∇L_t`` instead of ``∇L_t``, as in
             the official code of MGDA, Nash-MTL and FairGrad (one backward of ``Σ_t w_t L_t``). For
             Nash-MTL, whose reference clips only the shared gradient to ``max_norm``, the heads then
@@ -101,6 +107,7 @@ class GradientAggregation(PerTaskGradients):
         aggregator: Aggregator | functools.partial,
         rep_grad: bool = False,
         gramian_only: bool = False,
+        autogram: bool = True,
         task_weighted_heads: bool = False,
         diagnostics_every: int = 0,
     ) -> None:
@@ -113,6 +120,10 @@ class GradientAggregation(PerTaskGradients):
                 "k × |representation| (set one of them)"
             )
         self.gramian_only = bool(gramian_only)
+        self.autogram = bool(autogram) and self.gramian_only
+        self.autogram_fallback: str | None = None  # why the polarised passes are used, once decided
+        self._autogram_checked = False  # the first step compares the engine's Gramian with the exact one
+        self._engine = None  # the step's autogram engine (hooks live from forward to measure)
         if not isinstance(aggregator, Aggregator) and not callable(aggregator):
             raise ValueError(f"strategy aggregator must be a torchjd Aggregator, got {aggregator!r}")
         is_agg = isinstance(aggregator, Aggregator)
@@ -164,12 +175,55 @@ class GradientAggregation(PerTaskGradients):
     def _objectives(self, losses) -> dict[str, torch.Tensor]:
         return {t: self.task_objective(t, losses[t]).float() for t in self.task_names}
 
+    def _autogram_off(self, reason: str) -> None:
+        self.autogram, self.autogram_fallback, self._engine = False, reason, None
+        warnings.warn(
+            f"strategy gramian_only: autogram engine off, using the k(k+1)/2+1 polarised passes: {reason}",
+            stacklevel=2,
+        )
+
+    def forward(self, batch: dict, *, module: StrategyHost) -> StepForward:
+        if self.autogram:  # the engine's hooks must be in place before the forward
+            targets = self._prepare(module)
+            reason = autogram_refusal(module.model, targets.shared, world_size())
+            if reason is not None:
+                self._autogram_off(reason)
+            else:
+                self._engine = make_engine(module.model, targets.shared)
+        return super().forward(batch, module=module)
+
     def measure(
         self, step: StepForward, targets: GradientTargets, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.gramian_only:
             return super().measure(step, targets, scale)
-        return polarised_gramian(targets, self._objectives(step.losses), scale, self._scratch), None
+        objectives = self._objectives(step.losses)
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return polarised_gramian(targets, objectives, scale, self._scratch), None
+        fast: torch.Tensor | None = None
+        try:
+            fast = engine_gramian(engine, list(objectives.values()), scale)
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            self._autogram_off(f"the engine failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        del engine  # removes its hooks
+        if fast is None or not self._autogram_checked:
+            exact = polarised_gramian(targets, objectives, scale, self._scratch)
+            if fast is not None and bool(torch.isfinite(exact).all()):
+                if gramians_agree(fast, exact):
+                    self._autogram_checked = True
+                else:
+                    err = ((fast - exact).abs().max() / exact.diagonal().abs().max()).item()
+                    self._autogram_off(
+                        f"its Gramian differs from the exact one by {err:.1e} of the largest diagonal entry "
+                        "(a shared parameter used without its module being called?)"
+                    )
+            return exact, None
+        for t, objective in objectives.items():  # each task's own parameters, as the passes do
+            own = targets.task[t]
+            if own:
+                torch._foreach_add_([p.grad for p in own], list(task_grads(objective * scale, own)))
+        return fast, None
 
     def update(self, m: Measured, *, module: StrategyHost, batch: dict) -> Update | None:
         step, targets, scale = m.step, m.targets, m.scale
