@@ -328,6 +328,21 @@ def test_step_time_relative_to_ew(tmp_path):
     assert "time/step" not in to_markdown(build_table([make_sweep(tmp_path / "y")]))  # nothing timed
 
 
+def test_step_time_is_the_fastest_seed_of_each_row(tmp_path):
+    # one seed of each row ran while the machine was busy (4x slower): best of n, as timeit, ignores it
+    sweep = tmp_path / "sweep"
+    for i, (strategy, seed, rate) in enumerate(
+        (("ew", 0, 8.0), ("ew", 1, 2.0), ("cagrad", 0, 4.0), ("cagrad", 1, 1.0))
+    ):
+        fake_train(
+            sweep / str(i), strategy, seed, {"semseg/miou": 0.5, "depth/rmse": 0.6}, images_per_sec=rate
+        )
+    table = build_table([sweep])
+    assert [r.time_rel for r in table.rows] == pytest.approx([1.0, 2.0])
+    ew = table.rows[0]
+    assert ew.step_time is not None and ew.step_time.mean == pytest.approx((4 / 8.0 + 4 / 2.0) / 2)  # batch 4
+
+
 def test_published_rows_are_marked_and_not_ranked(tmp_path):
     nyud = tmp_path / "nyud"
     for i, (strategy, miou) in enumerate((("ew", 0.40), ("uw", 0.45))):
