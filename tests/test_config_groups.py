@@ -83,6 +83,9 @@ CHANGED_LATER: dict[str, dict[str, str]] = {
         "eval.edge.progress_interval": "issue 22: progress of the exact edge evaluation",
         "extras.print_config": "issue 22: the config dump is opt-in; a short run summary is always logged",
         "eval.run_config": "issue 22 (new): eval.py takes the model and data from the checkpoint's run",
+        "model.decoder.gate_mode": "issue 25 (new): TaskExpert ablation option, the paper's per-pixel gates",
+        "model.decoder.fusion": "issue 25 (new): TaskExpert ablation option, the paper's final memory",
+        "model.decoder.expert_activation": "issue 25 (new): TaskExpert ablation option, MLP experts",
     },
     **{
         f"{dataset}_mtlora": {

@@ -46,9 +46,11 @@ class BatchedExperts(nn.Module):
     """``num_experts`` independent two-layer expert networks evaluated in one pass.
 
     Expert ``j`` is ``conv_k(C → hidden) → GELU → conv_1(hidden → D)``; with ``kernel=1`` it is a
-    per-pixel MLP (the token MLP of a transformer). All experts' first layers are one convolution
-    with ``num_experts · hidden`` outputs and their second layers one grouped convolution, which is
-    exactly ``num_experts`` separate networks (no weight is shared between experts).
+    per-pixel MLP (the token MLP of a transformer). Without the activation (``activation=False``) it
+    is a linear low-rank map of rank ``hidden``, as MLoRE's experts (Yang et al., CVPR 2024). All
+    experts' first layers are one convolution with ``num_experts · hidden`` outputs and their second
+    layers one grouped convolution, which is exactly ``num_experts`` separate networks (no weight is
+    shared between experts).
 
     Args:
         in_channels: channels ``C`` of the input map.
@@ -56,10 +58,18 @@ class BatchedExperts(nn.Module):
         num_experts: number of experts ``N``.
         hidden: hidden width of each expert.
         kernel: spatial kernel of the first layer (1: per-pixel MLP, 3: local context).
+        activation: GELU between the two layers (False: low-rank linear experts).
     """
 
     def __init__(
-        self, *, in_channels: int, out_channels: int, num_experts: int, hidden: int, kernel: int = 1
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        num_experts: int,
+        hidden: int,
+        kernel: int = 1,
+        activation: bool = True,
     ) -> None:
         super().__init__()
         if num_experts < 1 or hidden < 1 or kernel not in (1, 3):
@@ -69,7 +79,7 @@ class BatchedExperts(nn.Module):
             )
         self.num_experts = num_experts
         self.fc1 = nn.Conv2d(in_channels, num_experts * hidden, kernel, padding=kernel // 2)
-        self.act = nn.GELU()
+        self.act = nn.GELU() if activation else nn.Identity()
         self.fc2 = nn.Conv2d(num_experts * hidden, num_experts * out_channels, 1, groups=num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

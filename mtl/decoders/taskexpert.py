@@ -43,6 +43,18 @@ Choices the paper leaves open, all constructor arguments (defaults and the reaso
 
 ``use_memory=False`` gives the paper's "without memory" ablation: gates over the experts only and
 the last layer's assembled features as output.
+
+On a pyramid backbone the memory lives at the finest tap: a coarser layer reads it area-averaged
+(each coarse pixel sees the mean of the memory pixels it covers) and writes its feature upsampled
+bilinearly.
+
+Options for ablations, off by default (the successor MLoRE, Yang et al., "Multi-Task Dense
+Prediction via Mixture of Low-Rank Experts", CVPR 2024, released code for what TaskExpert leaves
+open): ``gate_mode="image"`` (one gate per sample, from the spatially pooled input, as MLoRE's
+routers) or ``"static"`` (learned per-task logits, no input: a static mixture);
+``expert_activation="none"`` (linear low-rank experts of rank ``expert_hidden``, as MLoRE's);
+``fusion="layer_softmax"`` (MLoRE's final decoding: a per-pixel softmax over every layer's
+assembled features instead of the final memory).
 """
 
 from __future__ import annotations
@@ -73,20 +85,72 @@ log = logging.getLogger(__name__)
 
 CHOICES = {
     "gate_input": ("feature", "feature_memory"),
+    "gate_mode": ("pixel", "image", "static"),
+    "fusion": ("memory", "layer_softmax"),
+    "expert_activation": ("gelu", "none"),
     "memory_init": ("feature", "learned", "zeros"),
     "memory_update": ("add", "ema", "replace"),
 }
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x`` resampled to ``size``: area averaging where it shrinks (every source pixel counts: a
+    memory read at a coarser tap is the mean of the pixels it covers), bilinear where it grows."""
     size = tuple(size)
-    if tuple(x.shape[-2:]) == size:
+    h, w = x.shape[-2:]
+    if (h, w) == size:
         return x
+    if size[0] <= h and size[1] <= w:
+        return F.adaptive_avg_pool2d(x, size)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+class StaticGate(nn.Module):
+    """Gate logits that do not depend on the input: one learned vector per task and layer (a static
+    mixture, the baseline of the paper's claim that dynamic gating helps). Zero-initialised: uniform.
+
+    Args:
+        num_gates: experts (+ the memory).
+    """
+
+    def __init__(self, *, num_gates: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_gates))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B × C × h × w`` (only its shape is used) → logits ``B × E × h × w``."""
+        b, _, h, w = x.shape
+        return self.logits.view(1, -1, 1, 1).expand(b, -1, h, w)
+
+
+class LayerFusion(nn.Module):
+    """MLoRE's final decoding (Yang et al., CVPR 2024, ``task_mask``): per pixel, a softmax over the
+    tapped layers of one task's assembled features, predicted from all of them by
+    ``conv_1(L·D → D) → BN → GELU → conv_3(D → L)``; the output is the weighted sum.
+
+    Args:
+        channels: width ``D`` of the task features.
+        num_layers: tapped layers ``L``.
+    """
+
+    def __init__(self, *, channels: int, num_layers: int) -> None:
+        super().__init__()
+        self.weights = nn.Sequential(
+            nn.Conv2d(num_layers * channels, channels, 1),
+            nn.BatchNorm2d(channels),
+            nn.GELU(),
+            nn.Conv2d(channels, num_layers, 3, padding=1),
+        )
+
+    def forward(self, layers: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``L`` maps ``B × D × h × w`` (one resolution) → their per-pixel softmax-weighted sum."""
+        weights = self.weights(torch.cat(list(layers), dim=1)).softmax(dim=1)  # (B, L, h, w)
+        return torch.einsum("lbdhw,blhw->bdhw", torch.stack(list(layers)), weights)
+
+
 class TaskBranch(nn.Module):
-    """Everything task-specific: a gate per layer, the memory initialiser and read norm, the output block."""
+    """Everything task-specific: a gate per layer, the memory initialiser and read norm, the final
+    fusion (``fusion="layer_softmax"``), the output block."""
 
     def __init__(
         self,
@@ -95,17 +159,22 @@ class TaskBranch(nn.Module):
         channels: int,
         gate_out: int,
         gate_input: str,
+        gate_mode: str,
         use_memory: bool,
         memory_init: str,
         memory_norm: bool,
+        fusion: str,
         final_blocks: int,
     ) -> None:
         super().__init__()
         extra = channels if gate_input == "feature_memory" and use_memory else 0
-        self.gates = nn.ModuleList(nn.Conv2d(c + extra, gate_out, 1) for c in in_channels)
-        for g in self.gates:
-            nn.init.zeros_(g.weight)
-            nn.init.zeros_(g.bias)
+        if gate_mode == "static":
+            self.gates = nn.ModuleList(StaticGate(num_gates=gate_out) for _ in in_channels)
+        else:
+            self.gates = nn.ModuleList(nn.Conv2d(c + extra, gate_out, 1) for c in in_channels)
+            for g in self.gates:
+                nn.init.zeros_(g.weight)
+                nn.init.zeros_(g.bias)
         self.memory_proj = (
             nn.Conv2d(in_channels[0], channels, 1) if use_memory and memory_init == "feature" else None
         )
@@ -113,6 +182,9 @@ class TaskBranch(nn.Module):
             nn.Parameter(torch.randn(channels) * 0.02) if use_memory and memory_init == "learned" else None
         )
         self.read_norm = ChannelNorm(channels=channels) if use_memory and memory_norm else nn.Identity()
+        self.fusion = (
+            LayerFusion(channels=channels, num_layers=len(in_channels)) if fusion == "layer_softmax" else None
+        )
         self.out = nn.Sequential(*(conv_bn_relu(channels, channels) for _ in range(final_blocks)))
 
 
@@ -126,13 +198,21 @@ class TaskExpertDecoder(Decoder):
         num_experts: experts per layer (the memory is one more).
         expert_hidden: hidden width of each expert (default ``channels``).
         expert_kernel: 1 (per-pixel MLP experts) or 3 (3 × 3 first layer).
+        expert_activation: ``"gelu"`` (two-layer MLP experts) or ``"none"`` (linear low-rank experts of
+            rank ``expert_hidden``, MLoRE's ``LoraBlock``).
         gate_input: ``"feature"`` or ``"feature_memory"`` (also the task's memory read).
+        gate_mode: ``"pixel"`` (a gate per pixel), ``"image"`` (one per sample, from the spatial mean
+            of the gate input, as MLoRE's routers) or ``"static"`` (learned logits per task and layer,
+            no input).
         top_k: keep the k largest gate logits per pixel (``None``: dense softmax).
         use_memory: the multi-task feature memory (False: the paper's ablation without it).
         memory_init: ``"feature"``, ``"learned"`` or ``"zeros"``.
         memory_update: ``"add"``, ``"ema"`` or ``"replace"``.
         memory_momentum: ``α`` of the ``"ema"`` update.
         memory_norm: LayerNorm the memory slot before reading it.
+        fusion: what feeds the output block: ``"memory"`` (the final memory slot; without memory the
+            last layer's assembled features) or ``"layer_softmax"`` (MLoRE's per-pixel softmax over
+            every layer's assembled features, :class:`LayerFusion`).
         final_blocks: task-specific 3 × 3 conv blocks on the final memory.
         balance_weight: weight of the importance-balancing aux loss (0: off).
         intermediate_supervision: supervise every earlier layer's assembled features too.
@@ -150,13 +230,16 @@ class TaskExpertDecoder(Decoder):
         num_experts: int = 8,
         expert_hidden: int | None = None,
         expert_kernel: int = 1,
+        expert_activation: str = "gelu",
         gate_input: str = "feature",
+        gate_mode: str = "pixel",
         top_k: int | None = None,
         use_memory: bool = True,
         memory_init: str = "feature",
         memory_update: str = "add",
         memory_momentum: float = 0.5,
         memory_norm: bool = True,
+        fusion: str = "memory",
         final_blocks: int = 1,
         balance_weight: float = 0.0,
         intermediate_supervision: bool = False,
@@ -164,10 +247,22 @@ class TaskExpertDecoder(Decoder):
         log_gate_means: bool = True,
     ) -> None:
         super().__init__()
-        given = {"gate_input": gate_input, "memory_init": memory_init, "memory_update": memory_update}
+        given = {
+            "gate_input": gate_input,
+            "gate_mode": gate_mode,
+            "fusion": fusion,
+            "expert_activation": expert_activation,
+            "memory_init": memory_init,
+            "memory_update": memory_update,
+        }
         for key, value in given.items():
             if value not in CHOICES[key]:
                 raise ValueError(f"TaskExpertDecoder {key}={value!r}; expected one of {CHOICES[key]}")
+        if gate_mode == "static" and gate_input != "feature":
+            raise ValueError(
+                f"TaskExpertDecoder gate_input={gate_input!r} with gate_mode='static': static gates read no "
+                "input; set gate_input=feature or another gate_mode (pixel, image)"
+            )
         n_gates = num_experts + int(use_memory)
         if top_k is not None and not 1 <= top_k <= n_gates:
             raise ValueError(
@@ -183,6 +278,8 @@ class TaskExpertDecoder(Decoder):
         self.num_experts = num_experts
         self.top_k = top_k
         self.gate_input = gate_input
+        self.gate_mode = gate_mode
+        self.fusion = fusion
         self.use_memory = use_memory
         self.memory_init = memory_init
         self.memory_update = memory_update
@@ -200,6 +297,7 @@ class TaskExpertDecoder(Decoder):
                 num_experts=num_experts,
                 hidden=expert_hidden or channels,
                 kernel=expert_kernel,
+                activation=expert_activation == "gelu",
             )
             for c in in_channels
         )
@@ -210,9 +308,11 @@ class TaskExpertDecoder(Decoder):
                     channels=channels,
                     gate_out=n_gates,
                     gate_input=gate_input,
+                    gate_mode=gate_mode,
                     use_memory=use_memory,
                     memory_init=memory_init,
                     memory_norm=memory_norm,
+                    fusion=fusion,
                     final_blocks=final_blocks,
                 )
                 for t in self.tasks
@@ -262,6 +362,7 @@ class TaskExpertDecoder(Decoder):
         xs = [norm(f) for norm, f in zip(self.in_norm, feats, strict=True)]
         memory = {t: self._init_memory(t, xs[0], size) for t in tasks} if self.use_memory else {}
         assembled: dict[str, torch.Tensor] = {}
+        per_layer: dict[str, list[torch.Tensor]] = {}
         aux, intermediate, record = [], [], not self.training
         stats: dict[str, torch.Tensor] = {}
         maps: dict[str, list[torch.Tensor]] = {f"gates_{t}": [] for t in tasks} if record else {}
@@ -273,11 +374,19 @@ class TaskExpertDecoder(Decoder):
                 branch = self.per_task[t]
                 read = branch.read_norm(_resize(memory[t], x.shape[-2:])) if self.use_memory else None
                 gate_in = torch.cat([x, read], dim=1) if mix_memory else x
-                gates = gate_weights(branch.gates[layer](gate_in), top_k=self.top_k)  # (B, E, h, w)
+                if self.gate_mode == "image":  # one gate per sample, broadcast over the pixels
+                    logits = branch.gates[layer](gate_in.mean(dim=(2, 3), keepdim=True)).expand(
+                        -1, -1, *x.shape[-2:]
+                    )
+                else:
+                    logits = branch.gates[layer](gate_in)
+                gates = gate_weights(logits, top_k=self.top_k)  # (B, E, h, w)
                 f = torch.einsum("bndhw,bnhw->bdhw", experts, gates[:, : self.num_experts])
                 if read is not None:
                     f = f + gates[:, self.num_experts :] * read
                 assembled[t] = f
+                if self.fusion == "layer_softmax":
+                    per_layer.setdefault(t, []).append(_resize(f, size))
                 if self.use_memory:
                     memory[t] = self._write(memory[t], f)
                 if self.training and self.balance_weight > 0:
@@ -287,7 +396,12 @@ class TaskExpertDecoder(Decoder):
                     maps[f"gates_{t}"].append(gates.detach())
             if self.training and self.intermediate_supervision and layer < len(xs) - 1:
                 intermediate.append(dict(assembled))
-        final = memory if self.use_memory else {t: _resize(assembled[t], size) for t in tasks}
+        if self.fusion == "layer_softmax":
+            final = {t: self.per_task[t].fusion(per_layer[t]) for t in tasks}
+        elif self.use_memory:
+            final = memory
+        else:
+            final = {t: _resize(assembled[t], size) for t in tasks}
         return DecoderOutput(
             features={t: self.per_task[t].out(final[t]) for t in tasks},
             aux_loss=self.balance_weight * torch.stack(aux).mean() if aux else None,
