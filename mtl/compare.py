@@ -289,10 +289,20 @@ def ignored(key: str, extra: Sequence[str] = ()) -> bool:
     return any(key == p or key.startswith(p + ".") for p in (*IGNORED, *extra))
 
 
+#: flattened keys whose value means "the option is off", so that a run composed before the option's
+#: config group existed (the key absent) is the same configuration as a run with the group at that value
+ABSENT_EQUIVALENT = {"pretrained.source": json.dumps("none")}
+
+
 def _identity(config: Mapping[str, Any], folder: Path, extra: Sequence[str]) -> dict[str, str]:
-    """The flattened config without ignored keys and without values naming the run's own folder."""
+    """The flattened config without ignored keys, without values naming the run's own folder, and
+    without keys at their :data:`ABSENT_EQUIVALENT` value."""
     own = str(folder.resolve())
-    return {k: v for k, v in sorted(flatten(config).items()) if not ignored(k, extra) and own not in v}
+    return {
+        k: v
+        for k, v in sorted(flatten(config).items())
+        if not ignored(k, extra) and own not in v and ABSENT_EQUIVALENT.get(k) != v
+    }
 
 
 def _code(code: Any) -> str | None:

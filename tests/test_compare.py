@@ -343,6 +343,20 @@ def test_step_time_is_the_fastest_seed_of_each_row(tmp_path):
     assert ew.step_time is not None and ew.step_time.mean == pytest.approx((4 / 8.0 + 4 / 2.0) / 2)  # batch 4
 
 
+def test_a_run_without_the_pretrained_group_equals_pretrained_none(tmp_path):
+    # runs composed before the `pretrained` config group existed are the same configuration as
+    # `pretrained=none` (nothing loaded); `pretrained=synthetic` stays a configuration of its own
+    sweep = tmp_path / "sweep"
+    fake_train(sweep / "0", "ew", 0, {"semseg/miou": 0.5, "depth/rmse": 0.6})
+    fake_train(sweep / "1", "ew", 1, {"semseg/miou": 0.5, "depth/rmse": 0.6},
+               extra={"pretrained.source": "none"})  # fmt: skip
+    fake_train(sweep / "2", "ew", 2, {"semseg/miou": 0.5, "depth/rmse": 0.6},
+               extra={"pretrained.source": "synthetic"})  # fmt: skip
+    table = build_table([sweep])
+    assert [len(r.runs) for r in table.rows] == [2, 1]
+    assert table.rows[1].label == "pretrained.source=synthetic"
+
+
 def test_published_rows_are_marked_and_not_ranked(tmp_path):
     nyud = tmp_path / "nyud"
     for i, (strategy, miou) in enumerate((("ew", 0.40), ("uw", 0.45))):
