@@ -8,7 +8,14 @@ images through :class:`mtl.metrics.SEISMEdgeF`; the scores must agree exactly (t
 re-seeded per call), and the table gives the time, the speed-up over one process and the
 projected time for the 654 NYUD-v2 validation images.
 
-    python benchmarks/edge_eval.py [--n 654] [--procs 1 2] [--scenes 8]
+First (``--compare N`` images, 0 to skip) the per-image matchers side by side, in one process
+and one thread: CPU seconds per image (``time.process_time``) of ``matcher="csa"``
+(``correspond_pixels`` at every distinct threshold, the former default) and of
+``matcher="certified"`` (the default), their ratio, a check that the ``101 × 4`` count tables
+are identical, and the projected wall time of NYUD-v2 val (654 images) and PASCAL-Context val
+(5,105 images) on 16 and 64 cores (CPU-s per image × images / cores, at this image size).
+
+    python benchmarks/edge_eval.py [--compare 3] [--n 654] [--procs 1 2] [--scenes 8]
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from scipy.ndimage import gaussian_filter
 
 from mtl.data.synthetic import SyntheticScenes
 from mtl.metrics import SEISMEdgeF
+from mtl.metrics.edge_eval import to_8bit
+from mtl.metrics.seism import evaluate_pair
 
 NYUD_VAL = 654
+PASCAL_VAL = 5105
 
 
 def make_pairs(n_scenes: int, size: tuple[int, int], seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
@@ -51,15 +61,46 @@ def run(pairs, n: int, workers: int) -> tuple[float, dict[str, float]]:
     return time.perf_counter() - t, scores
 
 
+def compare_matchers(pairs, n: int, max_dist: float = 0.011) -> None:
+    """CPU seconds per image of the CSA and the certified matcher on the same images (one thread)."""
+    secs = {"csa": 0.0, "certified": 0.0}
+    for i in range(n):
+        logits, target = pairs[i % len(pairs)]
+        u8 = to_8bit(logits[0, 0]).numpy()
+        label = (target[0, 0].numpy() > 0.5).astype(np.uint8)
+        tables = {}
+        for matcher in secs:
+            t = time.process_time()
+            tables[matcher] = evaluate_pair(u8, label, max_dist, matcher=matcher)
+            secs[matcher] += time.process_time() - t
+        if not (tables["csa"] == tables["certified"]).all():
+            raise SystemExit(f"image {i}: the certified matcher's counts differ from CSA's")
+    old, new = secs["csa"] / n, secs["certified"] / n
+    print(f"matchers, {n} images of {pairs[0][0].shape[-2]}×{pairs[0][0].shape[-1]}, one process, one thread")
+    print("count tables (cntR, sumR, cntP, sumP × 101 thresholds): identical on every image\n")
+    print("| matcher | CPU-s / image | ratio | NYUD 16 cores (min) | NYUD 64 | PASCAL 16 | PASCAL 64 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, per in (("csa (before)", old), ("certified (now)", new)):
+        proj = [per * imgs / cores / 60 for imgs in (NYUD_VAL, PASCAL_VAL) for cores in (16, 64)]
+        cells = " | ".join(f"{v:.1f}" for v in proj)
+        print(f"| {name} | {per:.2f} | {per / old:.2f}× | {cells} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=NYUD_VAL, help="images to evaluate")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="worker process counts")
     ap.add_argument("--scenes", type=int, default=8, help="distinct synthetic scenes (cycled)")
     ap.add_argument("--size", type=int, nargs=2, default=[448, 576], help="H W")
+    ap.add_argument("--compare", type=int, default=3, help="images for the matcher comparison (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pairs = make_pairs(args.scenes, tuple(args.size))
+    if args.compare:
+        compare_matchers(pairs, args.compare)
+    if not args.n or not args.procs:
+        return
     rows, ref = [], None
     for p in args.procs:
         secs, scores = run(pairs, args.n, p)

@@ -48,18 +48,33 @@ The result of an image is a ``T × 4`` table of counts per threshold: matched gr
 pixels, ground-truth pixels, matched predicted pixels, predicted pixels. Thresholds whose
 binary map equals the previous one (same pixel count of nested sets) reuse its counts, and
 empty maps skip the matcher: the counts are identical, only faster.
+
+Certified matcher (the default, :func:`match_counts_fast`): the count CSA returns is the number
+of pixel pairs in *an* optimum of the assignment problem that ``correspond_pixels`` builds
+(pixel pairs within ``maxDist``, the library's ``kOfN``-sampled outlier edges after the re-seed,
+the high-cost overlay; :func:`matcher_graph` rebuilds it edge for edge). Whenever every optimum
+holds the same number of pairs, that number is CSA's, whichever optimum it picks.
+:func:`certified_matches` solves the problem twice exactly with LAPJVsp, the pixel pairs
+tie-broken towards the most and then the fewest pairs; equal results prove the count and
+replace the CSA call, different ones (a tie between counts) fall back to CSA. This relies on
+CSA returning an optimum (it does, for integer costs, at its final ε < 1 / (n + 1)); the tests
+compare every threshold's counts with CSA's on synthetic images. Roughly half the CPU time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
 import warnings
 from typing import Literal
 
 import numpy as np
+import scipy.sparse as sparse
 from pyEdgeEval import correspond_pixels, nms
 from scipy.ndimage import correlate1d
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+from scipy.spatial import cKDTree
 
 from mtl.metrics.morphology import seg2bmap, thin
 
@@ -93,6 +108,23 @@ def _matcher_reseed():
 
 
 _RESEED = _matcher_reseed()
+
+
+def _matcher_kofn():
+    """The loaded correspondPixels library's ``kOfN(k, n, int*)`` (its outlier-edge sampler), or ``None``."""
+    try:
+        lib = ctypes.CDLL(importlib.util.find_spec("pyEdgeEval._lib.correspond_pixels").origin)
+        fn = lib._Z4kOfNiiPi
+    except (OSError, AttributeError, ValueError, TypeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p], None
+    return fn
+
+
+_KOFN = _matcher_kofn()
+
+#: matcher constants of BSDS ``match.cc``: integer cost multiplier, outlier degree, outlier cost factor
+_MULTIPLIER, _DEGREE, _OUTLIER_COST = 100, 6, 100.0
 
 
 def conv_tri(image: np.ndarray, r: int) -> np.ndarray:
@@ -210,12 +242,119 @@ def match_counts(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> np.ndarra
     return np.array([int((m_gt > 0).sum()), n_gt, int((m_pred > 0).sum()), n_pred], dtype=np.int64)
 
 
+def _draws(k: int, n: int, count: int) -> np.ndarray:
+    """``count`` successive ``kOfN(k, n)`` draws of the library's generator, ``count × k`` int32."""
+    out = np.zeros((count, k), dtype=np.int32)
+    if k > 0:
+        base, step = out.ctypes.data, out.strides[0]
+        for row in range(count):
+            _KOFN(k, n, base + row * step)
+    return out
+
+
+def matcher_graph(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple[int, int, np.ndarray, int]:
+    """The assignment problem ``correspond_pixels`` hands to CSA, rebuilt edge for edge.
+
+    Nodes are the *matchable* pixels (within the tolerance of a pixel of the other map), numbered
+    in column-major order; left: predicted pixels ``[0, n1)`` then outliers of the ground truth
+    ``[n1, n1 + n2)``, right: ground-truth pixels ``[0, n2)`` then outliers of the prediction. Edges:
+    pixel pairs within ``maxDist`` (cost ``rint(100·distance)``), ``kOfN``-sampled outlier edges
+    (cost ``ow = ceil(100·outlierCost)``) drawn by the library's own generator in its order after
+    the re-seed, and the perfect-match overlay (cost ``100·ow``).
+
+    Returns:
+        ``(n1, n2, edges, n_real)``: ``edges`` is ``E × 3`` int64 (left, right, cost), the first
+        ``n_real`` rows the pixel pairs.
+    """
+    rows, cols = pred.shape
+    idiag = math.sqrt(rows * rows + cols * cols)
+    md = max_dist * idiag  # the tolerance in pixels, as correspond_pixels computes it
+    ow = math.ceil(_OUTLIER_COST * max_dist * idiag * _MULTIPLIER)
+    p, g = np.flatnonzero(pred.T), np.flatnonzero(gt.T)  # column-major: index = x·rows + y
+    if p.size == 0 or g.size == 0:
+        return 0, 0, np.zeros((0, 3), dtype=np.int64), 0
+    px, py = np.divmod(p, rows)
+    gx, gy = np.divmod(g, rows)
+    pairs = cKDTree(np.c_[px, py]).sparse_distance_matrix(
+        cKDTree(np.c_[gx, gy]), md + 0.5, output_type="ndarray"
+    )
+    ii, jj = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+    d2 = ((px[ii] - gx[jj]) ** 2 + (py[ii] - gy[jj]) ** 2).astype(np.float64)
+    keep = ~(d2 > md * md)  # the C test, in double
+    ii, jj, d2 = ii[keep], jj[keep], d2[keep]
+    m1, m2 = np.zeros(p.size, dtype=bool), np.zeros(g.size, dtype=bool)
+    m1[ii], m2[jj] = True, True
+    n1, n2 = int(m1.sum()), int(m2.sum())
+    if n1 == 0:
+        return 0, 0, np.zeros((0, 3), dtype=np.int64), 0
+    ei, ej = (np.cumsum(m1) - 1)[ii], (np.cumsum(m2) - 1)[jj]
+    w = np.rint(np.sqrt(d2) * _MULTIPLIER).astype(np.int64)
+    d1, d2_, nmin, nmax = max(0, min(_DEGREE, n1 - 1)), max(0, min(_DEGREE, n2 - 1)), min(n1, n2), max(n1, n2)
+    d3 = min(_DEGREE, nmin)
+    _RESEED(MATCH_SEED)
+    i1 = np.repeat(np.arange(n1), d1)
+    j1 = _draws(d1, n1 - 1, n1).ravel().astype(np.int64)
+    j1 += j1 >= i1  # the diagonal is skipped
+    j2 = np.repeat(np.arange(n2), d2_)
+    i2 = _draws(d2_, n2 - 1, n2).ravel().astype(np.int64)
+    i2 += i2 >= j2
+    a, b = np.repeat(np.arange(nmax), d3), _draws(d3, nmin, nmax).ravel().astype(np.int64)
+    l3, r3 = (n1 + a, n2 + b) if n1 < n2 else (n1 + b, n2 + a)
+    n_out = i1.size + j2.size + a.size
+    left = np.concatenate([ei, i1, n1 + i2, l3, np.arange(n1), n1 + np.arange(n2)])
+    right = np.concatenate([ej, n2 + j1, j2, r3, n2 + np.arange(n1), np.arange(n2)])
+    cost = np.concatenate([w, np.full(n_out, ow), np.full(n1 + n2, ow * _MULTIPLIER)])
+    return n1, n2, np.stack([left, right, cost], axis=1), int(w.size)
+
+
+def certified_matches(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> int | None:
+    """The number of matched pairs CSA returns, certified by two exact solves, or ``None``.
+
+    The count depends only on *which* optimum of the assignment problem CSA picks; it is the
+    same for all of them when the optima that use the most and the fewest pixel pairs use the
+    same number. Both are found by LAPJVsp (``scipy``'s ``min_weight_full_bipartite_matching``)
+    on the problem of :func:`matcher_graph` with the costs scaled by ``Q = n + 1`` and the pixel
+    pairs made 1 cheaper, then 1 dearer: a tie-break smaller than any cost difference, exact in
+    float64 (checked). ``None`` when the two differ (a tie between counts) or the sums would leave
+    float64's exact integers: the caller then runs CSA itself.
+    """
+    if _RESEED is None or _KOFN is None:
+        return None
+    n1, n2, edges, n_real = matcher_graph(pred, gt, max_dist)
+    if n1 == 0:
+        return 0
+    n = n1 + n2
+    q = n + 1
+    if (int(edges[:, 2].max()) * q + 3) * n >= 2**53:
+        return None
+    found = []
+    for sign in (-1, 1):
+        val = edges[:, 2] * q + 2
+        val[:n_real] += sign
+        graph = sparse.csr_matrix((val.astype(np.float64), (edges[:, 0], edges[:, 1])), shape=(n, n))
+        r, c = min_weight_full_bipartite_matching(graph)
+        found.append(int(((r < n1) & (c < n2)).sum()))
+    return found[0] if found[0] == found[1] else None
+
+
+def match_counts_fast(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> np.ndarray:
+    """:func:`match_counts` by :func:`certified_matches`, with CSA where the certificate fails."""
+    n_pred, n_gt = int(pred.sum()), int(gt.sum())
+    if n_pred == 0 or n_gt == 0:
+        return np.array([0, n_gt, 0, n_pred], dtype=np.int64)
+    k = certified_matches(pred, gt, max_dist)
+    if k is None:
+        return match_counts(pred, gt, max_dist)
+    return np.array([k, n_gt, k, n_pred], dtype=np.int64)
+
+
 def evaluate_image(
     pred_u8: np.ndarray,
     gt: np.ndarray,
     max_dist: float,
     thresholds: np.ndarray = THRESHOLDS,
     precision: Literal["single", "double"] = "single",
+    matcher: Literal["certified", "csa"] = "certified",
 ) -> np.ndarray:
     """Counts of one image at every threshold.
 
@@ -226,6 +365,8 @@ def evaluate_image(
         thresholds: increasing thresholds on ``value / 255``.
         precision: ``"single"`` (SEISM's: :func:`nms_single`, float32 map compared by value with
             the thresholds) or ``"double"`` (:func:`nms_8bit`, the former float64 pipeline).
+        matcher: ``"certified"`` (:func:`match_counts_fast`: the same counts, ~2–3× less CPU) or
+            ``"csa"`` (:func:`match_counts`: ``correspond_pixels`` at every distinct threshold).
 
     Returns:
         ``T × 4`` int64 table (:data:`MATCHED_GT`, :data:`GT`, :data:`MATCHED_PRED`, :data:`PRED`).
@@ -238,6 +379,9 @@ def evaluate_image(
         soft = nms_8bit(pred_u8)
     else:
         raise ValueError(f"precision must be 'single' (SEISM's) or 'double', got {precision!r}")
+    if matcher not in ("certified", "csa"):
+        raise ValueError(f"matcher must be 'certified' or 'csa', got {matcher!r}")
+    count = match_counts_fast if matcher == "certified" else match_counts
     gt = gt.astype(bool)
     out = np.zeros((len(thresholds), 4), dtype=np.int64)
     last_n, last = -1, None
@@ -245,12 +389,17 @@ def evaluate_image(
         above = soft > float(t)
         n = int(above.sum())
         if n != last_n:  # nested sets: same size ⇔ same map
-            last = match_counts(thin(above), gt, max_dist)
+            last = count(thin(above), gt, max_dist)
             last_n = n
         out[i] = last
     return out
 
 
-def evaluate_pair(pred_u8: np.ndarray, label_map: np.ndarray, max_dist: float) -> np.ndarray:
+def evaluate_pair(
+    pred_u8: np.ndarray,
+    label_map: np.ndarray,
+    max_dist: float,
+    matcher: Literal["certified", "csa"] = "certified",
+) -> np.ndarray:
     """:func:`evaluate_image` with the ground truth given as a label map (worker entry point)."""
-    return evaluate_image(pred_u8, gt_boundaries(label_map), max_dist)
+    return evaluate_image(pred_u8, gt_boundaries(label_map), max_dist, matcher=matcher)
