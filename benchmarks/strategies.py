@@ -1,7 +1,7 @@
 """Per-step time and peak memory of every optimisation strategy, relative to EW.
 
-Same model (the multi-head baseline on a small Swin), same batch, same initial weights for
-every strategy; 2, 4 and 5 tasks (NYUD-like semseg/depth; + normals/edge; PASCAL-like
+Same model (the multi-head baseline on a small Swin or a small ViT, ``--backbones``), same batch,
+same initial weights for every strategy; 2, 4 and 5 tasks (NYUD-like semseg/depth; + normals/edge; PASCAL-like
 semseg/human_parts/saliency/normals/edge). A step is forward + ``strategy.backward`` (+ the
 optimiser step and, for FAMO, its look-ahead forward), driven by a bare loop so that only the
 strategy differs; EW is measured in the same run as the baseline.
@@ -17,10 +17,12 @@ alloc/free events recorded by ``torch.profiler`` (``profile_memory=True``): exac
 bytes, not the noisy resident set size.
 
 Rows: every strategy config, plus ``upgrad_gramian_passes`` (``upgrad_gramian`` with
-``strategy.autogram=false``: the polarised ``k(k+1)/2 + 1`` passes instead of the autogram engine).
+``strategy.autogram=false``: the polarised ``k(k+1)/2 + 1`` passes instead of the autogram engine);
+one table per backbone. A Gramian-only row whose engine fell back to the passes is marked
+``(fallback)`` and the reason printed.
 
     python benchmarks/strategies.py [--tasks 2,4,5] [--steps 5] [--resolution 64] [--batch 4]
-                                     [--only ew,cagrad]
+                                     [--only ew,cagrad] [--backbones swin,vit]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from mtl.backbones import TimmBackbone  # noqa: E402
 from mtl.contracts import ModelOutput  # noqa: E402
 from mtl.decoders.multihead import MultiHeadDecoder  # noqa: E402
 from mtl.model import MultiTaskNet  # noqa: E402
+from mtl.strategies import GradientAggregation  # noqa: E402
 from mtl.tasks import build_tasks  # noqa: E402
 
 TASK_SETS = {
@@ -86,17 +89,23 @@ def make_batch(tasks: list[str], bs: int, res: int, device) -> dict:
     return {k: v.to(device) for k, v in full.items() if k == "image" or k in tasks}
 
 
-def build_model(tasks, res: int, device) -> MultiTaskNet:
-    torch.manual_seed(0)
-    backbone = TimmBackbone(
+#: the small backbones (timm architectures as the configs use them, narrow and shallow)
+BACKBONES = {
+    "swin": dict(
         name="swin_tiny_patch4_window7_224",
-        img_size=(res, res),
         out_indices=[0, 1, 2, 3],
         embed_dim=48,
         depths=[2, 2, 2, 2],
         num_heads=[2, 4, 8, 16],
         window_size=4,
-    )
+    ),
+    "vit": dict(name="vit_base_patch16_384", out_indices=[2, 5, 8, 11], depth=12, embed_dim=96, num_heads=4),
+}
+
+
+def build_model(tasks, res: int, device, backbone_name: str = "swin") -> MultiTaskNet:
+    torch.manual_seed(0)
+    backbone = TimmBackbone(img_size=(res, res), **BACKBONES[backbone_name])
     decoder = functools.partial(MultiHeadDecoder, channels=64)
     return MultiTaskNet(
         backbone=backbone, decoder=decoder, tasks={t: k.out_channels for t, k in tasks.items()}
@@ -139,9 +148,10 @@ def cpu_peak_bytes(prof) -> int:
     return peak
 
 
-def bench(name: str, cfg, k: int, args, device) -> tuple[float, float]:
+def bench(name: str, cfg, k: int, args, device, backbone: str) -> tuple[float, float, str | None]:
+    """Median step time (s), peak memory (MiB) and, for Gramian-only, why the engine fell back (if it did)."""
     tasks = build_tasks(TASK_SETS[k], num_classes={t: c for t, c in CLASSES.items() if t in TASK_SETS[k]})
-    model = build_model(tasks, args.resolution, device).to(device)
+    model = build_model(tasks, args.resolution, device, backbone).to(device)
     module = BenchModule(model, tasks)
     strategy = instantiate(cfg, _convert_="all")
     strategy.setup(tasks=tasks, module=module)
@@ -178,7 +188,8 @@ def bench(name: str, cfg, k: int, args, device) -> tuple[float, float]:
             one_step()
         peak = cpu_peak_bytes(prof)
     times = [one_step() for _ in range(args.steps)]
-    return statistics.median(times), peak / 2**20
+    fallback = strategy.autogram_fallback if isinstance(strategy, GradientAggregation) else None
+    return statistics.median(times), peak / 2**20, fallback
 
 
 def main() -> None:
@@ -190,21 +201,30 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--only", default=None, help="comma-separated strategy names (EW is always run)")
+    parser.add_argument("--backbones", default="swin,vit", help=f"comma-separated, of {sorted(BACKBONES)}")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
     configs = strategy_configs(args.only.split(",") if args.only else None)
     ks = [int(k) for k in args.tasks.split(",")]
+    backbones = args.backbones.split(",")
+    unknown = [b for b in backbones if b not in BACKBONES]
+    if unknown:
+        parser.error(f"--backbones {unknown}: expected some of {sorted(BACKBONES)}")
     results = {}
-    for k in ks:
-        bench("ew", configs["ew"], k, args, device)  # warm-up (allocator, caches, lazy imports): discarded
-        for name, cfg in configs.items():
-            results[name, k] = bench(name, cfg, k, args, device)
-            t, m = results[name, k]
-            print(
-                f"  {name:12s} k={k}: {t * 1e3:8.1f} ms/step  peak +{m:8.1f} MiB", file=sys.stderr, flush=True
-            )
+    for backbone in backbones:
+        for k in ks:
+            bench("ew", configs["ew"], k, args, device, backbone)  # warm-up (allocator, caches): discarded
+            for name, cfg in configs.items():
+                results[backbone, name, k] = bench(name, cfg, k, args, device, backbone)
+                t, m, fallback = results[backbone, name, k]
+                note = f"  (autogram fell back: {fallback})" if fallback else ""
+                print(
+                    f"  {backbone} {name:12s} k={k}: {t * 1e3:8.1f} ms/step  peak +{m:8.1f} MiB{note}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if device.type == "cuda":
         kind = "wall time; memory: CUDA max_memory_allocated"
     else:
@@ -213,17 +233,23 @@ def main() -> None:
         f"\ndevice {device}, {args.resolution}px, batch {args.batch}, median of {args.steps} steps, {kind}\n"
     )
     head = " | ".join(f"time k={k} | mem k={k}" for k in ks)
-    print(f"| strategy | {head} |")
-    print("|---|" + "---:|" * (2 * len(ks)))
-    for name in configs:
-        cells = []
-        for k in ks:
-            t, m = results[name, k]
-            t0, m0 = results["ew", k]
-            cells += [f"{t / t0:.2f}×", f"{m / m0:.2f}×"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    base = " · ".join(f"k={k}: {results['ew', k][0] * 1e3:.0f} ms, {results['ew', k][1]:.0f} MiB" for k in ks)
-    print(f"\nEW (= 1.00×): {base}")
+    for backbone in backbones:
+        print(f"\n{backbone} ({BACKBONES[backbone]['name']}, small)\n")
+        print(f"| strategy | {head} |")
+        print("|---|" + "---:|" * (2 * len(ks)))
+        for name in configs:
+            cells = []
+            for k in ks:
+                t, m, _ = results[backbone, name, k]
+                t0, m0, _ = results[backbone, "ew", k]
+                cells += [f"{t / t0:.2f}×", f"{m / m0:.2f}×"]
+            fell = any(results[backbone, name, k][2] for k in ks)
+            print(f"| {name}{' (fallback)' if fell else ''} | " + " | ".join(cells) + " |")
+        base = " · ".join(
+            f"k={k}: {results[backbone, 'ew', k][0] * 1e3:.0f} ms, {results[backbone, 'ew', k][1]:.0f} MiB"
+            for k in ks
+        )
+        print(f"\nEW (= 1.00×): {base}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,14 @@ Backbones that run a timm ViT block by block (M³ViT, MTLoRA-ViT) start from
 :func:`vit_tokens`: the patch and position embeddings through public timm pieces only
 (``timm.layers.resample_abs_pos_embed``), not timm's private ``_pos_embed``;
 ``tests/models/test_backbones.py`` pins it against timm's own ``forward_features``.
+
+A timm ``VisionTransformer`` owns its class / register tokens and absolute position embedding
+directly, beside its blocks, and uses them without calling a module. :class:`TimmBackbone` moves
+them into a child, :class:`ViTPrefixTokens`, that its forward calls (:class:`TokenOwningViT`),
+so that every parameter is owned by a module that is called: torchjd's autogram engine (the
+Gramian-only mode, :mod:`mtl.strategies.autogram`) then hooks it per layer. Their state-dict keys
+become ``prefix_tokens.{cls_token,reg_token,pos_embed}``; timm's keys (``cls_token``, …, as in
+pretrained files and checkpoints written before) still load.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import timm
 import torch
 from einops import rearrange
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mtl.contracts import Backbone, Features
@@ -57,12 +66,140 @@ def _check_img_size(name: str, img_size: Sequence[int], strides: list[int]) -> N
         )
 
 
+#: the parameters a timm ``VisionTransformer`` owns directly (moved into :class:`ViTPrefixTokens`)
+TOKEN_NAMES = ("cls_token", "reg_token", "pos_embed")
+
+
+def _prefix_and_position(
+    z: torch.Tensor,
+    *,
+    cls_token: torch.Tensor | None,
+    reg_token: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    grid_size: tuple[int, int],
+    dynamic_img_size: bool,
+    no_embed_class: bool,
+    num_prefix_tokens: int,
+) -> torch.Tensor:
+    """Patch tokens ``B × N × C`` (``B × h × w × C`` with ``dynamic_img_size``) → the prefix tokens
+    followed by them, plus the absolute position embedding (resampled to ``h × w`` when dynamic):
+    timm's ``VisionTransformer._pos_embed`` without its dropout."""
+    grid = (int(z.shape[1]), int(z.shape[2])) if z.ndim == 4 else grid_size
+    if z.ndim == 4:  # dynamic_img_size: B × h × w × C
+        z = rearrange(z, "b h w c -> b (h w) c")
+    prefix = [t.expand(z.shape[0], -1, -1) for t in (cls_token, reg_token) if t is not None]
+    pos = pos_embed
+    if pos is not None and dynamic_img_size:
+        pos = resample_abs_pos_embed(
+            pos,
+            new_size=grid,
+            old_size=grid_size,
+            num_prefix_tokens=0 if no_embed_class else num_prefix_tokens,
+        )
+    if pos is not None and no_embed_class:
+        z = z + pos  # the position embedding has no entries for the prefix tokens
+    z = torch.cat([*prefix, z], dim=1) if prefix else z
+    if pos is not None and not no_embed_class:
+        z = z + pos
+    return z
+
+
+class ViTPrefixTokens(nn.Module):
+    """Owns a timm ``VisionTransformer``'s class / register tokens and absolute position embedding
+    (taken from it, same tensors) and applies them to the patch tokens (:func:`_prefix_and_position`).
+
+    Args:
+        vit: the ViT; its ``cls_token``, ``reg_token`` and ``pos_embed`` are removed from it.
+    """
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        taken = {"cls_token": vit.cls_token, "reg_token": vit.reg_token, "pos_embed": vit.pos_embed}
+        for name, value in taken.items():
+            delattr(vit, name)
+            self.register_parameter(name, value)
+        self.grid_size = tuple(int(s) for s in vit.patch_embed.grid_size)
+        self.dynamic_img_size = bool(vit.dynamic_img_size)
+        self.no_embed_class = bool(vit.no_embed_class)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (``B × N × C``, or ``B × h × w × C`` when dynamic) → ``B × (P + N) × C``."""
+        return _prefix_and_position(
+            z,
+            cls_token=self.cls_token,
+            reg_token=self.reg_token,
+            pos_embed=self.pos_embed,
+            grid_size=self.grid_size,
+            dynamic_img_size=self.dynamic_img_size,
+            no_embed_class=self.no_embed_class,
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
+
+
+def _timm_token_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: timm's ``cls_token`` / ``reg_token`` / ``pos_embed`` keys (pretrained
+    files, checkpoints written before :class:`ViTPrefixTokens`) → ``prefix_tokens.*``."""
+    for name in TOKEN_NAMES:
+        old, new = prefix + name, f"{prefix}prefix_tokens.{name}"
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+
+
+class TokenOwningViT(VisionTransformer):
+    """timm's ``VisionTransformer`` whose tokens and position embedding are owned by a child that
+    its forward calls (``prefix_tokens``, a :class:`ViTPrefixTokens`); ``cls_token``, ``reg_token``
+    and ``pos_embed`` read and assign through to it. Made by :meth:`adopt` from a built ViT."""
+
+    prefix_tokens: ViTPrefixTokens
+
+    @classmethod
+    def adopt(cls, vit: VisionTransformer) -> TokenOwningViT:
+        """Turns ``vit`` (exactly a ``VisionTransformer``, weights loaded) into one, in place."""
+        if type(vit) is not VisionTransformer:
+            raise TypeError(
+                f"TokenOwningViT.adopt: expected a timm VisionTransformer, got {type(vit).__name__}"
+            )
+        holder = ViTPrefixTokens(vit)
+        vit.__class__ = cls
+        vit.prefix_tokens = holder
+        vit.register_load_state_dict_pre_hook(_timm_token_keys)
+        return vit
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        """timm's (resamples ``pos_embed`` through to the child), then the child's grid follows."""
+        super().set_input_size(*args, **kwargs)
+        self.prefix_tokens.grid_size = tuple(int(s) for s in self.patch_embed.grid_size)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:  # what timm's forward calls
+        return self.pos_drop(self.prefix_tokens(x))
+
+    @property
+    def cls_token(self) -> nn.Parameter | None:
+        return self.prefix_tokens.cls_token
+
+    @property
+    def reg_token(self) -> nn.Parameter | None:
+        return self.prefix_tokens.reg_token
+
+    @property
+    def pos_embed(self) -> nn.Parameter | None:
+        return self.prefix_tokens.pos_embed
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in TOKEN_NAMES and "prefix_tokens" in self._modules:
+            setattr(self._modules["prefix_tokens"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+
 def vit_tokens(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Images → the token sequence a timm ``VisionTransformer``'s first block reads.
 
     Patch embedding, class/register tokens, absolute position embedding (resampled to the grid
     when the model has ``dynamic_img_size``), patch dropout and the pre-norm: what timm's
-    ``forward_features`` does before its blocks, from the model's public attributes.
+    ``forward_features`` does before its blocks, from the model's public attributes (a
+    :class:`TokenOwningViT` through its ``prefix_tokens``, so that module is called).
 
     Args:
         vit: a timm ``VisionTransformer``.
@@ -73,22 +210,19 @@ def vit_tokens(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     """
     z = vit.patch_embed(x)
     h, w = vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-    if z.ndim == 4:  # dynamic_img_size: B × h × w × C
-        z = rearrange(z, "b h w c -> b (h w) c")
-    prefix = [t.expand(z.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
-    pos = vit.pos_embed
-    if pos is not None and vit.dynamic_img_size:
-        pos = resample_abs_pos_embed(
-            pos,
-            new_size=(h, w),
-            old_size=vit.patch_embed.grid_size,
-            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+    if isinstance(vit, TokenOwningViT):
+        z = vit.prefix_tokens(z)
+    else:
+        z = _prefix_and_position(
+            z,
+            cls_token=vit.cls_token,
+            reg_token=vit.reg_token,
+            pos_embed=vit.pos_embed,
+            grid_size=vit.patch_embed.grid_size,
+            dynamic_img_size=vit.dynamic_img_size,
+            no_embed_class=vit.no_embed_class,
+            num_prefix_tokens=vit.num_prefix_tokens,
         )
-    if pos is not None and vit.no_embed_class:
-        z = z + pos  # the position embedding has no entries for the prefix tokens
-    z = torch.cat([*prefix, z], dim=1) if prefix else z
-    if pos is not None and not vit.no_embed_class:
-        z = z + pos
     z = vit.pos_drop(z)
     return vit.norm_pre(vit.patch_drop(z)), (h, w)
 
@@ -155,6 +289,8 @@ class TimmBackbone(Backbone):
         model.prune_intermediate_layers(indices=idx, prune_norm=not norm, prune_head=True)
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if type(model) is VisionTransformer:  # tokens owned by a called module (module docstring)
+            model = TokenOwningViT.adopt(model)
         self.model = model
         self.name = name
         self.norm = norm

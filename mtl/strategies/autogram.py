@@ -16,8 +16,9 @@ and the polarised passes are kept otherwise, with a one-line message saying why
 - a shared module that owns parameters directly *and* has submodules with parameters is hooked
   as one block (its ``k × n_module`` Jacobian in memory at once), which is fine for a small one
   (Swin's window attention and its relative position table) but refused above
-  :data:`MAX_BLOCK` of the shared parameters (timm's ``VisionTransformer`` owns ``cls_token`` /
-  ``pos_embed`` besides its blocks: the block would be the ``k × n`` buffer again);
+  :data:`MAX_BLOCK` of the shared parameters (a timm ``VisionTransformer`` built directly owns
+  ``cls_token`` / ``pos_embed`` besides its blocks: the block would be the ``k × n`` buffer again;
+  :class:`~mtl.backbones.TimmBackbone` moves them into a called child, so the project's ViTs pass);
 - a module holding shared and task-specific parameters directly;
 - DDP (more than one process): the union's Gramian needs every pair of ranks' gradients, which
   per-rank module Jacobians cannot give; today's passes average each gradient over the ranks;
@@ -29,6 +30,7 @@ and the polarised passes are kept otherwise, with a one-line message saying why
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +42,9 @@ from torchjd.autogram import Engine
 MAX_BLOCK = 0.25
 #: relative tolerance of the first step's cross-check (of the largest diagonal entry)
 CHECK_RTOL = 1e-4
+#: torch's warning when ``vmap`` loops over an op without a batching rule (e.g. the fused attention's
+#: backward: correct, and still one pass of the rest of the network)
+VMAP_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 def _trainable(module: nn.Module, *, recurse: bool) -> list[tuple[str, nn.Parameter]]:
@@ -112,7 +117,10 @@ def engine_gramian(engine: Engine, objectives: Sequence[torch.Tensor], scale: fl
     """The ``k × k`` Gramian (float64, unscaled) of the shared parameters' gradients of
     ``objectives``, differentiated at the loss scale ``scale`` (fp16); keeps the graph."""
     stacked = torch.stack([o.float() for o in objectives]) * scale
-    return engine.compute_gramian(stacked).to(torch.float64) / scale**2
+    with warnings.catch_warnings():  # vmap over the k tasks loops where an op has no batching rule
+        warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
+        gramian = engine.compute_gramian(stacked)
+    return gramian.to(torch.float64) / scale**2
 
 
 def gramians_agree(fast: torch.Tensor, exact: torch.Tensor) -> bool:

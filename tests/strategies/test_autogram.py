@@ -3,17 +3,24 @@ the buffered Jacobian, and a one-line fallback (saying why) where the engine can
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchjd.aggregation import MGDA, UPGrad
 from toy import ToyModule, ToyNet, one_torch_thread, toy_batch  # noqa: F401
 
+from mtl.backbones import TimmBackbone
+from mtl.backbones.timm_backbone import TokenOwningViT
+from mtl.decoders.multihead import MultiHeadDecoder
+from mtl.model import MultiTaskNet
 from mtl.strategies import GradientAggregation
 from mtl.strategies.autogram import autogram_refusal
+from mtl.tasks import build_tasks
 
 
 class OwnsDirectly(nn.Module):
@@ -148,3 +155,159 @@ def test_autogram_refuses_ddp():
     reason = autogram_refusal(model, list(model.shared_parameters()), world=2)
     assert reason is not None and "DDP with 2 processes" in reason
     assert autogram_refusal(model, list(model.shared_parameters()), world=1) is None
+
+
+# --- the project's ViT and Swin (timm, through TimmBackbone), tiny ---------------------------------------
+
+TINY_VIT = dict(name="vit_base_patch16_384", img_size=(32, 32), depth=2, embed_dim=16, num_heads=2)
+TINY_SWIN = dict(
+    name="swin_tiny_patch4_window7_224",
+    img_size=(32, 32),
+    out_indices=[0, 1, 2, 3],
+    embed_dim=8,
+    depths=(1, 1, 1, 1),
+    num_heads=(1, 1, 2, 2),
+    window_size=4,
+)
+REAL_TASKS = ["semseg", "depth", "normals"]
+
+
+def real_setup(strategy, backbone: str):
+    torch.manual_seed(0)
+    tasks = build_tasks(REAL_TASKS, num_classes={"semseg": 5})
+    model = MultiTaskNet(
+        backbone=TimmBackbone(**(TINY_VIT if backbone == "vit" else TINY_SWIN)),
+        decoder=functools.partial(MultiHeadDecoder, channels=8),
+        tasks={t: task.out_channels for t, task in tasks.items()},
+    )
+    module = ToyModule(model, tasks=tasks)
+    strategy.setup(tasks=tasks, module=module)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randn(2, 3, 32, 32, generator=g),
+        "semseg": torch.randint(0, 5, (2, 32, 32), generator=g),
+        "depth": torch.rand(2, 1, 32, 32, generator=g) + 0.5,
+        "normals": F.normalize(torch.randn(2, 3, 32, 32, generator=g), dim=1),
+    }
+    grams = []
+    measure = strategy.measure
+
+    def recording(*args):
+        gram, jac = measure(*args)
+        grams.append(gram.detach().clone())
+        return gram, jac
+
+    strategy.measure = recording
+    return module, batch, grams
+
+
+@pytest.mark.parametrize("backbone", ["vit", "swin"])
+def test_autogram_on_vit_and_swin_equals_the_passes_and_the_buffer(backbone):
+    """timm's ViT (tokens owned by a called child) and Swin use the engine, no fallback, same Gramian
+    and update as the k(k+1)/2+1 passes and the buffered Jacobian (1e-5 of the largest entry)."""
+    results = {}
+    for name, kwargs in {
+        "buffered": {},
+        "passes": {"gramian_only": True, "autogram": False},
+        "autogram": {"gramian_only": True},
+    }.items():
+        strategy = GradientAggregation(aggregator=UPGrad(), **kwargs)
+        module, batch, grams = real_setup(strategy, backbone)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback
+            grads = run(strategy, module, batch, steps=2)  # step 1 cross-checks, step 2 uses the engine
+        results[name] = grams[-1], grads
+        if name == "autogram":
+            assert strategy.autogram and strategy.autogram_fallback is None and strategy._autogram_checked
+    gram, grads = results["autogram"]
+    for other in ("passes", "buffered"):
+        ref_gram, ref_grads = results[other]
+        bound = 1e-5 * ref_gram.diagonal().abs().max()
+        assert ((gram - ref_gram.to(gram)).abs() <= bound).all(), (other, gram, ref_gram)
+        largest = max(b.abs().max() for b in ref_grads)
+        for a, b in zip(grads, ref_grads, strict=True):  # float32 sums in another order, through the solver
+            assert ((a - b).abs() <= 1e-5 * largest + 1e-4 * b.abs()).all(), (other, (a - b).abs().max())
+
+
+def test_a_plain_timm_vit_is_refused_and_the_backbones_vit_is_not():
+    backbone = TimmBackbone(**TINY_VIT)
+    assert isinstance(backbone.model, TokenOwningViT)
+    assert autogram_refusal(backbone, list(backbone.parameters()), world=1) is None
+    plain = timm.create_model("vit_base_patch16_384", img_size=(32, 32), depth=2, embed_dim=16, num_heads=2)
+    reason = autogram_refusal(plain, list(plain.parameters()), world=1)
+    assert (
+        reason is not None and "(VisionTransformer) owns parameters directly (cls_token, pos_embed)" in reason
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"reg_tokens": 2, "no_embed_class": True},
+        {"dynamic_img_size": True},
+        {"class_token": False, "global_pool": "avg"},
+    ],
+    ids=["cls", "registers", "dynamic", "no-cls"],
+)
+def test_vit_with_owned_tokens_loads_timm_keys_and_computes_timms_features(tmp_path, kwargs):
+    """A timm-format state dict (keys ``cls_token``, ``pos_embed``, …) loads, through ``checkpoint_path``
+    and through ``load_state_dict``; the features equal timm's own ViT's; the new keys round-trip."""
+    vit = dict(depth=2, embed_dim=16, num_heads=2, **kwargs)
+    torch.manual_seed(0)
+    src = timm.create_model("vit_base_patch16_384", img_size=(32, 48), **vit).eval()
+    vit["name"] = "vit_base_patch16_384"
+    with torch.no_grad():
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            if getattr(src, name) is not None:
+                torch.nn.init.normal_(getattr(src, name), std=0.5)  # not timm's near-zero init
+    path = tmp_path / "vit.pth"
+    torch.save(src.state_dict(), path)
+    assert {"pos_embed"} <= set(torch.load(path)) and ("cls_token" in torch.load(path)) == src.has_class_token
+
+    by_file = TimmBackbone(checkpoint_path=str(path), img_size=(32, 48), out_indices=[0, 1], **vit).eval()
+    by_load = TimmBackbone(img_size=(32, 48), out_indices=[0, 1], **vit).eval()
+    result = by_load.model.load_state_dict(src.state_dict(), strict=False)  # timm's keys
+    pruned = {
+        f"{m}.{p}" for m in ("norm", "fc_norm", "head") for p in ("weight", "bias")
+    }  # after the last tap
+    assert result.missing_keys == [] and set(result.unexpected_keys) <= pruned
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        expected = src.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        for bb in (by_file, by_load):
+            assert isinstance(bb.model, TokenOwningViT)
+            for name in ("cls_token", "reg_token", "pos_embed"):
+                if getattr(src, name) is None:
+                    assert getattr(bb.model, name) is None and getattr(bb.model.prefix_tokens, name) is None
+                else:
+                    torch.testing.assert_close(getattr(bb.model.prefix_tokens, name), getattr(src, name))
+                    assert getattr(bb.model, name) is getattr(bb.model.prefix_tokens, name)
+            for a, b in zip(bb(x), expected, strict=True):
+                torch.testing.assert_close(a, b)
+    state = by_load.state_dict()
+    assert "model.prefix_tokens.pos_embed" in state and "model.pos_embed" not in state
+    own = {n for n, _ in by_load.model.named_parameters(recurse=False)}
+    assert own == set()  # every parameter is owned by a module the forward calls
+    fresh = TimmBackbone(img_size=(32, 48), out_indices=[0, 1], **vit)
+    fresh.load_state_dict(state)  # the new keys, strict
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+
+
+def test_vit_set_input_size_goes_through_to_the_owned_tokens():
+    vit = dict(depth=2, embed_dim=16, num_heads=2, dynamic_img_size=True)
+    torch.manual_seed(0)
+    src = timm.create_model("vit_base_patch16_384", img_size=(32, 48), **vit).eval()
+    bb = TimmBackbone(name="vit_base_patch16_384", img_size=(32, 48), out_indices=[0, 1], **vit).eval()
+    bb.model.load_state_dict(src.state_dict(), strict=False)
+    for model in (src, bb.model):
+        model.set_input_size(img_size=(64, 64))
+    assert bb.model.prefix_tokens.grid_size == (4, 4) and bb.model.pos_embed.shape == src.pos_embed.shape
+    torch.testing.assert_close(bb.model.pos_embed, src.pos_embed)
+    x = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        for a, b in zip(
+            bb(x), src.forward_intermediates(x, indices=[0, 1], intermediates_only=True), strict=True
+        ):
+            torch.testing.assert_close(a, b)
