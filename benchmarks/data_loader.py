@@ -7,9 +7,14 @@ process with one torch thread (= one DataLoader worker):
 - decode only (reading and decoding every file of every task: the baseline),
 - decode + the test transform (normalise + pad),
 - decode + the full train transform (scale 0.5–2, crop with cat_max_ratio 0.75, flip,
-  photometric distortion, normalise, pad),
+  photometric distortion, normalise, pad): today's train row,
+- cache: the decoded-sample cache (:mod:`mtl.data.cache`, built before timing) + the one-pass
+  train transform (:class:`~mtl.data.fast_augment.FastTrainAugment`; the same samples bit for bit),
+- cache + device photometric: as above, the image shipped as uint8 with its drawn photometric
+  parameters (the distortion and normalisation then run batched on the accelerator, not timed here),
 
-and prints images/s and the cost of each pipeline relative to decoding. Usage::
+and prints images/s, the cost of each pipeline relative to decoding and the throughput relative to
+today's train row. Usage::
 
     python benchmarks/data_loader.py --n 60
 """
@@ -59,21 +64,32 @@ def main() -> None:
             ("NYUD-v2 448×576", NYUDv2, nyud, (448, 576)),
             ("PASCAL-Context 512×512", PASCALContext, pascal, (512, 512)),
         ):
+            train = {"train": True, "crop": size, "pad_to": size, **AUGMENT}
             pipelines = {
-                "decode only (baseline)": None,
-                "test: normalise + pad": build_transform(train=False, pad_to=size),
-                "train: full augmentation": build_transform(train=True, crop=size, pad_to=size, **AUGMENT),
+                "decode only (baseline)": (None, False),
+                "test: normalise + pad": (build_transform(train=False, pad_to=size), False),
+                "train: full augmentation": (build_transform(**train), False),
+                "train: cache + one-pass augmentation": (build_transform(fast=True, **train), True),
+                "train: cache + one-pass + device photometric": (
+                    build_transform(fast=True, photometric_on_device=True, **train),
+                    True,
+                ),
             }
-            base = None
-            for label, tf in pipelines.items():
-                r = rate(cls(root=root, split="train", transform=tf), args.n)
+            base = today = None
+            for label, (tf, cached) in pipelines.items():
+                ds = cls(root=root, split="train", transform=tf)
+                if cached:
+                    ds.use_cache(Path(tmp) / "cache")
+                r = rate(ds, args.n)
                 base = base or r
-                rows.append((name, label, r, base / r))
+                today = r if label.startswith("train: full") else today
+                rows.append((name, label, r, base / r, r / today if today else None))
     print(f"one process, 1 torch / OpenCV thread, {args.n} samples per row, all tasks of each dataset\n")
-    print("| dataset | pipeline | images/s per worker | time vs decode only |")
-    print("|---|---|---|---|")
-    for name, label, r, ratio in rows:
-        print(f"| {name} | {label} | {r:.1f} | {ratio:.2f}× |")
+    print("| dataset | pipeline | images/s per worker | time vs decode only | throughput vs today's train |")
+    print("|---|---|---|---|---|")
+    for name, label, r, ratio, speedup in rows:
+        vs = f"{speedup:.2f}×" if speedup is not None else "–"
+        print(f"| {name} | {label} | {r:.1f} | {ratio:.2f}× | {vs} |")
 
 
 if __name__ == "__main__":

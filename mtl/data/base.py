@@ -19,11 +19,14 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from mtl.data.cache import SampleCache
 
 log = logging.getLogger(__name__)
 
@@ -323,10 +326,28 @@ class FolderDataset(DenseDataset):
         self.skip_bad_samples = skip_bad_samples
         self.max_skips = max_skips
         self.skipped: list[str] = []
+        self.sample_cache: SampleCache | None = None  # set by use_cache
+
+    #: bump when :meth:`load` decodes differently: it invalidates the sample caches (:mod:`mtl.data.cache`)
+    DECODE_VERSION: ClassVar[int] = 1
 
     def split_file(self, split: str) -> Path:
         """Path of the file listing the ids of ``split``."""
         raise NotImplementedError
+
+    def decode_options(self) -> dict:
+        """The constructor options that change what :meth:`load` returns (part of the cache fingerprint)."""
+        return {}
+
+    def use_cache(self, cache_dir: str | Path | None = None) -> None:
+        """Serves samples from the decoded-sample cache (:func:`mtl.data.cache.open_cache`), built if needed.
+
+        Args:
+            cache_dir: ``data.cache_dir``; default ``<root>/.mtl_cache``.
+        """
+        from mtl.data.cache import open_cache
+
+        self.sample_cache = open_cache(self, cache_dir)
 
     def load(self, sample_id: str) -> dict:
         """Reads and decodes one sample (raises :class:`BadSampleError`)."""
@@ -352,7 +373,8 @@ class FolderDataset(DenseDataset):
             position = (index + attempt) % len(self.ids)
             sample_id = self.ids[position]
             try:
-                sample = self.load(sample_id)
+                cache = self.sample_cache
+                sample = cache.read(sample_id) if cache is not None else self.load(sample_id)
             except BadSampleError as bad:
                 err = BadSampleError(
                     sample_id, bad.path, f"{bad.reason} (id listed in {self.where(position)})"

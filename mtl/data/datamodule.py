@@ -121,6 +121,14 @@ class MTLDataModule(L.LightningDataModule):
         seed: seeds the training order (per epoch) and every sample's augmentation (per epoch
             and sample), so that the batch stream does not depend on the worker count and a
             resumed run sees exactly the batches an uninterrupted one would (``None``: random).
+        cache: serve on-disk samples from the decoded-sample cache (:mod:`mtl.data.cache`), built
+            at setup when missing or stale; the samples are byte-for-byte the decoded files.
+        cache_dir: where the caches live (default ``<dataset root>/.mtl_cache``).
+        fast_augment: the training augmentation in one pass
+            (:class:`~mtl.data.fast_augment.FastTrainAugment`): the same draws and samples, less work.
+        photometric_on_device: with ``fast_augment``, ship training images as uint8 with their drawn
+            photometric parameters; the module distorts and normalises them on its device
+            (:func:`mtl.data.device_augment.prepare_batch`).
 
     Attributes:
         dataset_class: the dataset's class (its declarations: key, tasks, classes, edge tolerance).
@@ -148,6 +156,10 @@ class MTLDataModule(L.LightningDataModule):
         split_kwargs: Mapping[str, Mapping] | None = None,
         input_size: Sequence[int] | None = None,
         seed: int | None = 0,
+        cache: bool = False,
+        cache_dir: str | None = None,
+        fast_augment: bool = False,
+        photometric_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.dataset_fn = dataset
@@ -184,6 +196,10 @@ class MTLDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.split_kwargs = {k: dict(v) for k, v in (split_kwargs or {}).items()}
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        self.cache, self.cache_dir = bool(cache), cache_dir
+        self.fast_augment, self.photometric_on_device = bool(fast_augment), bool(photometric_on_device)
+        if self.photometric_on_device and not self.fast_augment:
+            raise ValueError("data.photometric_on_device=true needs data.fast_augment=true")
         self._train_loader: ResumableLoader | None = None
         self._pending_state: dict | None = None  # a checkpoint's loader position, for the next loader
         self.train_set: Dataset | None = None
@@ -192,7 +208,14 @@ class MTLDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            train_tf = build_transform(train=True, pad_to=self.pad_to, resize=self.resize, **self.augment)
+            train_tf = build_transform(
+                train=True,
+                pad_to=self.pad_to,
+                resize=self.resize,
+                fast=self.fast_augment,
+                photometric_on_device=self.photometric_on_device,
+                **self.augment,
+            )
             self.train_set = SeededAugmentation(self._make(self.train_split, train_tf), seed=self.seed)
         self.val_set = self.eval_set(self.val_split)
         if stage in (None, "test"):
@@ -212,6 +235,10 @@ class MTLDataModule(L.LightningDataModule):
         dataset = self.dataset_fn(split=split, tasks=self.tasks, transform=transform, **kwargs)
         if isinstance(dataset, FolderDataset):
             self._preflight(dataset)
+            if self.cache:
+                dataset.use_cache(self.cache_dir)
+        elif self.cache:
+            log.info("data.cache=true: %s is not read from disk, nothing to cache", type(dataset).__name__)
         return dataset
 
     def _preflight(self, dataset: FolderDataset) -> None:

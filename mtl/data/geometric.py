@@ -21,7 +21,7 @@ def _rng(seed: int | None):
     return np.random.default_rng(seed) if seed is not None else np.random
 
 
-def _resize(arr: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+def resize_map(arr: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
     """Resizes an (H, W) or (H, W, C) array to ``size`` = (h, w) with OpenCV (as the field does)."""
     out = cv2.resize(arr, (size[1], size[0]), interpolation=interpolation)
     return out[..., None] if arr.ndim == 3 and out.ndim == 2 else out
@@ -92,13 +92,13 @@ def rescale(sample: dict, s: float, size: tuple[int, int] | None = None, *, norm
     out = {}
     for key, value in sample.items():
         if key == "image":
-            value = _resize(np.asarray(value, dtype=np.float32), size, cv2.INTER_LINEAR)
+            value = resize_map(np.asarray(value, dtype=np.float32), size, cv2.INTER_LINEAR)
         elif key == "depth":
-            value = _resize(value, size, cv2.INTER_NEAREST) / np.float32(s)
+            value = resize_map(value, size, cv2.INTER_NEAREST) / np.float32(s)
         elif key == "normals" and normals == "bilinear":
             value = _rescale_normals(value, size)
         elif isinstance(value, np.ndarray) and value.ndim >= 2:
-            value = _resize(value, size, cv2.INTER_NEAREST)
+            value = resize_map(value, size, cv2.INTER_NEAREST)
         out[key] = value
     return out
 
@@ -106,8 +106,8 @@ def rescale(sample: dict, s: float, size: tuple[int, int] | None = None, *, norm
 def _rescale_normals(value: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     # per-channel arithmetic: reductions over the last axis of (H, W, 3) are several times slower
     valid_src = (value[..., 0] != 0) | (value[..., 1] != 0) | (value[..., 2] != 0)
-    valid = _resize(valid_src.view(np.uint8), size, cv2.INTER_NEAREST) > 0
-    value = _resize(value, size, cv2.INTER_LINEAR)
+    valid = resize_map(valid_src.view(np.uint8), size, cv2.INTER_NEAREST) > 0
+    value = resize_map(value, size, cv2.INTER_LINEAR)
     x, y, z = value[..., 0], value[..., 1], value[..., 2]
     norm2 = x * x + y * y + z * z
     valid &= norm2 > 1e-12

@@ -112,6 +112,9 @@ class NYUDv2(FolderDataset):
         super().__init__(**kwargs)
         self.ignore_black_normals = ignore_black_normals
 
+    def decode_options(self) -> dict:
+        return {"ignore_black_normals": self.ignore_black_normals}
+
     def split_file(self, split: str) -> Path:
         return self.root / "gt_sets" / f"{split}.txt"
 

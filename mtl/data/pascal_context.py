@@ -162,6 +162,9 @@ class PASCALContext(FolderDataset):
         super().__init__(**kwargs)
         self.ignore_black_normals = ignore_black_normals
 
+    def decode_options(self) -> dict:
+        return {"ignore_black_normals": self.ignore_black_normals}
+
     def split_file(self, split: str) -> Path:
         return self.root / "ImageSets" / "Context" / f"{split}.txt"
 

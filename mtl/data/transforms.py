@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtl.data.fast_augment import FastTrainAugment
 from mtl.data.geometric import RandomCrop, RandomScale, Resize
 from mtl.data.photometric import PhotoMetricDistortion
 
@@ -98,20 +99,26 @@ class ToTensor:
     Args:
         mean: per-channel mean of the image in [0, 1] units.
         std: per-channel standard deviation.
+        normalise: ``False``: keep a uint8 image as a uint8 ``3×H×W`` tensor, for
+            :func:`mtl.data.device_augment.prepare_batch` to normalise on the device.
     """
 
     def __init__(
         self,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        normalise: bool = True,
     ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.normalise = normalise
 
     def __call__(self, sample: dict) -> dict:
         out: dict = {}
         for key, value in sample.items():
-            if key == "image":
+            if key == "image" and not self.normalise and value.dtype == np.uint8:
+                out[key] = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1).contiguous()
+            elif key == "image":
                 img = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
                 img = img.to(torch.float32, memory_format=torch.contiguous_format)
                 out[key] = img.div_(255.0).sub_(self.mean).div_(self.std)
@@ -166,6 +173,8 @@ class Pad:
             )
         top, left = ph // 2, pw // 2
         out = {}
+        if sample["image"].dtype == torch.uint8:  # normalised later on the device: it zeroes the padding
+            out["image_box"] = torch.tensor([top, left, h, w])
         for key, value in sample.items():
             if isinstance(value, torch.Tensor) and value.ndim >= 2 and (ph or pw):
                 fill = (
@@ -216,6 +225,8 @@ def build_transform(
     pad_to: Sequence[int] | None = None,
     resize: Sequence[int] | None = None,
     scale_normals: str = "nearest",
+    fast: bool = False,
+    photometric_on_device: bool = False,
 ) -> Compose:
     """Assembles the train or test pipeline.
 
@@ -231,12 +242,33 @@ def build_transform(
         resize: ``(h, w)`` every sample is first resized to (train and test), or ``None``.
         scale_normals: how :class:`RandomScale` resamples normals: ``"nearest"`` (the
             reference) or ``"bilinear"`` (blend, then re-normalise).
+        fast: train only: scale, crop, flip and the photometric draw in one pass
+            (:class:`~mtl.data.fast_augment.FastTrainAugment`; same draws, same samples, less work).
+            Needs ``scale_normals="nearest"``.
+        photometric_on_device: train only, with ``fast``: ship the image as uint8 with its drawn
+            photometric parameters; the module distorts and normalises the batch on its device
+            (:func:`mtl.data.device_augment.prepare_batch`).
 
     Returns:
         A :class:`Compose`.
     """
     steps: list[Callable[[dict], dict]] = [Resize(resize)] if resize is not None else []
-    if train:
+    if photometric_on_device and not (train and fast):
+        raise ValueError("data.photometric_on_device needs the fast train pipeline (data.fast_augment=true)")
+    if train and fast:
+        if scale_normals != "nearest":
+            raise ValueError(
+                f"data.fast_augment resamples normals by nearest neighbour (the reference's), got "
+                f"data.augment.scale_normals={scale_normals!r}; set data.fast_augment=false to blend them"
+            )
+        mode = ("device" if photometric_on_device else "worker") if photometric else None
+        steps.append(
+            FastTrainAugment(
+                scale=scale, crop=crop, cat_max_ratio=cat_max_ratio, hflip=hflip, photometric=mode
+            )
+        )
+        steps.append(ToTensor(normalise=mode != "device"))
+    elif train:
         if scale is not None:
             steps.append(RandomScale(scale, normals=scale_normals))
         if crop is not None:
@@ -245,7 +277,8 @@ def build_transform(
             steps.append(RandomHorizontalFlip(hflip))
         if photometric:
             steps.append(PhotoMetricDistortion())
-    steps.append(ToTensor())
+    if not (train and fast):
+        steps.append(ToTensor())
     if pad_to is not None:
         steps.append(Pad(pad_to))
     steps.append(IgnoreUnannotatedParts())

@@ -1,0 +1,178 @@
+"""The decoded-sample cache: byte-for-byte round trip, invalidation, concurrent builders, the switch."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing as mp
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtl.data.base import BadSampleError
+from mtl.data.cache import SampleCache, fingerprint, main, open_cache, slot_name
+from mtl.data.datamodule import MTLDataModule
+from mtl.data.fake import write_nyud, write_pascal
+from mtl.data.nyud import NYUDv2
+from mtl.data.pascal_context import PASCALContext
+
+
+def assert_same_sample(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "meta":
+            assert a[key] == b[key]
+            continue
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("roots")
+    return {
+        "nyud": write_nyud(tmp / "NYUDv2", n_train=3, n_val=2, size=(48, 64)),
+        "pascal": write_pascal(tmp / "PASCALContext", n_train=3, n_val=2, size=(40, 56)),
+    }
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize(("name", "cls"), [("nyud", NYUDv2), ("pascal", PASCALContext)])
+def test_round_trip_equals_direct_decoding(roots, tmp_path, name, cls, split):
+    ds = cls(root=roots[name], split=split)
+    cache = open_cache(ds, tmp_path)
+    for sid in ds.ids:
+        assert_same_sample(ds.load(sid), cache.read(sid))
+    # normals are stored as their 8-bit code (half the bytes of float32), depth / labels as decoded
+    codecs = {k: v[0] for k, v in cache.index[ds.ids[0]]["arrays"].items()}
+    assert codecs["normals"] == "normals_code" and codecs["image"] == "raw"
+    ds.use_cache(tmp_path)
+    fresh = cls(root=roots[name], split=split)
+    assert_same_sample(fresh[1], ds[1])
+
+
+def test_black_normals_option_round_trips_and_is_part_of_the_fingerprint(roots, tmp_path):
+    plain = NYUDv2(root=roots["nyud"], split="train")
+    black = NYUDv2(root=roots["nyud"], split="train", ignore_black_normals=True)
+    assert fingerprint(plain) != fingerprint(black)
+    cache = open_cache(black, tmp_path)
+    for sid in black.ids:
+        assert_same_sample(black.load(sid), cache.read(sid))
+
+
+def test_a_changed_file_rebuilds_the_cache(tmp_path, caplog):
+    root = write_nyud(tmp_path / "NYUDv2", n_train=2, n_val=1, size=(32, 48))
+    ds = NYUDv2(root=root, split="train")
+    cache = open_cache(ds, tmp_path / "cache")
+    before = cache.read(ds.ids[0])["image"]
+    path = ds.path("image", ds.ids[0])
+    Image.fromarray(255 - before).save(path)  # new content, new size or mtime
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with caplog.at_level(logging.INFO, logger="mtl.data.cache"):
+        rebuilt = open_cache(ds, tmp_path / "cache")
+    assert "stale" in caplog.text and "rebuilding" in caplog.text
+    assert rebuilt.folder == cache.folder
+    assert np.array_equal(rebuilt.read(ds.ids[0])["image"], 255 - before)
+    assert_same_sample(ds.load(ds.ids[1]), rebuilt.read(ds.ids[1]))
+    # an unchanged root reuses it without rebuilding
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mtl.data.cache"):
+        open_cache(ds, tmp_path / "cache")
+    assert "building" not in caplog.text and "rebuilding" not in caplog.text
+
+
+def test_a_bad_sample_is_recorded_and_raised_or_skipped_as_without_the_cache(tmp_path):
+    root = write_nyud(tmp_path / "NYUDv2", n_train=3, n_val=1, size=(32, 48))
+    ds = NYUDv2(root=root, split="train", skip_bad_samples=True)
+    ds.path("depth", ds.ids[1]).write_bytes(b"not a npy")
+    ds.use_cache(tmp_path / "cache")
+    with pytest.raises(BadSampleError, match="cannot read .npy"):
+        ds.sample_cache.read(ds.ids[1])
+    assert ds[1]["meta"]["id"] == ds.ids[2] and ds.skipped == [ds.ids[1]]
+
+
+def _build(root: str, cache_dir: str, queue) -> None:
+    ds = NYUDv2(root=root, split="train")
+    cache = open_cache(ds, cache_dir)
+    queue.put([cache.read(sid)["depth"].tobytes() for sid in ds.ids])
+
+
+def test_concurrent_builders_do_not_corrupt_the_cache(tmp_path):
+    root = write_nyud(tmp_path / "NYUDv2", n_train=6, n_val=1, size=(64, 80))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build, args=(str(root), str(tmp_path / "cache"), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ds = NYUDv2(root=root, split="train")
+    expected = [ds.load(sid)["depth"].tobytes() for sid in ds.ids]
+    assert results[0] == expected and results[1] == expected
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+    assert not leftovers  # no temporary or stale folder left behind
+    assert (tmp_path / "cache" / slot_name(ds) / "manifest.json").is_file()
+
+
+def test_the_cache_pickles_without_its_pages(roots, tmp_path):
+    ds = NYUDv2(root=roots["nyud"], split="train")
+    cache = open_cache(ds, tmp_path)
+    cache.read(ds.ids[0])  # maps data.bin
+    clone = pickle.loads(pickle.dumps(cache))
+    assert isinstance(clone, SampleCache) and clone._data is None
+    assert len(pickle.dumps(cache)) < 20_000
+    assert_same_sample(clone.read(ds.ids[0]), ds.load(ds.ids[0]))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_cache_dir_names_the_config_key(roots, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="data.cache_dir"):
+            open_cache(NYUDv2(root=roots["nyud"], split="train"), locked / "cache")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_datamodule_switch_serves_the_same_batches(roots, tmp_path):
+    def module(cache: bool) -> MTLDataModule:
+        dm = MTLDataModule(
+            dataset=functools.partial(NYUDv2, root=roots["nyud"]),
+            tasks=list(NYUDv2.TASKS),
+            batch_size=2,
+            pad_to=(48, 64),
+            cache=cache,
+            cache_dir=str(tmp_path / "dm"),
+            augment={"scale": (0.5, 2.0), "crop": (48, 64), "hflip": 0.5, "photometric": True},
+            allow_bad_data=True,
+        )
+        dm.setup("fit")
+        return dm
+
+    plain, cached = module(False), module(True)
+    assert cached.train_set.dataset.sample_cache is not None
+    assert plain.train_set.dataset.sample_cache is None
+    for item in [(0, 0), (2, 1)]:
+        a, b = plain.train_set[item], cached.train_set[item]
+        for key in a:
+            if key != "meta":
+                assert a[key].equal(b[key]), key
+    a, b = plain.val_set[1], cached.val_set[1]
+    assert all(a[k].equal(b[k]) for k in a if k != "meta")
+
+
+def test_command_line_builds_every_split(roots, tmp_path, capsys):
+    main(["--dataset", "nyud", "--root", str(roots["nyud"]), "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "train:" in out and "val:" in out
+    for split in ("train", "val"):
+        ds = NYUDv2(root=roots["nyud"], split=split)
+        open_cache(ds, tmp_path, build=False)  # valid: no rebuild needed
