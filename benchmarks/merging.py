@@ -13,9 +13,15 @@ Steps (each a real command line, skipped when its output exists, so the script r
 5. the table: main metric per task (eval protocol: exact odsF for edges) and Δm (%) against the
    single-task models and against joint training, written to ``<root>/results.md``.
 
+With ``--init synthetic`` step 1 is replaced by the framework's synthetic pretraining
+(``pretrained=synthetic``: the cached ``python -m mtl.pretrain`` backbone at ``--size``; the script
+stops with the command that makes it when it is missing), so θ0 is that backbone and seeded decoders.
+
 Usage::
 
     python benchmarks/merging.py --size 64 --pretrain-epochs 4 --epochs 3 --lr 5e-4   # the defaults
+    python -m mtl.pretrain backbone=swin_mini resolution=64 && \
+        python benchmarks/merging.py --init synthetic --root logs/merging_synthetic
 """
 
 from __future__ import annotations
@@ -105,11 +111,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--init",
-        choices=("backbone", "full"),
+        choices=("backbone", "full", "synthetic"),
         default="full",
         help="what the fine-tuning runs start from: the pretrained backbone file (backbone.pth via "
-        "model.backbone.checkpoint_path; the decoder's shared part randomly initialised) or every "
-        "matching weight of the pretraining checkpoint (InitWeights callback)",
+        "model.backbone.checkpoint_path; the decoder's shared part randomly initialised), every "
+        "matching weight of the pretraining checkpoint (InitWeights callback), or the cached "
+        "synthetic-pretrained backbone of python -m mtl.pretrain (pretrained=synthetic)",
     )
     ap.add_argument("--pretrain-dir", type=Path, default=None, help="reuse this pretraining run")
     args = ap.parse_args()
@@ -120,17 +127,26 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
     pre = (args.pretrain_dir or root / "pretrain").resolve()
-    if not (pre / "checkpoints" / "last.ckpt").is_file():
+    if args.init == "synthetic":
+        from mtl.pretrain import plan, pretrain_command
+
+        cached = plan("swin_mini", resolution=args.size)
+        if not cached.path.is_file():
+            sys.exit(f"--init synthetic: no pretrained backbone at {cached.path}; make it once with\n"
+                     f"    {pretrain_command(cached.recipe, None)}")  # fmt: skip
+    elif not (pre / "checkpoints" / "last.ckpt").is_file():
         times["pretrain"] = run(["train.py", "experiment=synthetic_pascal_baseline",
                                  "data.tasks=[human_parts,saliency]", "data.dataset.seed=1",
                                  f"trainer.max_epochs={args.pretrain_epochs}", *common,
                                  f"hydra.run.dir={pre}"], root / "logs" / "pretrain.log")  # fmt: skip
     backbone = root / "backbone.pth"
-    if not backbone.is_file():
+    if args.init in ("backbone", "full") and not backbone.is_file():
         export_backbone(pre / "checkpoints" / "last.ckpt", backbone)
     init = (
         [f"+model.backbone.checkpoint_path={backbone}"]
         if args.init == "backbone"
+        else ["pretrained=synthetic"]
+        if args.init == "synthetic"
         else ["+callbacks.init_weights._target_=mtl.callbacks.InitWeights",
               f"+callbacks.init_weights.path={pre / 'checkpoints' / 'last.ckpt'}"]
     )  # fmt: skip

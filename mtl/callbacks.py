@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from mtl.contracts import ModelOutput
-from mtl.initial_weights import load_init_weights, state_fingerprint
+from mtl.initial_weights import load_init_weights, pretrained_source, state_fingerprint
+from mtl.pretrain import missing_pretrained_message
 from mtl.visualise import save_pictures
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ class InitFingerprint(L.Callback):
 
 
 class InitWeights(L.Callback):
-    """Loads matching weights from another run's checkpoint before fitting starts.
+    """Loads matching weights from another run's checkpoint, or a pretrained backbone, before fitting starts.
 
     Task arithmetic (Ilharco et al., ICLR 2023) and its successors merge models *fine-tuned from
     one pretrained model*. ``model.backbone.checkpoint_path`` shares the backbone only; this shares
@@ -108,23 +110,42 @@ class InitWeights(L.Callback):
             +callbacks.init_weights._target_=mtl.callbacks.InitWeights \\
             +callbacks.init_weights.path=logs/pretrain/checkpoints/last.ckpt
 
+    With ``pretrained`` instead (what ``pretrained=synthetic`` configures, configs/pretrained/), it
+    loads the cached ``python -m mtl.pretrain`` checkpoint of the model's backbone and that recipe
+    (:func:`~mtl.initial_weights.pretrained_source`), after checking its recipe, fingerprint and
+    shapes; a missing one is an error that prints the command that makes it.
+
     The weights are loaded in ``setup`` (before :class:`InitFingerprint` hashes θ0 at fit start);
     a resumed run then restores its own checkpoint over them.
 
     Args:
         path: the checkpoint (see :func:`~mtl.initial_weights.load_init_weights`).
+        pretrained: ``{backbone: <model.backbone config>, recipe: <pretraining recipe>, cache_dir}``.
     """
 
-    def __init__(self, *, path: str) -> None:
+    def __init__(self, *, path: str | None = None, pretrained: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.path = str(path)
+        if (path is None) == (pretrained is None):
+            raise ValueError(
+                "InitWeights: give either path=<checkpoint> or pretrained=<spec> "
+                "(configs/pretrained/synthetic.yaml)"
+            )
+        self.path = None if path is None else str(path)
+        self.pretrained = pretrained
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        loaded, kept = load_init_weights(pl_module, self.path)
+        expected = None
+        path = self.path
+        if self.pretrained is not None:
+            source, expected = pretrained_source(self.pretrained)
+            if not source.is_file():
+                raise FileNotFoundError(missing_pretrained_message(source, expected))
+            path = str(source)
+        loaded, kept = load_init_weights(pl_module, path, expected=expected)
         log.info("init_weights: %d tensors from %s; %d left at their initialisation (e.g. %s)",
-                 len(loaded), self.path, len(kept), kept[:3])  # fmt: skip
+                 len(loaded), path, len(kept), kept[:3])  # fmt: skip
 
 
 class SimulatedCrash(RuntimeError):

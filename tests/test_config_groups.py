@@ -63,7 +63,10 @@ NEW_KEYS = {
         "gpu": "issue 20: GPU knobs (configs/gpu/), defaults keep the papers' fp32",
         "ckpt_trusted": "issue 21: checkpoints load with weights_only=True unless the user vouches for one",
     },
-    "train": {"gpu": "issue 20: GPU knobs (configs/gpu/), defaults keep the papers' fp32"},
+    "train": {
+        "gpu": "issue 20: GPU knobs (configs/gpu/), defaults keep the papers' fp32",
+        "pretrained": "issue 25: initial backbone weights (configs/pretrained/), default none",
+    },
 }
 # deliberate value changes made by later issues, to match the field's reference code: experiment
 # (or "*" for every experiment) → dotted key or key prefix → reason. Only the listed keys may differ
@@ -72,6 +75,10 @@ CHANGED_LATER: dict[str, dict[str, str]] = {
     "*": {
         "trainer.strategy": "issue 20: trainer=ddp builds a DDPStrategy with its options (bucket size, …)",
         "data.num_workers": "issue 20: real datasets size their loader workers to the node ('auto')",
+        "data.cache": "issue 24 (new): real datasets read decoded samples from a memory-mapped cache",
+        "data.cache_dir": "issue 24 (new): where that cache lives (default under the dataset root)",
+        "data.fast_augment": "issue 24 (new): the train augmentation in one pass (same draws, same samples)",
+        "data.photometric_on_device": "issue 24 (new): photometric distortion on the device, off by default",
         "module.nonfinite.check_grads": "issue 21: a non-finite gradient behind finite losses skips the step",
         "data.allow_bad_data": "issue 21: the data preflight stops on wrong encodings unless this is set",
         "data.split_kwargs.test": "issue 22: the synthetic test split (eval.split=test) has val's length",
