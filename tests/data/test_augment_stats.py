@@ -184,8 +184,17 @@ def test_labels_stay_aligned_with_the_image():
         np.random.seed(i)
         out = aug(dict(sample))
         img = out["image"][..., 0]
-        inside = img == np.round(img)  # interior of a block
-        assert inside.mean() > 0.3
+        # interior of a block: an integer value equal to its 8 neighbours (an interpolated value at a
+        # block edge can be an integer by chance, but it differs from a neighbour across the edge)
+        same = np.zeros(img.shape, dtype=bool)
+        same[1:-1, 1:-1] = True
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                same[1:-1, 1:-1] &= (
+                    img[1 + dy : img.shape[0] - 1 + dy, 1 + dx : img.shape[1] - 1 + dx] == img[1:-1, 1:-1]
+                )
+        inside = same & (img == np.round(img))
+        assert inside.mean() > 0.1  # at scale 0.5 a block is 4×4 px, its interior 2×2
         ids = img[inside].astype(np.int64)
         assert np.array_equal(out["semseg"][inside], (ids % 40).astype(np.uint8))
         s = out["depth"][inside] * (1.0 + ids) ** -1  # depth / s
