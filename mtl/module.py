@@ -21,7 +21,6 @@ from torch import nn
 from mtl.callbacks import last_checkpoint_path
 from mtl.checkpoint import NonFiniteCheckpointError, gather_rng_states, restore_rank_rng_state, seed_rank_rng
 from mtl.contracts import ModelOutput
-from mtl.data.device_augment import prepare_batch
 from mtl.guards import (
     NonFiniteCount,
     NonFiniteLossError,
@@ -314,10 +313,6 @@ class MTLModule(L.LightningModule):
                 return f"{path} (an earlier save: the current weights are not finite and were not saved)"
             return None
         return path
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Distorts and normalises a batch shipped as uint8 (``data.photometric_on_device``)."""
-        return prepare_batch(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         opt = self.optimizers()

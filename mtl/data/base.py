@@ -343,11 +343,20 @@ class FolderDataset(DenseDataset):
         """Serves samples from the decoded-sample cache (:func:`mtl.data.cache.open_cache`), built if needed.
 
         Args:
-            cache_dir: ``data.cache_dir``; default ``<root>/.mtl_cache``.
+            cache_dir: ``data.cache_dir``; default ``<root>/.mtl_cache``. When the default folder
+                cannot be written (a shared, read-only dataset root), the samples are decoded from the
+                files as without the cache, with one warning; a ``cache_dir`` set explicitly that cannot
+                be written is an error.
         """
         from mtl.data.cache import open_cache
 
-        self.sample_cache = open_cache(self, cache_dir)
+        try:
+            self.sample_cache = open_cache(self, cache_dir)
+        except PermissionError as err:
+            if cache_dir is not None:
+                raise
+            log.warning("%s; decoding %s/%s from the files instead", err, type(self).__name__, self.split)
+            self.sample_cache = None
 
     def load(self, sample_id: str) -> dict:
         """Reads and decodes one sample (raises :class:`BadSampleError`)."""

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from mtl.data.base import DenseDataset, FolderDataset, check_eval_split
+from mtl.data.device_augment import prepare_batch
 from mtl.data.resumable import ResumableLoader, ResumableSampler, SeededAugmentation, private_generator
 from mtl.data.transforms import build_transform
 
@@ -316,6 +317,11 @@ class MTLDataModule(L.LightningDataModule):
             self._pending_state = None
         self._train_loader = loader
         return loader
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Distorts and normalises, on the batch's device, a batch shipped as uint8
+        (``data.photometric_on_device``); float batches pass unchanged."""
+        return prepare_batch(batch)
 
     def state_dict(self) -> dict:
         """The training loader's position (epoch, batches trained on), saved in every checkpoint."""

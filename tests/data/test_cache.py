@@ -142,6 +142,24 @@ def test_an_unwritable_cache_dir_names_the_config_key(roots, tmp_path):
         locked.chmod(0o700)
 
 
+def test_a_read_only_default_cache_folder_falls_back_to_decoding(roots, monkeypatch, caplog):
+    # a shared dataset root that the user cannot write: the default cache folder fails, training goes
+    # on decoding the files (one warning); an explicit data.cache_dir that fails stays an error
+    import mtl.data.cache as cache_module
+
+    def refuse(dataset, cache_dir=None, *, build=True):
+        raise PermissionError("data.cache_dir: cannot write the sample cache under /shared/NYUDv2")
+
+    monkeypatch.setattr(cache_module, "open_cache", refuse)
+    ds = NYUDv2(root=roots["nyud"], split="train")
+    with caplog.at_level(logging.WARNING):
+        ds.use_cache(None)
+    assert ds.sample_cache is None and "decoding NYUDv2/train from the files" in caplog.text
+    assert_same_sample(ds[0], NYUDv2(root=roots["nyud"], split="train")[0])
+    with pytest.raises(PermissionError, match="data.cache_dir"):
+        ds.use_cache("/explicit/cache")
+
+
 def test_datamodule_switch_serves_the_same_batches(roots, tmp_path):
     def module(cache: bool) -> MTLDataModule:
         dm = MTLDataModule(
