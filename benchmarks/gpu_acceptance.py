@@ -52,10 +52,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,19 +211,6 @@ def overrides_for(
             "trainer.sync_batchnorm=false",
         ]
     return out
-
-
-def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
-    """``configs/train.yaml`` with ``overrides``, outputs under ``output_dir`` (as ``train.py`` would)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.log_dir = str(output_dir / "logs")
-            cfg.hydra.runtime.output_dir = str(output_dir)
-        HydraConfig().set_config(cfg)
-    return cfg
 
 
 def write_data(data_dir: Path, *, smoke: bool, steps: int) -> Path:
@@ -434,9 +417,9 @@ def run_setup(
     setup: Setup, *, data_dir: Path, output_dir: Path, steps: int, smoke: bool, two_rank: bool = False
 ) -> dict[str, Any]:
     """Trains one row in this process; its measurements (and, under two ranks, the collective check)."""
-    from mtl.pipeline import train
+    from mtl.pipeline import compose_train_config, train
 
-    cfg = compose_cfg(
+    cfg = compose_train_config(
         overrides_for(setup, smoke=smoke, data_dir=data_dir, steps=steps, two_rank=two_rank), output_dir
     )
     check = CollectiveCheck("cpu" if smoke else "cuda")

@@ -119,24 +119,6 @@ def train_overrides(
     ]
 
 
-def compose_train_config(overrides: list[str], output_dir: Path) -> Any:
-    """``configs/train.yaml`` composed with ``overrides``, its outputs in ``output_dir``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir / "logs")
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig().set_config(cfg)
-    return cfg
-
-
 def pretrain_command(recipe: Mapping[str, Any], cache_dir: str | Path | None = None) -> str:
     """The ``python -m mtl.pretrain`` command that writes the checkpoint of a full recipe
     (:func:`~mtl.initial_weights.pretrained_recipe`): the closest backbone option of
@@ -228,6 +210,8 @@ def plan(
         raise ValueError(f"mtl.pretrain: objective must be one of {OBJECTIVES}, got {options['objective']!r}")
     folder = Path(cache_dir).expanduser() if cache_dir else None
     overrides = train_overrides(backbone, _size(resolution), options, dict(backbone_overrides or {}))
+    from mtl.pipeline import compose_train_config
+
     probe = compose_train_config(overrides, Path(os.devnull))
     full = pretrained_recipe(probe.model.backbone, options)
     return Plan(pretrained_file(full, folder), full, overrides, folder)
@@ -265,7 +249,7 @@ def pretrain(
         return path
 
     from mtl.loggers import code_version
-    from mtl.pipeline import train
+    from mtl.pipeline import compose_train_config, train
 
     path.parent.mkdir(parents=True, exist_ok=True)
     work = path.with_name(f".{path.stem}.work")

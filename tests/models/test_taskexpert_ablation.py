@@ -3,23 +3,12 @@
 
 import pytest
 import torch
+from test_taskexpert import TASKS, _decoder, _feats
 
 from mtl.decoders.moe import BatchedExperts
-from mtl.decoders.taskexpert import LayerFusion, TaskExpertDecoder, _resize
+from mtl.decoders.taskexpert import LayerFusion, _resize
 
-TASKS = ["semseg", "depth", "normals"]
 PYRAMID = ([8, 12, 16, 24], [(8, 8), (4, 4), (2, 2), (1, 1)])  # a Swin-like pyramid at 32 px
-
-
-def _feats(channels, sizes, b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, c, *s, generator=g) for c, s in zip(channels, sizes, strict=True)]
-
-
-def _decoder(in_channels, **kw):
-    torch.manual_seed(0)
-    kw = {"channels": 8, "num_experts": 3, **kw}
-    return TaskExpertDecoder(in_channels=in_channels, tasks=TASKS, **kw)
 
 
 def _randomise_gates(dec):
