@@ -130,16 +130,19 @@ def test_the_cache_pickles_without_its_pages(roots, tmp_path):
     assert_same_sample(clone.read(ds.ids[0]), ds.load(ds.ids[0]))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_an_unwritable_cache_dir_names_the_config_key(roots, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        with pytest.raises(PermissionError, match="data.cache_dir"):
-            open_cache(NYUDv2(root=roots["nyud"], split="train"), locked / "cache")
-    finally:
-        locked.chmod(0o700)
+def test_an_unwritable_cache_dir_names_the_config_key(roots, tmp_path, monkeypatch):
+    # a folder the process cannot create (simulated: root may write anywhere, chmod alone does not stop it)
+    locked = tmp_path / "locked" / "cache"
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(PermissionError, match="data.cache_dir"):
+        open_cache(NYUDv2(root=roots["nyud"], split="train"), locked)
 
 
 def test_a_read_only_default_cache_folder_falls_back_to_decoding(roots, monkeypatch, caplog):
