@@ -46,7 +46,7 @@ SWEEP_FILE = "baseline.yaml"
 METRICS_PROTOCOL = 2
 #: recipe keys that every run of one baseline must share
 _SHARED = ("dataset", "dataset_target", "dataset_tasks", "resolution", "length", "max_epochs", "max_steps",
-           "limit_train_batches", "backbone")  # fmt: skip
+           "limit_train_batches", "backbone", "init")  # fmt: skip
 
 
 @dataclass
@@ -117,6 +117,13 @@ def _dataset_tasks(cfg: dict, hydra_cfg: dict, data_choice: str) -> list[str] | 
     return [t for t in listed if provided is None or t in provided]
 
 
+def _init(cfg: dict) -> str | None:
+    """Where the run's backbone started: ``pretrained.source`` (``synthetic``: the cached
+    ``python -m mtl.pretrain`` checkpoint); ``None`` for the default start (absent or ``none``)."""
+    source = _plain((cfg.get("pretrained") or {}).get("source"))
+    return None if source in (None, "none") else str(source)
+
+
 def _run_info(job: Path) -> tuple[str, str, str, dict[str, float], dict[str, Any]]:
     cfg = _job_config(job)
     hydra_cfg = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra, resolve=False)
@@ -138,6 +145,7 @@ def _run_info(job: Path) -> tuple[str, str, str, dict[str, float], dict[str, Any
         "max_steps": _plain(trainer.get("max_steps")),
         "limit_train_batches": _plain(trainer.get("limit_train_batches")),
         "backbone": backbone,
+        "init": _init(cfg),
         "seed": _plain(cfg.get("seed")),
         "code": cfg.get("code"),
     }
@@ -207,7 +215,8 @@ def collect(sweep_dir: Path | Sequence[Path]) -> Collected:
 
 def recipe_suffix(recipe: dict[str, Any]) -> str:
     """``_<H>px_<N>ep`` (or ``_<H>x<W>px``, ``_<N>it`` for a step budget, ``_limit<L>`` for capped
-    epochs) from a recipe; parts that are unknown are left out."""
+    epochs, ``_synthetic_pretrained`` for runs started from ``pretrained=synthetic``) from a recipe;
+    parts that are unknown are left out."""
     parts = []
     res = recipe.get("resolution")
     if isinstance(res, list | tuple) and len(res) == 2:
@@ -220,6 +229,8 @@ def recipe_suffix(recipe: dict[str, Any]) -> str:
     limit = recipe.get("limit_train_batches")
     if limit is not None and limit != 1:
         parts.append(f"limit{limit}")
+    if recipe.get("init"):  # another starting point is another baseline: pretrained=synthetic
+        parts.append(f"{recipe['init']}_pretrained")
     return "".join(f"_{p}" for p in parts)
 
 

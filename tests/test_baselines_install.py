@@ -29,7 +29,7 @@ METRICS = {
 }
 
 
-def fake_job(sweep: Path, task: str, *, epochs: int = 3, seed: int = 42) -> Path:
+def fake_job(sweep: Path, task: str, *, epochs: int = 3, seed: int = 42, pretrained: str | None = None) -> Path:
     """A job folder as `train.py -m experiment=synthetic_single_task task=<task>` leaves it."""
     job = sweep / task
     (job / ".hydra").mkdir(parents=True)
@@ -50,6 +50,8 @@ def fake_job(sweep: Path, task: str, *, epochs: int = 3, seed: int = 42) -> Path
         "trainer": {"max_epochs": epochs, "max_steps": -1},
         "code": {"commit": "0123abc", "dirty": False},
     }
+    if pretrained is not None:  # pretrained=<source> (configs/pretrained/)
+        config["pretrained"] = {"source": pretrained}
     (job / "config.yaml").write_text(yaml.safe_dump(config))
     (job / ".hydra" / "config.yaml").write_text(
         yaml.safe_dump({**config, "data": {**config["data"], "tasks": ["${task}"]}})
@@ -183,6 +185,21 @@ def test_install_records_the_recipe_in_the_file_and_its_name_and_it_loads(tmp_pa
     short = fake_sweep(tmp_path / "short", ["semseg", "depth", "normals", "edge"], epochs=1)
     assert install(short, baselines_copy).name == "synthetic_nyud_swin_mini_128px_1ep.yaml"
     assert install(short, baselines_copy, name="mine").name == "mine_128px_1ep.yaml"
+
+
+def test_a_pretrained_start_is_another_baseline_and_is_not_merged_with_scratch_runs(tmp_path, baselines_copy):
+    tasks = ["semseg", "depth", "normals", "edge"]
+    scratch = install(fake_sweep(tmp_path / "scratch", tasks), baselines_copy)
+    explicit_none = install(fake_sweep(tmp_path / "none", tasks, pretrained="none"), baselines_copy, force=True)
+    assert scratch == explicit_none  # pretrained=none is the default start: the same name
+    path = install(fake_sweep(tmp_path / "pre", tasks, pretrained="synthetic"), baselines_copy)
+    assert path.name == "synthetic_nyud_swin_mini_128px_3ep_synthetic_pretrained.yaml"
+    assert yaml.safe_load(path.read_text())["recipe"]["init"] == "synthetic"
+    mixed = tmp_path / "mixed"
+    fake_job(mixed, "semseg")
+    fake_job(mixed, "depth", pretrained="synthetic")
+    with pytest.raises(ValueError, match=r"init: 'synthetic' vs None"):
+        write_baseline(mixed)
 
 
 def test_install_refuses_to_overwrite(tmp_path, baselines_copy):
