@@ -29,7 +29,9 @@ METRICS = {
 }
 
 
-def fake_job(sweep: Path, task: str, *, epochs: int = 3, seed: int = 42, pretrained: str | None = None) -> Path:
+def fake_job(
+    sweep: Path, task: str, *, epochs: int = 3, seed: int = 42, pretrained: str | None = None
+) -> Path:
     """A job folder as `train.py -m experiment=synthetic_single_task task=<task>` leaves it."""
     job = sweep / task
     (job / ".hydra").mkdir(parents=True)
@@ -190,7 +192,9 @@ def test_install_records_the_recipe_in_the_file_and_its_name_and_it_loads(tmp_pa
 def test_a_pretrained_start_is_another_baseline_and_is_not_merged_with_scratch_runs(tmp_path, baselines_copy):
     tasks = ["semseg", "depth", "normals", "edge"]
     scratch = install(fake_sweep(tmp_path / "scratch", tasks), baselines_copy)
-    explicit_none = install(fake_sweep(tmp_path / "none", tasks, pretrained="none"), baselines_copy, force=True)
+    explicit_none = install(
+        fake_sweep(tmp_path / "none", tasks, pretrained="none"), baselines_copy, force=True
+    )
     assert scratch == explicit_none  # pretrained=none is the default start: the same name
     path = install(fake_sweep(tmp_path / "pre", tasks, pretrained="synthetic"), baselines_copy)
     assert path.name == "synthetic_nyud_swin_mini_128px_3ep_synthetic_pretrained.yaml"
