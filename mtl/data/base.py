@@ -327,6 +327,7 @@ class FolderDataset(DenseDataset):
         self.max_skips = max_skips
         self.skipped: list[str] = []
         self.sample_cache: SampleCache | None = None  # set by use_cache
+        self.cache_views = False
 
     #: bump when :meth:`load` decodes differently: it invalidates the sample caches (:mod:`mtl.data.cache`)
     DECODE_VERSION: ClassVar[int] = 1
@@ -339,7 +340,7 @@ class FolderDataset(DenseDataset):
         """The constructor options that change what :meth:`load` returns (part of the cache fingerprint)."""
         return {}
 
-    def use_cache(self, cache_dir: str | Path | None = None) -> None:
+    def use_cache(self, cache_dir: str | Path | None = None, *, views: bool = False) -> None:
         """Serves samples from the decoded-sample cache (:func:`mtl.data.cache.open_cache`), built if needed.
 
         Args:
@@ -347,9 +348,13 @@ class FolderDataset(DenseDataset):
                 cannot be written (a shared, read-only dataset root), the samples are decoded from the
                 files as without the cache, with one warning; a ``cache_dir`` set explicitly that cannot
                 be written is an error.
+            views: hand the transform read-only views of the cache and coded maps
+                (:meth:`mtl.data.cache.SampleCache.read`); only for a transform that starts with
+                :class:`~mtl.data.fast_augment.FastTrainAugment`.
         """
         from mtl.data.cache import open_cache
 
+        self.cache_views = views
         try:
             self.sample_cache = open_cache(self, cache_dir)
         except PermissionError as err:
@@ -383,7 +388,10 @@ class FolderDataset(DenseDataset):
             sample_id = self.ids[position]
             try:
                 cache = self.sample_cache
-                sample = cache.read(sample_id) if cache is not None else self.load(sample_id)
+                if cache is not None:
+                    sample = cache.read(sample_id, views=self.cache_views)
+                else:
+                    sample = self.load(sample_id)
             except BadSampleError as bad:
                 err = BadSampleError(
                     sample_id, bad.path, f"{bad.reason} (id listed in {self.where(position)})"

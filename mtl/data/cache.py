@@ -41,6 +41,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,10 +133,34 @@ def _encode(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     return "raw", np.ascontiguousarray(value)
 
 
-def _decode(codec: str, arr: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class CodedMap:
+    """A map served as its stored codes and decoding table (``lut.take(code)`` is the map).
+
+    :class:`~mtl.data.fast_augment.FastTrainAugment` gathers the crop window's codes and decodes
+    only those (decoding is elementwise, so the result is the same bit for bit).
+
+    Attributes:
+        code: the stored integer codes, read-only (e.g. (H, W, 3) uint16 for 8-bit normals).
+        lut: the decoding table, indexed by code.
+    """
+
+    code: np.ndarray
+    lut: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.code.shape
+
+    def decode(self) -> np.ndarray:
+        """The decoded map (a fresh array)."""
+        return self.lut.take(self.code)
+
+
+def _decode(codec: str, arr: np.ndarray, views: bool) -> np.ndarray | CodedMap:
     if codec == "normals_code":
-        return _decode_normals_code(arr)
-    return arr.copy()
+        return CodedMap(arr, NORMALS_LUT) if views else _decode_normals_code(arr)
+    return arr if views else arr.copy()
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -166,8 +191,14 @@ class SampleCache:
             )
         return self._data
 
-    def read(self, sample_id: str) -> dict:
+    def read(self, sample_id: str, *, views: bool = False) -> dict:
         """The sample as :meth:`FolderDataset.load` returns it (fresh, writable arrays).
+
+        Args:
+            sample_id: the id.
+            views: serve read-only views of the mapped file instead of copies, and coded maps as
+                :class:`CodedMap` (for :class:`~mtl.data.fast_augment.FastTrainAugment`, which only
+                reads its inputs and gathers what it keeps).
 
         Raises:
             BadSampleError: the sample could not be decoded when the cache was built (the
@@ -183,8 +214,8 @@ class SampleCache:
         for key, (codec, dtype, shape, offset) in entry["arrays"].items():
             dt = np.dtype(dtype)
             count = int(np.prod(shape)) * dt.itemsize
-            view = data[offset : offset + count].view(dt).reshape(shape)
-            sample[key] = _decode(codec, view)
+            view = np.frombuffer(data, dtype=dt, count=count // dt.itemsize, offset=offset).reshape(shape)
+            sample[key] = _decode(codec, view, views)
         sample["meta"] = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["meta"].items()}
         return sample
 

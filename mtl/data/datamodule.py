@@ -217,7 +217,10 @@ class MTLDataModule(L.LightningDataModule):
                 photometric_on_device=self.photometric_on_device,
                 **self.augment,
             )
-            self.train_set = SeededAugmentation(self._make(self.train_split, train_tf), seed=self.seed)
+            # the one-pass augmentation (first when nothing resizes before it) reads the cache in place
+            views = self.fast_augment and self.resize is None
+            train = self._make(self.train_split, train_tf, views=views)
+            self.train_set = SeededAugmentation(train, seed=self.seed)
         self.val_set = self.eval_set(self.val_split)
         if stage in (None, "test"):
             self.eval_set(self.eval_split)  # built (and checked) now, not at the first test batch
@@ -229,7 +232,7 @@ class MTLDataModule(L.LightningDataModule):
             self.eval_sets[split] = self._make(split, test_tf)
         return self.eval_sets[split]
 
-    def _make(self, split: str, transform: Callable[[dict], dict]) -> Dataset:
+    def _make(self, split: str, transform: Callable[[dict], dict], *, views: bool = False) -> Dataset:
         kwargs = dict(self.split_kwargs.get(split, {}))
         if self.skip_bad_samples and issubclass(self.dataset_class, FolderDataset):
             kwargs["skip_bad_samples"] = True  # on-disk datasets only: rendered samples cannot be bad
@@ -237,7 +240,7 @@ class MTLDataModule(L.LightningDataModule):
         if isinstance(dataset, FolderDataset):
             self._preflight(dataset)
             if self.cache:
-                dataset.use_cache(self.cache_dir)
+                dataset.use_cache(self.cache_dir, views=views)
         elif self.cache:
             log.info("data.cache=true: %s is not read from disk, nothing to cache", type(dataset).__name__)
         return dataset

@@ -13,6 +13,12 @@ flip and colour parameters as the step-by-step pipeline. What changes is the cos
 - The image is resized as before (bilinear in float32), then only the window is truncated to
   uint8 (when a photometric step follows, as it truncates) and flipped (``cv2.flip``).
 
+- From the decoded-sample cache (:mod:`mtl.data.cache`, ``views=True``) the maps arrive as
+  read-only views of the mapped file, the normals as their 8-bit codes (:class:`~mtl.data.cache.CodedMap`):
+  only the window's codes are gathered and decoded. A crop window rejected by ``cat_max_ratio`` and
+  drawn again (always, when the scaled image is smaller than the crop) is not checked again; the
+  draws themselves are unchanged.
+
 Every output equals the step-by-step pipeline's bit for bit (``tests/data/test_augment_stats.py``).
 - The photometric parameters are drawn here and either applied at once (8-bit arithmetic, as
   :class:`~mtl.data.photometric.PhotoMetricDistortion`) or carried in the sample
@@ -28,6 +34,7 @@ import cv2
 import numpy as np
 import torch
 
+from mtl.data.cache import CodedMap
 from mtl.data.geometric import resize_map, scaled_size
 from mtl.data.photometric import PhotoMetricDistortion, PhotometricDraw
 
@@ -69,6 +76,17 @@ def nearest_index(src: int, dst: int) -> np.ndarray:
     """Source index of each destination pixel of OpenCV's ``INTER_NEAREST`` resize: ``⌊d·src/dst⌋``."""
     ifx = 1.0 / (dst / src)  # OpenCV's arithmetic, in double
     return np.minimum(np.floor(np.arange(dst) * ifx).astype(np.int64), src - 1)
+
+
+def label_counts(labels: np.ndarray) -> np.ndarray:
+    """Pixel count of every label value, as ``np.bincount(labels.ravel(), minlength=256)`` (int64).
+
+    A uint8 map of fewer than 2**24 pixels is counted by OpenCV's histogram (float32 counts, exact
+    below 2**24, several times faster than ``bincount``).
+    """
+    if labels.dtype == np.uint8 and labels.size < 1 << 24:
+        return cv2.calcHist([labels], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    return np.bincount(labels.ravel(), minlength=256)
 
 
 def gather(value: np.ndarray, flat: np.ndarray) -> np.ndarray:
@@ -143,14 +161,16 @@ class FastTrainAugment:
             return 0, 0, sh, sw
         y, x, ch, cw = self._window(sh, sw)
         if seg is not None and self.cat_max_ratio < 1.0:
+            rejected: set[tuple[int, int]] = set()  # a redraw of a rejected window is rejected again
             for _ in range(10):
-                window = seg.take(ny[y : y + ch], axis=0).take(nx[x : x + cw], axis=1)
-                counts = np.bincount(window.ravel(), minlength=256)
-                counts = np.delete(counts, self.ignore_index) if self.ignore_index < 256 else counts
-                counts = counts[counts > 0]
-                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
-                    break
-                y, x, ch, cw = self._window(sh, sw)
+                if (y, x) not in rejected:
+                    counts = label_counts(seg.take(ny[y : y + ch], axis=0).take(nx[x : x + cw], axis=1))
+                    counts = np.delete(counts, self.ignore_index) if self.ignore_index < 256 else counts
+                    counts = counts[counts > 0]
+                    if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                        break
+                    rejected.add((y, x))
+                y, x, ch, cw = self._window(sh, sw)  # drawn as often as before: the same generator state
         return y, x, ch, cw
 
     def __call__(self, sample: dict) -> dict:
@@ -173,9 +193,13 @@ class FastTrainAugment:
                 if self.distortion is not None:
                     value = value.astype(np.uint8)  # the photometric step's truncation
                 value = cv2.flip(value, 1) if flip else np.ascontiguousarray(value)
+                if np.may_share_memory(value, sample["image"]):  # never hand out the input (a cache view)
+                    value = value.copy()
                 value = value[..., None] if value.ndim == 2 and sample["image"].ndim == 3 else value
-            elif isinstance(value, np.ndarray) and value.ndim >= 2:
-                value = gather(value, flat)
+            elif isinstance(value, CodedMap) or (isinstance(value, np.ndarray) and value.ndim >= 2):
+                # a coded map (the cache's normals): the window's codes gathered, then decoded
+                coded = isinstance(value, CodedMap)
+                value = value.lut.take(gather(value.code, flat)) if coded else gather(value, flat)
                 if key == "depth" and s is not None:
                     value = value / np.float32(s)
                 elif key == "normals" and flip:

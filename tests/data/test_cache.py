@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mtl.data.base import BadSampleError
-from mtl.data.cache import SampleCache, fingerprint, main, open_cache, slot_name
+from mtl.data.cache import CodedMap, SampleCache, fingerprint, main, open_cache, slot_name
 from mtl.data.datamodule import MTLDataModule
 from mtl.data.fake import write_nyud, write_pascal
 from mtl.data.nyud import NYUDv2
@@ -27,8 +27,9 @@ def assert_same_sample(a: dict, b: dict) -> None:
         if key == "meta":
             assert a[key] == b[key]
             continue
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-        assert a[key].tobytes() == b[key].tobytes(), key
+        x, y = (np.asarray(v) for v in (a[key], b[key]))  # arrays, or tensors (the photometric draw)
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert x.tobytes() == y.tobytes(), key
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,8 @@ def test_a_read_only_default_cache_folder_falls_back_to_decoding(roots, monkeypa
         ds.use_cache("/explicit/cache")
 
 
-def test_datamodule_switch_serves_the_same_batches(roots, tmp_path):
+@pytest.mark.parametrize("fast", [False, True])
+def test_datamodule_switch_serves_the_same_batches(roots, tmp_path, fast):
     def module(cache: bool) -> MTLDataModule:
         dm = MTLDataModule(
             dataset=functools.partial(NYUDv2, root=roots["nyud"]),
@@ -174,12 +176,14 @@ def test_datamodule_switch_serves_the_same_batches(roots, tmp_path):
             cache_dir=str(tmp_path / "dm"),
             augment={"scale": (0.5, 2.0), "crop": (48, 64), "hflip": 0.5, "photometric": True},
             allow_bad_data=True,
+            fast_augment=fast,
         )
         dm.setup("fit")
         return dm
 
     plain, cached = module(False), module(True)
     assert cached.train_set.dataset.sample_cache is not None
+    assert cached.train_set.dataset.cache_views is fast  # the one-pass augmentation reads the pages in place
     assert plain.train_set.dataset.sample_cache is None
     for item in [(0, 0), (2, 1)]:
         a, b = plain.train_set[item], cached.train_set[item]
@@ -188,6 +192,55 @@ def test_datamodule_switch_serves_the_same_batches(roots, tmp_path):
                 assert a[key].equal(b[key]), key
     a, b = plain.val_set[1], cached.val_set[1]
     assert all(a[k].equal(b[k]) for k in a if k != "meta")
+
+
+@pytest.mark.parametrize(("name", "cls"), [("nyud", NYUDv2), ("pascal", PASCALContext)])
+def test_views_serve_the_same_samples_read_only_and_the_augmentation_never_hands_them_out(
+    roots, tmp_path, name, cls
+):
+    from mtl.data.fast_augment import FastTrainAugment
+
+    ds = cls(root=roots[name], split="train")
+    cache = open_cache(ds, tmp_path)
+    augment = FastTrainAugment(scale=(0.5, 2.0), crop=(40, 48), hflip=0.5, photometric="device")
+    still = FastTrainAugment(crop=None, hflip=0.0, photometric=None)  # no scale, no crop: the input's pixels
+    for sid in ds.ids:
+        copied, viewed = cache.read(sid), cache.read(sid, views=True)
+        assert viewed.keys() == copied.keys()
+        coded = [k for k, v in viewed.items() if isinstance(v, CodedMap)]
+        assert coded == (["normals"] if "normals" in copied else [])
+        for key, value in viewed.items():
+            if key == "meta":
+                continue
+            array = value.code if isinstance(value, CodedMap) else value
+            assert not array.flags.writeable, key
+            decoded = value.decode() if isinstance(value, CodedMap) else value
+            assert decoded.dtype == copied[key].dtype and decoded.tobytes() == copied[key].tobytes(), key
+        for seed in range(6):
+            np.random.seed(seed)
+            a = augment(copied)
+            np.random.seed(seed)
+            b = augment(viewed)
+            assert_same_sample(a, b)
+        out = still(viewed)
+        assert_same_sample(out, still(copied))
+        for key, value in out.items():
+            if isinstance(value, np.ndarray):
+                assert value.flags.writeable and not np.shares_memory(value, cache._map()), key
+
+
+def test_label_counts_equal_bincount():
+    from mtl.data.fast_augment import label_counts
+
+    rng = np.random.default_rng(0)
+    for labels in (
+        rng.integers(0, 256, (37, 53), dtype=np.uint8),
+        np.full((5, 7), 255, np.uint8),
+        rng.integers(0, 400, (9, 11)).astype(np.int16),
+        rng.integers(0, 256, (64, 80), dtype=np.uint8)[::2, 1::3],  # a strided view
+    ):
+        assert np.array_equal(label_counts(labels), np.bincount(labels.ravel(), minlength=256))
+        assert label_counts(labels).dtype == np.int64
 
 
 def test_command_line_builds_every_split(roots, tmp_path, capsys):
