@@ -85,8 +85,8 @@ def main() -> None:
                 base = base or r
                 today = r if label.startswith("train: full") else today
                 rows.append((name, label, r, base / r, r / today if today else None))
-    print(f"one process, 1 torch / OpenCV thread, CPU time, {args.n} samples per row, all tasks of each dataset\n")
-    print("| dataset | pipeline | images/CPU-s per worker | time vs decode only | throughput vs today's train |")
+    print(f"one process, 1 torch / OpenCV thread, CPU time, {args.n} samples per row, all tasks\n")
+    print("| dataset | pipeline | images/CPU-s per worker | time vs decode only | vs today's train |")
     print("|---|---|---|---|---|")
     for name, label, r, ratio, speedup in rows:
         vs = f"{speedup:.2f}×" if speedup is not None else "–"
