@@ -14,8 +14,10 @@ over ``seed=0,1,2`` into ``logs/ablations/<regime>/<row>/``, printed before it r
 (:mod:`mtl.compare`: per-task columns, Δm against the single-task baselines, parameters, GFLOPs,
 time per step relative to the multi-head row) goes to ``logs/ablations/<regime>/compare.*``.
 
-The pretrained regime adds ``pretrained=synthetic`` (the synthetic-pretrained Swin-mini) to every
-row; give its single-task baselines with ``--baselines`` once they are installed.
+The pretrained regime adds ``pretrained=synthetic`` (the synthetic-pretrained Swin-mini at the
+recipe's 32 px, made first by ``python -m mtl.pretrain`` unless cached) to every row, and to its own
+single-task baselines (``<scratch baselines>_synthetic_pretrained``, trained and installed first
+unless ``configs/baselines/`` has them).
 """
 
 from __future__ import annotations
@@ -27,18 +29,24 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from tables import RECIPE, TASKS, baseline_name  # noqa: E402
+
+from mtl.baselines import CONFIG_DIR  # noqa: E402
 from mtl.compare import CompareError, build_table, write_table  # noqa: E402
 
 OUT = ROOT / "logs" / "ablations"
 SEEDS = "0,1,2"
-BASELINES = "synthetic_nyud_swin_mini_32px_8ep"
 DEFAULT = "experiment=table_arch_taskexpert"
 MULTIHEAD = "experiment=table_arch_multihead"
 #: extra overrides of each regime
 REGIMES = {"scratch": [], "pretrained": ["pretrained=synthetic"]}
+#: the single-task baselines of each regime (``mtl.baselines install`` names the pretrained ones so)
+BASELINES = {"scratch": baseline_name(), "pretrained": f"{baseline_name()}_synthetic_pretrained"}
 THROUGHPUT = ["+callbacks.throughput._target_=mtl.callbacks.Throughput", "+callbacks.throughput.warmup=5"]
 
 
@@ -81,13 +89,32 @@ ROWS = (
 
 
 def commands(regime: str, baselines: str, rows: tuple[Row, ...] = ROWS) -> list[list[str]]:
-    """One multirun per row (``seed=0,1,2``) into ``logs/ablations/<regime>/<row>``."""
-    base = [sys.executable, "train.py", "-m"]
-    return [
-        [*base, *row.overrides, *REGIMES[regime], f"seed={SEEDS}", f"baselines={baselines}", *THROUGHPUT,
-         f"hydra.sweep.dir={OUT / regime / row.name}"]
+    """Every command of a regime: for ``pretrained``, the pretraining (reused when cached) and the
+    single-task baselines from it (unless installed); then one multirun per row (``seed=0,1,2``)
+    into ``logs/ablations/<regime>/<row>``."""
+    train = [sys.executable, "train.py", "-m"]
+    steps: list[list[str]] = []
+    if regime == "pretrained":
+        recipe = yaml.safe_load((ROOT / "configs" / "recipe" / f"{RECIPE}.yaml").read_text())
+        size = recipe["data"]["dataset"]["resolution"][0]
+        steps.append([sys.executable, "-m", "mtl.pretrain", "backbone=swin_mini", f"resolution={size}"])
+    if not (CONFIG_DIR / f"{baselines}.yaml").is_file():
+        sweep = OUT / regime / "baselines"
+        steps += [
+            [*train, "experiment=synthetic_single_task", f"recipe={RECIPE}", f"task={TASKS}",
+             *REGIMES[regime], f"hydra.sweep.dir={sweep}"],
+            [sys.executable, "-m", "mtl.baselines", "install", str(sweep)],
+        ]  # fmt: skip
+    return steps + [
+        [*train, *row.overrides, *REGIMES[regime], f"seed={SEEDS}", f"baselines={baselines}", *THROUGHPUT,
+         f"hydra.sweep.dir={row_folder(regime, row)}"]
         for row in rows
     ]  # fmt: skip
+
+
+def row_folder(regime: str, row: Row) -> Path:
+    """Where a row's runs go: ``logs/ablations/<regime>/<row>``."""
+    return OUT / regime / row.name
 
 
 def parameter_counts(rows: tuple[Row, ...] = ROWS) -> list[tuple[str, float, float]]:
@@ -114,7 +141,7 @@ def parameter_counts(rows: tuple[Row, ...] = ROWS) -> list[tuple[str, float, flo
 
 def make_table(regime: str, command: str) -> Path:
     """Writes the comparison table of ``logs/ablations/<regime>/`` and returns its Markdown file."""
-    folders = [OUT / regime / row.name for row in ROWS]
+    folders = [row_folder(regime, row) for row in ROWS]
     result = build_table(folders, command=command, per_task=True, cost=True, time_ref=MULTIHEAD)
     return write_table(result, OUT / regime, plot=True)["md"]
 
@@ -124,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", choices=["taskexpert"])
     parser.add_argument("--regime", choices=sorted(REGIMES), default="scratch")
     parser.add_argument(
-        "--baselines", default=BASELINES, help="single-task baselines for Δm (configs/baselines/)"
+        "--baselines",
+        help="single-task baselines for Δm (configs/baselines/; default: the regime's, made when missing)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--table-only", action="store_true", help="only the table, from the finished runs")
@@ -137,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {decoder:.3f} | {total:.3f} |")
         return 0
     command = shlex.join(["python", "benchmarks/ablations.py", args.model, "--regime", args.regime])
-    steps = [] if args.table_only else commands(args.regime, args.baselines)
-    done = [s[-1].split("=", 1)[1] for s in steps if Path(s[-1].split("=", 1)[1]).exists()]
+    steps = [] if args.table_only else commands(args.regime, args.baselines or BASELINES[args.regime])
+    done = [str(f) for f in (row_folder(args.regime, row) for row in ROWS) if f.exists() and steps]
     if done and not args.force and not args.dry_run:
         print(f"{len(done)} row folders exist (first: {done[0]}): --table-only rebuilds the table from them, "
               "--force trains into them again")  # fmt: skip
@@ -149,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(step, cwd=ROOT, check=True)
     if args.dry_run:
         print(
-            f"# {len(steps)} rows × {len(SEEDS.split(','))} seeds = {len(steps) * len(SEEDS.split(','))} runs"
+            f"# {len(ROWS)} rows × {len(SEEDS.split(','))} seeds = {len(ROWS) * len(SEEDS.split(','))} runs"
         )
         return 0
     try:

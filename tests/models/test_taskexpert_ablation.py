@@ -177,9 +177,15 @@ def test_ablation_rows_change_one_factor_and_compose(capsys):
     lines = [line for line in out.splitlines() if line.startswith("$ ")]
     assert len(lines) == len(ab.ROWS)
     for line, row in zip(lines, ab.ROWS, strict=True):
-        assert " ".join(row.overrides) + " seed=0,1,2 baselines=" + ab.BASELINES in line
+        assert " ".join(row.overrides) + " seed=0,1,2 baselines=" + ab.BASELINES["scratch"] in line
         assert f"hydra.sweep.dir={ab.OUT / 'scratch' / row.name}" in line and "pretrained=" not in line
         assert "+callbacks.throughput._target_=mtl.callbacks.Throughput" in line
     assert ab.main(["taskexpert", "--regime", "pretrained", "--dry-run"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
-    assert all("pretrained=synthetic" in line and str(ab.OUT / "pretrained") in line for line in lines)
+    assert lines[0].endswith("-m mtl.pretrain backbone=swin_mini resolution=32")  # reused when cached
+    trains = [line for line in lines if " train.py " in line]
+    assert all("pretrained=synthetic" in line and str(ab.OUT / "pretrained") in line for line in trains)
+    assert all(f"baselines={ab.BASELINES['pretrained']}" in line for line in trains[-len(ab.ROWS) :])
+    assert ab.BASELINES["pretrained"] == "synthetic_nyud_swin_mini_32px_8ep_synthetic_pretrained"
+    if not (ab.CONFIG_DIR / f"{ab.BASELINES['pretrained']}.yaml").is_file():  # made first
+        assert "experiment=synthetic_single_task" in trains[0] and len(trains) == len(ab.ROWS) + 1
