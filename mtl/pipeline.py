@@ -799,9 +799,10 @@ def evaluate(
     return metrics, objects
 
 
-def compose_train_config(overrides: list[str], output_dir: Path) -> Any:
-    """``configs/train.yaml`` composed with ``overrides``, its outputs in ``output_dir``, as ``train.py``
-    composes it (the Hydra config included and set, so that code reading ``HydraConfig`` works)."""
+def compose_train_config(overrides: list[str], output_dir: Path, config_name: str = "train") -> Any:
+    """``configs/<config_name>.yaml`` (``train`` or ``eval``) composed with ``overrides``, its outputs in
+    ``output_dir``, as ``train.py`` / ``eval.py`` compose it (the Hydra config included and set, so that
+    code reading ``HydraConfig`` works)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -810,7 +811,7 @@ def compose_train_config(overrides: list[str], output_dir: Path) -> Any:
     GlobalHydra.instance().clear()
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(version_base="1.3", config_dir=str(configs)):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir / "logs")

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from mtl.pipeline import compose_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -138,15 +137,7 @@ def fake_data_dir(tmp_path_factory) -> Path:
 
 def compose_cfg(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:
     """Composes ``configs/<config_name>.yaml`` with overrides; outputs go under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path)
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.hydra.runtime.output_dir = str(tmp_path)
-        HydraConfig().set_config(cfg)
-    return cfg
+    return compose_train_config(overrides, Path(tmp_path), config_name)
 
 
 @pytest.fixture

@@ -21,11 +21,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -73,15 +70,9 @@ def eval_overrides(experiment: str, ckpt: str, world: int) -> list[str]:
 
 def compose_cfg(overrides: list[str], output_dir: Path, config_name: str) -> DictConfig:
     """``configs/<config_name>.yaml`` with ``overrides``; outputs under ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.log_dir = str(output_dir / "logs")
-            cfg.hydra.runtime.output_dir = str(output_dir)
-        HydraConfig().set_config(cfg)
-    return cfg
+    from mtl.pipeline import compose_train_config
+
+    return compose_train_config(overrides, Path(output_dir), config_name)
 
 
 def write_checkpoint(experiment: str, path: Path) -> Path:
