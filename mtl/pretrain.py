@@ -256,6 +256,7 @@ def pretrain(
     shutil.rmtree(work, ignore_errors=True)
     cfg = compose_train_config(p.overrides, work)
     log.info("pretraining %s into %s; recipe %s", backbone, path, p.recipe)
+    code = code_version()  # the code that trains (the tree may change during a long run)
     t0 = time.perf_counter()
     metrics, objects = train(cfg)
     seconds = time.perf_counter() - t0
@@ -266,7 +267,7 @@ def pretrain(
         "format": PRETRAINED_FORMAT,
         "recipe": p.recipe,
         "command": pretrain_command(p.recipe, p.cache_dir),
-        "code": code_version(),
+        "code": code,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
         "device": str(next(objects["module"].parameters()).device),
