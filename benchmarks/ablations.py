@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from tables import RECIPE, TASKS, baseline_name  # noqa: E402
+from tables import RECIPE, TASKS, baseline_name, print_table, run_steps  # noqa: E402
 
 from mtl.baselines import CONFIG_DIR  # noqa: E402
-from mtl.compare import CompareError, build_table, write_table  # noqa: E402
+from mtl.compare import build_table, write_table  # noqa: E402
 
 OUT = ROOT / "logs" / "ablations"
 SEEDS = "0,1,2"
@@ -171,23 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(done)} row folders exist (first: {done[0]}): --table-only rebuilds the table from them, "
               "--force trains into them again")  # fmt: skip
         return 2
-    for step in steps:
-        print("$ " + shlex.join(step), flush=True)
-        if not args.dry_run:
-            subprocess.run(step, cwd=ROOT, check=True)
+    run_steps(steps, args.dry_run)
     if args.dry_run:
         print(
             f"# {len(ROWS)} rows × {len(SEEDS.split(','))} seeds = {len(ROWS) * len(SEEDS.split(','))} runs"
         )
         return 0
-    try:
-        path = make_table(args.regime, command)
-    except CompareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path.read_text())
-    print(f"written: {path} (.csv, .tex, .json, PNGs)")
-    return 0
+    return print_table(lambda: make_table(args.regime, command))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -100,6 +101,26 @@ def make_table(table: str, command: str) -> Path:
     return write_table(result, OUT / table, plot=True)["md"]
 
 
+def run_steps(steps: list[list[str]], dry_run: bool) -> None:
+    """Prints every command (``$ ...``) and, unless ``dry_run``, runs it from the repository root."""
+    for step in steps:
+        print("$ " + shlex.join(step), flush=True)
+        if not dry_run:
+            subprocess.run(step, cwd=ROOT, check=True)
+
+
+def print_table(make: Callable[[], Path]) -> int:
+    """Builds a table with ``make`` and prints it; 2 with the comparison tool's message when it cannot."""
+    try:
+        path = make()
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    print(f"written: {path} (.csv, .tex, .json, PNGs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("table", choices=["strategies", "architectures", "baselines"])
@@ -115,20 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if steps and args.table != "baselines" and folder.exists() and not args.force and not args.dry_run:
         print(f"{folder} exists: --table-only rebuilds the table from it, --force trains into it again")
         return 2
-    for step in steps:
-        print("$ " + shlex.join(step), flush=True)
-        if not args.dry_run:
-            subprocess.run(step, cwd=ROOT, check=True)
+    run_steps(steps, args.dry_run)
     if args.table == "baselines" or args.dry_run:
         return 0
-    try:
-        path = make_table(args.table, command)
-    except CompareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path.read_text())
-    print(f"written: {path} (.csv, .tex, .json, PNGs)")
-    return 0
+    return print_table(lambda: make_table(args.table, command))
 
 
 if __name__ == "__main__":
