@@ -120,7 +120,10 @@ class StaticGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B × C × h × w`` (only its shape is used) → logits ``B × E × h × w``."""
         b, _, h, w = x.shape
-        return self.logits.view(1, -1, 1, 1).expand(b, -1, h, w)
+        # computed, not a view of the parameter: under no_grad a view of a leaf still requires grad
+        # without a grad_fn, which autograd hooks on module outputs (FLOP counting) refuse
+        logits = self.logits + x.new_zeros(())
+        return logits.view(1, -1, 1, 1).expand(b, -1, h, w)
 
 
 class LayerFusion(nn.Module):
