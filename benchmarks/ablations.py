@@ -5,6 +5,8 @@
     python benchmarks/ablations.py taskexpert --dry-run               # print the commands, run nothing
     python benchmarks/ablations.py taskexpert --table-only            # the table again from the finished runs
     python benchmarks/ablations.py taskexpert --params                # parameters of every row, no training
+    python benchmarks/ablations.py taskexpert --regime pretrained --backbone vit_mini \
+        --rows multihead,default,no_memory,gate_memory,fusion_layers  # the check on a single-scale ViT
 
 Each row changes one factor of the default (``experiment=table_arch_taskexpert``: 8 experts + the
 memory, 64 channels, per-pixel gates on the feature, ``add`` memory update, no intermediate
@@ -18,6 +20,10 @@ The pretrained regime adds ``pretrained=synthetic`` (the synthetic-pretrained Sw
 recipe's 32 px, made first by ``python -m mtl.pretrain`` unless cached) to every row, and to its own
 single-task baselines (``<scratch baselines>_synthetic_pretrained``, trained and installed first
 unless ``configs/baselines/`` has them).
+
+``--backbone vit_mini`` runs the rows on the single-scale ViT-Ti with 4×4 patches (the paper's
+backbone family; ``configs/model/backbone/vit_mini.yaml``) instead of the Swin-mini pyramid, into
+``logs/ablations/vit_mini-<regime>/`` with its own baselines; ``--rows`` picks some rows by name.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ DEFAULT = "experiment=table_arch_taskexpert"
 MULTIHEAD = "experiment=table_arch_multihead"
 #: extra overrides of each regime
 REGIMES = {"scratch": [], "pretrained": ["pretrained=synthetic"]}
-#: the single-task baselines of each regime (``mtl.baselines install`` names the pretrained ones so)
-BASELINES = {"scratch": baseline_name(), "pretrained": f"{baseline_name()}_synthetic_pretrained"}
+#: the backbones the rows run on (``model/backbone=<name>``); the first is the default
+BACKBONES = ("swin_mini", "vit_mini")
 THROUGHPUT = ["+callbacks.throughput._target_=mtl.callbacks.Throughput", "+callbacks.throughput.warmup=5"]
 
 
@@ -87,36 +93,53 @@ ROWS = (
 )
 
 
-def commands(regime: str, baselines: str, rows: tuple[Row, ...] = ROWS) -> list[list[str]]:
+def default_baselines(regime: str, backbone: str = BACKBONES[0]) -> str:
+    """The single-task baselines of a regime and backbone, as ``mtl.baselines install`` names them
+    (``synthetic_nyud_<backbone>_32px_8ep``, ``+ _synthetic_pretrained`` from the pretrained start)."""
+    name = baseline_name(backbone)
+    return f"{name}_synthetic_pretrained" if regime == "pretrained" else name
+
+
+def regime_folder(regime: str, backbone: str = BACKBONES[0]) -> Path:
+    """``logs/ablations/<regime>`` (Swin-mini) or ``logs/ablations/<backbone>-<regime>``."""
+    return OUT / (regime if backbone == BACKBONES[0] else f"{backbone}-{regime}")
+
+
+def commands(
+    regime: str, baselines: str, rows: tuple[Row, ...] = ROWS, backbone: str = BACKBONES[0]
+) -> list[list[str]]:
     """Every command of a regime: for ``pretrained``, the pretraining (reused when cached) and the
     single-task baselines from it (unless installed); then one multirun per row (``seed=0,1,2``)
-    into ``logs/ablations/<regime>/<row>``."""
+    into ``regime_folder(regime, backbone)/<row>``."""
     train = [sys.executable, "train.py", "-m"]
+    extra = [*REGIMES[regime], *([] if backbone == BACKBONES[0] else [f"model/backbone={backbone}"])]
     steps: list[list[str]] = []
     if regime == "pretrained":
         recipe = yaml.safe_load((ROOT / "configs" / "recipe" / f"{RECIPE}.yaml").read_text())
         size = recipe["data"]["dataset"]["resolution"][0]
-        steps.append([sys.executable, "-m", "mtl.pretrain", "backbone=swin_mini", f"resolution={size}"])
+        steps.append([sys.executable, "-m", "mtl.pretrain", f"backbone={backbone}", f"resolution={size}"])
     if not (CONFIG_DIR / f"{baselines}.yaml").is_file():
-        sweep = OUT / regime / "baselines"
+        sweep = regime_folder(regime, backbone) / "baselines"
         steps += [
-            [*train, "experiment=synthetic_single_task", f"recipe={RECIPE}", f"task={TASKS}",
-             *REGIMES[regime], f"hydra.sweep.dir={sweep}"],
+            [*train, "experiment=synthetic_single_task", f"recipe={RECIPE}", f"task={TASKS}", *extra,
+             f"hydra.sweep.dir={sweep}"],
             [sys.executable, "-m", "mtl.baselines", "install", str(sweep)],
         ]  # fmt: skip
     return steps + [
-        [*train, *row.overrides, *REGIMES[regime], f"seed={SEEDS}", f"baselines={baselines}", *THROUGHPUT,
-         f"hydra.sweep.dir={row_folder(regime, row)}"]
+        [*train, *row.overrides, *extra, f"seed={SEEDS}", f"baselines={baselines}", *THROUGHPUT,
+         f"hydra.sweep.dir={row_folder(regime, row, backbone)}"]
         for row in rows
     ]  # fmt: skip
 
 
-def row_folder(regime: str, row: Row) -> Path:
-    """Where a row's runs go: ``logs/ablations/<regime>/<row>``."""
-    return OUT / regime / row.name
+def row_folder(regime: str, row: Row, backbone: str = BACKBONES[0]) -> Path:
+    """Where a row's runs go: ``logs/ablations/<regime>/<row>`` (see :func:`regime_folder`)."""
+    return regime_folder(regime, backbone) / row.name
 
 
-def parameter_counts(rows: tuple[Row, ...] = ROWS) -> list[tuple[str, float, float]]:
+def parameter_counts(
+    rows: tuple[Row, ...] = ROWS, backbone: str = BACKBONES[0]
+) -> list[tuple[str, float, float]]:
     """(row, decoder + heads parameters in millions, all parameters in millions) of every row's model,
     composed from the real configs and built without weights."""
     from hydra import compose, initialize_config_dir
@@ -128,27 +151,43 @@ def parameter_counts(rows: tuple[Row, ...] = ROWS) -> list[tuple[str, float, flo
     out = []
     with initialize_config_dir(str(ROOT / "configs"), version_base=None):
         for row in rows:
-            cfg = compose("train", list(row.overrides))
+            cfg = compose("train", [*row.overrides, f"model/backbone={backbone}"])
             dm = build_datamodule(cfg)
             tasks = build_tasks(list(cfg.data.tasks), num_classes=dm.num_classes)
             net = instantiate(cfg.model, tasks={t: k.out_channels for t, k in tasks.items()}, _convert_="all")
             total = sum(p.numel() for p in net.parameters())
-            backbone = sum(p.numel() for p in net.backbone.parameters())
-            out.append((row.name, (total - backbone) / 1e6, total / 1e6))
+            trunk = sum(p.numel() for p in net.backbone.parameters())
+            out.append((row.name, (total - trunk) / 1e6, total / 1e6))
     return out
 
 
-def make_table(regime: str, command: str) -> Path:
-    """Writes the comparison table of ``logs/ablations/<regime>/`` and returns its Markdown file."""
-    folders = [row_folder(regime, row) for row in ROWS]
-    result = build_table(folders, command=command, per_task=True, cost=True, time_ref=MULTIHEAD)
-    return write_table(result, OUT / regime, plot=True)["md"]
+def make_table(regime: str, command: str, rows: tuple[Row, ...] = ROWS, backbone: str = BACKBONES[0]) -> Path:
+    """Writes the comparison table of ``regime_folder(regime, backbone)`` and returns its Markdown file."""
+    folders = [row_folder(regime, row, backbone) for row in rows]
+    time_ref = MULTIHEAD if any(row.overrides == (MULTIHEAD,) for row in rows) else None
+    result = build_table(folders, command=command, per_task=True, cost=True, time_ref=time_ref)
+    return write_table(result, regime_folder(regime, backbone), plot=True)["md"]
+
+
+def select_rows(names: str | None) -> tuple[Row, ...]:
+    """The rows named in a comma-separated list (all rows for ``None``), in the table's order."""
+    if names is None:
+        return ROWS
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - {row.name for row in ROWS})
+    if unknown or not wanted:
+        raise SystemExit(f"--rows {names!r}: unknown rows {unknown}; the rows are {[r.name for r in ROWS]}")
+    return tuple(row for row in ROWS if row.name in wanted)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=["taskexpert"])
     parser.add_argument("--regime", choices=sorted(REGIMES), default="scratch")
+    parser.add_argument(
+        "--backbone", choices=BACKBONES, default=BACKBONES[0], help="model/backbone of every run"
+    )
+    parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument(
         "--baselines",
         help="single-task baselines for Δm (configs/baselines/; default: the regime's, made when missing)",
@@ -158,14 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", action="store_true", help="parameter counts of every row, no training")
     parser.add_argument("--force", action="store_true", help="train into existing row folders")
     args = parser.parse_args(argv)
+    rows = select_rows(args.rows)
     if args.params:
         print("| row | decoder + heads (M) | all (M) |\n|---|---|---|")
-        for name, decoder, total in parameter_counts():
+        for name, decoder, total in parameter_counts(rows, args.backbone):
             print(f"| {name} | {decoder:.3f} | {total:.3f} |")
         return 0
-    command = shlex.join(["python", "benchmarks/ablations.py", args.model, "--regime", args.regime])
-    steps = [] if args.table_only else commands(args.regime, args.baselines or BASELINES[args.regime])
-    done = [str(f) for f in (row_folder(args.regime, row) for row in ROWS) if f.exists() and steps]
+    words = ["python", "benchmarks/ablations.py", args.model, "--regime", args.regime]
+    if args.backbone != BACKBONES[0]:
+        words += ["--backbone", args.backbone]
+    if args.rows is not None:
+        words += ["--rows", ",".join(row.name for row in rows)]
+    command = shlex.join(words)
+    baselines = args.baselines or default_baselines(args.regime, args.backbone)
+    steps = [] if args.table_only else commands(args.regime, baselines, rows, args.backbone)
+    done = [
+        str(f) for f in (row_folder(args.regime, row, args.backbone) for row in rows) if f.exists() and steps
+    ]
     if done and not args.force and not args.dry_run:
         print(f"{len(done)} row folders exist (first: {done[0]}): --table-only rebuilds the table from them, "
               "--force trains into them again")  # fmt: skip
@@ -173,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     run_steps(steps, args.dry_run)
     if args.dry_run:
         print(
-            f"# {len(ROWS)} rows × {len(SEEDS.split(','))} seeds = {len(ROWS) * len(SEEDS.split(','))} runs"
+            f"# {len(rows)} rows × {len(SEEDS.split(','))} seeds = {len(rows) * len(SEEDS.split(','))} runs"
         )
         return 0
-    return print_table(lambda: make_table(args.regime, command))
+    return print_table(lambda: make_table(args.regime, command, rows, args.backbone))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ ARCHITECTURES = (
 SEEDS = "0,1,2"
 
 
-def baseline_name() -> str:
-    """``synthetic_nyud_swin_mini`` + the suffix of the recipe (``_32px_8ep``), as ``install`` names it."""
+def baseline_name(backbone: str = "swin_mini") -> str:
+    """``synthetic_nyud_<backbone>`` + the suffix of the recipe (``_32px_8ep``), as ``install`` names it."""
     recipe = yaml.safe_load((ROOT / "configs" / "recipe" / f"{RECIPE}.yaml").read_text())
     suffix = recipe_suffix(
         {
@@ -64,7 +64,7 @@ def baseline_name() -> str:
             "max_steps": recipe["trainer"].get("max_steps"),
         }
     )
-    return f"synthetic_nyud_swin_mini{suffix}"
+    return f"synthetic_nyud_{backbone}{suffix}"
 
 
 def commands(table: str) -> list[list[str]]:

@@ -176,16 +176,39 @@ def test_ablation_rows_change_one_factor_and_compose(capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("$ ")]
     assert len(lines) == len(ab.ROWS)
+    scratch, pretrained = ab.default_baselines("scratch"), ab.default_baselines("pretrained")
     for line, row in zip(lines, ab.ROWS, strict=True):
-        assert " ".join(row.overrides) + " seed=0,1,2 baselines=" + ab.BASELINES["scratch"] in line
+        assert " ".join(row.overrides) + " seed=0,1,2 baselines=" + scratch in line
         assert f"hydra.sweep.dir={ab.OUT / 'scratch' / row.name}" in line and "pretrained=" not in line
         assert "+callbacks.throughput._target_=mtl.callbacks.Throughput" in line
+        assert "model/backbone" not in line
     assert ab.main(["taskexpert", "--regime", "pretrained", "--dry-run"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     assert lines[0].endswith("-m mtl.pretrain backbone=swin_mini resolution=32")  # reused when cached
     trains = [line for line in lines if " train.py " in line]
     assert all("pretrained=synthetic" in line and str(ab.OUT / "pretrained") in line for line in trains)
-    assert all(f"baselines={ab.BASELINES['pretrained']}" in line for line in trains[-len(ab.ROWS) :])
-    assert ab.BASELINES["pretrained"] == "synthetic_nyud_swin_mini_32px_8ep_synthetic_pretrained"
-    if not (ab.CONFIG_DIR / f"{ab.BASELINES['pretrained']}.yaml").is_file():  # made first
+    assert all(f"baselines={pretrained}" in line for line in trains[-len(ab.ROWS) :])
+    assert pretrained == "synthetic_nyud_swin_mini_32px_8ep_synthetic_pretrained"
+    if not (ab.CONFIG_DIR / f"{pretrained}.yaml").is_file():  # made first
         assert "experiment=synthetic_single_task" in trains[0] and len(trains) == len(ab.ROWS) + 1
+
+
+def test_ablation_rows_on_the_vit(capsys):
+    """--backbone vit_mini --rows: the named rows only, on model/backbone=vit_mini (its own pretraining,
+    baselines and folder logs/ablations/vit_mini-<regime>); an unknown row name is refused."""
+    import pytest
+
+    ab = _ablations_script()
+    argv = ["taskexpert", "--regime", "pretrained", "--backbone", "vit_mini", "--rows", "default,multihead"]
+    assert ab.main([*argv, "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert lines[0].endswith("-m mtl.pretrain backbone=vit_mini resolution=32")
+    rows = [line for line in lines if "seed=0,1,2" in line]
+    assert [line.split("hydra.sweep.dir=")[1] for line in rows] == [
+        str(ab.OUT / "vit_mini-pretrained" / name) for name in ("multihead", "default")
+    ]  # the table's order, not the command line's
+    name = "synthetic_nyud_vit_mini_32px_8ep_synthetic_pretrained"
+    assert ab.default_baselines("pretrained", "vit_mini") == name
+    assert all("model/backbone=vit_mini" in line and f"baselines={name}" in line for line in rows)
+    with pytest.raises(SystemExit, match="unknown rows \\['nope'\\]"):
+        ab.main([*argv[:-1], "default,nope", "--dry-run"])
