@@ -27,7 +27,7 @@ import functools
 import numpy as np
 import torch
 
-from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, LABEL_TASKS
 
 HSV_SHIFT = 12
 
@@ -156,7 +156,9 @@ def normalise(images: torch.Tensor, box: torch.Tensor | None = None) -> torch.Te
 
 
 def prepare_batch(batch: dict) -> dict:
-    """Finishes a batch whose image is still uint8: photometric distortion (when drawn), normalisation.
+    """Finishes a batch whose image is still uint8: photometric distortion (when drawn), normalisation,
+    and the uint8 label maps (:data:`~mtl.data.transforms.LABEL_TASKS`) made int64 as the losses and
+    metrics take them.
 
     Batches with a float image (validation, test, or the worker-side path) pass through.
     """
@@ -168,4 +170,7 @@ def prepare_batch(batch: dict) -> dict:
     box = out.pop("image_box", None)
     x = photometric(image, params) if params is not None else image
     out["image"] = normalise(x, box)
+    for key in LABEL_TASKS:
+        if isinstance(out.get(key), torch.Tensor) and out[key].dtype == torch.uint8:
+            out[key] = out[key].long()
     return out

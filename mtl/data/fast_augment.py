@@ -89,11 +89,12 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
     return np.bincount(labels.ravel(), minlength=256)
 
 
-def gather(value: np.ndarray, flat: np.ndarray) -> np.ndarray:
-    """``value[r, c]`` for the flat indices ``r·W + c`` of ``flat`` (an (h, w) array), channels kept."""
-    h, w = value.shape[:2]
-    rest = value.shape[2:]
-    return value.reshape(h * w, *rest).take(flat, axis=0)
+def gather(value: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``value[rows][:, cols]`` (channels kept), by the fastest NumPy route for the dtype: fancy
+    indexing of the columns for single-channel 8-bit maps, two ``take`` calls otherwise."""
+    if value.dtype.itemsize == 1 and value.ndim == 2:
+        return value.take(rows, axis=0)[:, cols]
+    return value.take(rows, axis=0).take(cols, axis=1)
 
 
 class FastTrainAugment:
@@ -164,7 +165,7 @@ class FastTrainAugment:
             rejected: set[tuple[int, int]] = set()  # a redraw of a rejected window is rejected again
             for _ in range(10):
                 if (y, x) not in rejected:
-                    counts = label_counts(seg.take(ny[y : y + ch], axis=0).take(nx[x : x + cw], axis=1))
+                    counts = label_counts(gather(seg, ny[y : y + ch], nx[x : x + cw]))
                     counts = np.delete(counts, self.ignore_index) if self.ignore_index < 256 else counts
                     counts = counts[counts > 0]
                     if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
@@ -183,7 +184,7 @@ class FastTrainAugment:
         out_rows, out_cols = np.arange(y, y + ch), np.arange(x, x + cw)
         if flip:
             out_cols = out_cols[::-1]
-        flat = ny[out_rows][:, None] * w + nx[out_cols][None, :]  # (ch, cw) source pixel of each output
+        rows, cols = ny[out_rows], nx[out_cols]  # the source row / column of each output pixel
         out: dict = {}
         for key, value in sample.items():
             if key == "image":
@@ -199,7 +200,7 @@ class FastTrainAugment:
             elif isinstance(value, CodedMap) or (isinstance(value, np.ndarray) and value.ndim >= 2):
                 # a coded map (the cache's normals): the window's codes gathered, then decoded
                 coded = isinstance(value, CodedMap)
-                value = value.lut.take(gather(value.code, flat)) if coded else gather(value, flat)
+                value = value.lut.take(gather(value.code, rows, cols)) if coded else gather(value, rows, cols)
                 if key == "depth" and s is not None:
                     value = value / np.float32(s)
                 elif key == "normals" and flip:

@@ -100,7 +100,9 @@ class ToTensor:
         mean: per-channel mean of the image in [0, 1] units.
         std: per-channel standard deviation.
         normalise: ``False``: keep a uint8 image as a uint8 ``3×H×W`` tensor, for
-            :func:`mtl.data.device_augment.prepare_batch` to normalise on the device.
+            :func:`mtl.data.device_augment.prepare_batch` to normalise on the device, and uint8
+            label maps as uint8 (8× fewer bytes to copy and transfer; ``prepare_batch`` makes them
+            int64 on the device).
     """
 
     def __init__(
@@ -122,6 +124,8 @@ class ToTensor:
                 img = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
                 img = img.to(torch.float32, memory_format=torch.contiguous_format)
                 out[key] = img.div_(255.0).sub_(self.mean).div_(self.std)
+            elif key in LABEL_TASKS and not self.normalise and value.dtype == np.uint8:
+                out[key] = torch.from_numpy(np.ascontiguousarray(value))  # int64 on the device
             elif key in LABEL_TASKS:
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.int64))
             elif key in BINARY_TASKS:

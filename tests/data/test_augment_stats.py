@@ -145,7 +145,10 @@ def test_device_batch_equals_worker_batch(samples, distort):
     # without a photometric step the scaled image stays float (as today): normalised in the worker
     assert (batch_b["image"].dtype == torch.uint8) == distort and ("photometric" in batch_b) == distort
     assert ("image_box" in batch_b) == distort
+    # the label maps travel as uint8 (8× fewer bytes) and become int64 on the device
+    assert batch_b["semseg"].dtype == (torch.uint8 if distort else torch.int64)
     finished = prepare_batch(batch_b)
+    assert all(finished[k].dtype == batch_a[k].dtype for k in batch_a if isinstance(batch_a[k], torch.Tensor))
     assert "photometric" not in finished and "image_box" not in finished
     assert finished.keys() == batch_a.keys()
     for key in batch_a:
