@@ -5,6 +5,7 @@
     python benchmarks/ablations.py taskexpert --dry-run               # print the commands, run nothing
     python benchmarks/ablations.py taskexpert --table-only            # the table again from the finished runs
     python benchmarks/ablations.py taskexpert --params                # parameters of every row, no training
+    python benchmarks/ablations.py taskexpert --time                  # CPU time of a training step per row
     python benchmarks/ablations.py taskexpert --regime pretrained --backbone vit_mini \
         --rows multihead,default,no_memory,gate_memory,fusion_layers  # the check on a single-scale ViT
 
@@ -161,6 +162,48 @@ def parameter_counts(
     return out
 
 
+def step_times(
+    rows: tuple[Row, ...] = ROWS, backbone: str = BACKBONES[0], steps: int = 7, warmup: int = 2
+) -> list[tuple[str, float]]:
+    """(row, median CPU-seconds of one training step) of every row, one torch thread: the forward,
+    the task losses (and the model's auxiliary loss), their sum's backward and an AdamW step on one
+    batch of the recipe's training data, the same for every row (EW weights, as the rows train).
+    Steadier than the runs' wall-time throughput on a shared machine."""
+    import statistics
+    import time
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from mtl.pipeline import build_datamodule, build_module
+
+    torch.set_num_threads(1)
+    out = []
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        for row in rows:
+            cfg = compose("train", [*row.overrides, f"model/backbone={backbone}", "data.num_workers=0"])
+            torch.manual_seed(0)
+            dm = build_datamodule(cfg)
+            dm.setup("fit")
+            module = build_module(cfg, dm)
+            batch = next(iter(dm.train_dataloader()))
+            batch = dm.on_after_batch_transfer(batch, 0)
+            opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+            times = []
+            for i in range(warmup + steps):
+                start = time.process_time()
+                opt.zero_grad(set_to_none=True)
+                result = module.model.run(batch["image"])
+                losses = module.task_losses(result, batch)
+                total = sum(losses.values()) + (result.aux_loss if result.aux_loss is not None else 0)
+                total.backward()
+                opt.step()
+                if i >= warmup:
+                    times.append(time.process_time() - start)
+            out.append((row.name, statistics.median(times)))
+    return out
+
+
 def make_table(regime: str, command: str, rows: tuple[Row, ...] = ROWS, backbone: str = BACKBONES[0]) -> Path:
     """Writes the comparison table of ``regime_folder(regime, backbone)`` and returns its Markdown file."""
     folders = [row_folder(regime, row, backbone) for row in rows]
@@ -196,12 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table-only", action="store_true", help="only the table, from the finished runs")
     parser.add_argument("--params", action="store_true", help="parameter counts of every row, no training")
     parser.add_argument("--force", action="store_true", help="train into existing row folders")
+    parser.add_argument(
+        "--time",
+        action="store_true",
+        help="CPU time of one training step of every row (1 thread), no training",
+    )
     args = parser.parse_args(argv)
     rows = select_rows(args.rows)
     if args.params:
         print("| row | decoder + heads (M) | all (M) |\n|---|---|---|")
         for name, decoder, total in parameter_counts(rows, args.backbone):
             print(f"| {name} | {decoder:.3f} | {total:.3f} |")
+        return 0
+    if args.time:
+        times = step_times(rows, args.backbone)
+        ref = dict(times).get("multihead", times[0][1])
+        print("| row | CPU ms / step (1 thread) | × multihead |\n|---|---:|---:|")
+        for name, seconds in times:
+            print(f"| {name} | {seconds * 1e3:.1f} | {seconds / ref:.2f}× |")
         return 0
     words = ["python", "benchmarks/ablations.py", args.model, "--regime", args.regime]
     if args.backbone != BACKBONES[0]:

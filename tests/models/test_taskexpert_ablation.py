@@ -212,3 +212,12 @@ def test_ablation_rows_on_the_vit(capsys):
     assert all("model/backbone=vit_mini" in line and f"baselines={name}" in line for line in rows)
     with pytest.raises(SystemExit, match="unknown rows \\['nope'\\]"):
         ab.main([*argv[:-1], "default,nope", "--dry-run"])
+
+
+def test_ablation_step_times_run_the_rows():
+    """--time: one timed training step (forward, losses, backward, AdamW) of the named rows."""
+    ab = _ablations_script()
+    rows = ab.select_rows("multihead,intermediate")
+    times = ab.step_times(rows, steps=1, warmup=0)
+    assert [name for name, _ in times] == ["multihead", "intermediate"]
+    assert all(seconds > 0 for _, seconds in times)
