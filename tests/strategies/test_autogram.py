@@ -4,6 +4,7 @@ the buffered Jacobian, and a one-line fallback (saying why) where the engine can
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -58,11 +59,8 @@ def encoder(kind: str, d_in: int = 4, d_rep: int = 3) -> nn.Module:
     return UsesChildWeight(d_in, d_rep)
 
 
-def setup(strategy, kind: str, k: int = 3, scale: float = 1.0):
-    model = ToyNet(k)
-    model.enc = model.backbone = encoder(kind)
-    module = ToyModule(model, scale=scale)
-    strategy.setup(tasks=module.tasks, module=module)
+def record_gramians(strategy) -> list[torch.Tensor]:
+    """The Gramian of every later ``strategy.measure`` call, appended to the returned list."""
     grams = []
     measure = strategy.measure
 
@@ -72,7 +70,42 @@ def setup(strategy, kind: str, k: int = 3, scale: float = 1.0):
         return gram, jac
 
     strategy.measure = recording
-    return module, toy_batch(k), grams
+    return grams
+
+
+#: the three ways of getting the Gramian: the k × n buffer, the k(k+1)/2+1 passes, the engine
+MODES = {
+    "buffered": {},
+    "passes": {"gramian_only": True, "autogram": False},
+    "autogram": {"gramian_only": True},
+}
+
+
+def run_modes(make, setup_fn, check_autogram, warning=Warning) -> dict:
+    """{mode: (last Gramian, gradients after 2 steps)} of ``GradientAggregation(make(), **mode)`` on the
+    model of ``setup_fn(strategy) -> (module, batch)``; no warning of class ``warning`` (no fallback);
+    ``check_autogram(strategy, module)`` runs after the engine's steps."""
+    results = {}
+    for name, kwargs in MODES.items():
+        strategy = GradientAggregation(aggregator=make(), **kwargs)
+        module, batch = setup_fn(strategy)
+        grams = record_gramians(strategy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", warning)
+            grads = run(strategy, module, batch, steps=2)  # step 1 cross-checks, step 2 uses the engine
+        results[name] = grams[-1], grads
+        if name == "autogram":
+            assert strategy.autogram and strategy.autogram_fallback is None and strategy._autogram_checked
+            check_autogram(strategy, module)
+    return results
+
+
+def setup(strategy, kind: str, k: int = 3, scale: float = 1.0):
+    model = ToyNet(k)
+    model.enc = model.backbone = encoder(kind)
+    module = ToyModule(model, scale=scale)
+    strategy.setup(tasks=module.tasks, module=module)
+    return module, toy_batch(k)
 
 
 def run(strategy, module, batch, steps: int) -> list[torch.Tensor]:
@@ -87,22 +120,11 @@ def run(strategy, module, batch, steps: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("make", [UPGrad, MGDA])
 @pytest.mark.parametrize("scale", [1.0, 1024.0])
 def test_autogram_gramian_and_update_equal_the_passes_and_the_buffer(kind, make, scale):
-    results = {}
-    for name, kwargs in {
-        "buffered": {},
-        "passes": {"gramian_only": True, "autogram": False},
-        "autogram": {"gramian_only": True},
-    }.items():
-        strategy = GradientAggregation(aggregator=make(), **kwargs)
-        module, batch, grams = setup(strategy, kind, scale=scale)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no fallback
-            grads = run(strategy, module, batch, steps=2)  # step 1 cross-checks, step 2 uses the engine
-        results[name] = grams[-1], grads
-        if name == "autogram":
-            assert strategy.autogram and strategy.autogram_fallback is None and strategy._autogram_checked
-            assert strategy._jac.buf is None and strategy._scratch.buf is None  # no k × n buffer
-            assert all(not m._forward_hooks for m in module.model.modules())  # hooks gone after the step
+    def no_buffer_no_hooks(strategy, module):
+        assert strategy._jac.buf is None and strategy._scratch.buf is None  # no k × n buffer
+        assert all(not m._forward_hooks for m in module.model.modules())  # hooks gone after the step
+
+    results = run_modes(make, lambda st: setup(st, kind, scale=scale), no_buffer_no_hooks)
     gram, grads = results["autogram"]
     for other in ("passes", "buffered"):
         ref_gram, ref_grads = results[other]
@@ -115,7 +137,7 @@ def test_autogram_engine_path_runs_one_batched_pass_not_the_polarised_ones(monke
     import mtl.strategies.aggregation as aggregation
 
     strategy = GradientAggregation(aggregator=UPGrad(), gramian_only=True)
-    module, batch, _ = setup(strategy, "mlp")
+    module, batch = setup(strategy, "mlp")
     run(strategy, module, batch, steps=1)  # the cross-check step
     calls = []
     monkeypatch.setattr(aggregation, "polarised_gramian", lambda *a: calls.append(a))
@@ -134,7 +156,8 @@ def test_autogram_falls_back_and_says_why(kind, reason):
     results = {}
     for autogram in (False, True):
         strategy = GradientAggregation(aggregator=UPGrad(), gramian_only=True, autogram=autogram)
-        module, batch, grams = setup(strategy, kind)
+        module, batch = setup(strategy, kind)
+        grams = record_gramians(strategy)
         if autogram:
             with pytest.warns(UserWarning, match="autogram engine off.*polarised passes") as record:
                 grads = run(strategy, module, batch, steps=2)
@@ -142,7 +165,7 @@ def test_autogram_falls_back_and_says_why(kind, reason):
             assert "\n" not in str(record[0].message)
             assert not strategy.autogram
             assert strategy.autogram_fallback is not None
-            assert __import__("re").search(reason, strategy.autogram_fallback)
+            assert re.search(reason, strategy.autogram_fallback)
         else:
             grads = run(strategy, module, batch, steps=2)
         results[autogram] = grams, grads
@@ -189,36 +212,14 @@ def real_setup(strategy, backbone: str):
         "depth": torch.rand(2, 1, 32, 32, generator=g) + 0.5,
         "normals": F.normalize(torch.randn(2, 3, 32, 32, generator=g), dim=1),
     }
-    grams = []
-    measure = strategy.measure
-
-    def recording(*args):
-        gram, jac = measure(*args)
-        grams.append(gram.detach().clone())
-        return gram, jac
-
-    strategy.measure = recording
-    return module, batch, grams
+    return module, batch
 
 
 @pytest.mark.parametrize("backbone", ["vit", "swin"])
 def test_autogram_on_vit_and_swin_equals_the_passes_and_the_buffer(backbone):
     """timm's ViT (tokens owned by a called child) and Swin use the engine, no fallback, same Gramian
     and update as the k(k+1)/2+1 passes and the buffered Jacobian (1e-5 of the largest entry)."""
-    results = {}
-    for name, kwargs in {
-        "buffered": {},
-        "passes": {"gramian_only": True, "autogram": False},
-        "autogram": {"gramian_only": True},
-    }.items():
-        strategy = GradientAggregation(aggregator=UPGrad(), **kwargs)
-        module, batch, grams = real_setup(strategy, backbone)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # no fallback
-            grads = run(strategy, module, batch, steps=2)  # step 1 cross-checks, step 2 uses the engine
-        results[name] = grams[-1], grads
-        if name == "autogram":
-            assert strategy.autogram and strategy.autogram_fallback is None and strategy._autogram_checked
+    results = run_modes(UPGrad, lambda st: real_setup(st, backbone), lambda *_: None, warning=UserWarning)
     gram, grads = results["autogram"]
     for other in ("passes", "buffered"):
         ref_gram, ref_grads = results[other]
