@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -144,6 +145,20 @@ def _timm_token_keys(module: nn.Module, state_dict: dict, prefix: str, *args) ->
         old, new = prefix + name, f"{prefix}prefix_tokens.{name}"
         if old in state_dict and new not in state_dict:
             state_dict[new] = state_dict.pop(old)
+
+
+def upgrade_token_keys(state: Mapping[str, Any], expected: Collection[str]) -> dict[str, Any]:
+    """``state`` with every ``<…>.{cls_token,reg_token,pos_embed}`` key renamed to
+    ``<…>.prefix_tokens.<name>`` where ``expected`` (the keys of the model it goes into) has the new
+    name and not the old one: a state dict or fingerprint written before :class:`ViTPrefixTokens`,
+    read by code that compares keys instead of loading through the module (model merging)."""
+    out = {}
+    for key, value in state.items():
+        head, _, name = key.rpartition(".")
+        new = f"{head}.prefix_tokens.{name}" if head else f"prefix_tokens.{name}"
+        renamed = name in TOKEN_NAMES and key not in expected and new in expected and new not in state
+        out[new if renamed else key] = value
+    return out
 
 
 class TokenOwningViT(VisionTransformer):

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mtl.backbones.timm_backbone import upgrade_token_keys
 from mtl.initial_weights import first_mismatch, init_weights_paths, load_init_weights, state_fingerprint
 from mtl.merging.base import MergeMethod
 from mtl.merging.io import (
@@ -175,6 +176,10 @@ def merge_checkpoints(
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     shared, owner = key_owners(module)
+    keys = set(module.state_dict())
+    for run in runs:  # checkpoints written before the ViT's tokens moved into a called child
+        run.state = upgrade_token_keys(run.state, keys)
+        run.fingerprint = upgrade_token_keys(run.fingerprint, keys) if run.fingerprint else run.fingerprint
     check_runs(runs, shared)
     params = {f"model.{n}" for n, _ in module.model.named_parameters()}
     float_params = [k for k in shared if k in params]

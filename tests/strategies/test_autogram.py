@@ -312,3 +312,27 @@ def test_vit_set_input_size_goes_through_to_the_owned_tokens():
             bb(x), src.forward_intermediates(x, indices=[0, 1], intermediates_only=True), strict=True
         ):
             torch.testing.assert_close(a, b)
+
+
+def test_old_token_keys_are_renamed_only_where_the_model_expects_the_new_ones():
+    """upgrade_token_keys (model merging reads states and fingerprints by key): a checkpoint written
+    before the ViT's tokens moved into ``prefix_tokens`` maps onto today's keys; keys the model still
+    has under the old name (another class keeping its own tokens) and other keys stay."""
+    from mtl.backbones.timm_backbone import upgrade_token_keys
+
+    old = {
+        "model.backbone.model.cls_token": 1,
+        "model.backbone.model.pos_embed": 2,
+        "model.backbone.model.blocks.0.norm1.weight": 3,
+        "model.other.pos_embed": 4,
+    }
+    expected = {
+        "model.backbone.model.prefix_tokens.cls_token",
+        "model.backbone.model.prefix_tokens.pos_embed",
+        "model.backbone.model.blocks.0.norm1.weight",
+        "model.other.pos_embed",
+    }
+    new = upgrade_token_keys(old, expected)
+    assert set(new) == expected and new["model.backbone.model.prefix_tokens.pos_embed"] == 2
+    assert new["model.other.pos_embed"] == 4
+    assert upgrade_token_keys(new, expected) == new  # today's keys pass unchanged
