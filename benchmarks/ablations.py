@@ -163,7 +163,7 @@ def parameter_counts(
 
 
 def step_times(
-    rows: tuple[Row, ...] = ROWS, backbone: str = BACKBONES[0], steps: int = 7, warmup: int = 2
+    rows: tuple[Row, ...] = ROWS, backbone: str = BACKBONES[0], steps: int = 21, warmup: int = 3
 ) -> list[tuple[str, float]]:
     """(row, median CPU-seconds of one training step) of every row, one torch thread: the forward,
     the task losses (and the model's auxiliary loss), their sum's backward and an AdamW step on one
