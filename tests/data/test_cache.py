@@ -250,3 +250,17 @@ def test_command_line_builds_every_split(roots, tmp_path, capsys):
     for split in ("train", "val"):
         ds = NYUDv2(root=roots["nyud"], split=split)
         open_cache(ds, tmp_path, build=False)  # valid: no rebuild needed
+
+
+def test_window_gather_is_c_contiguous():
+    """The one-pass gathers hand out C-contiguous windows (OpenCV's histogram of the window check
+    and ToTensor are several times slower on a column-major array)."""
+    import numpy as np
+
+    from mtl.data.fast_augment import gather, nearest_index
+
+    seg = np.arange(375 * 500, dtype=np.uint32).reshape(375, 500).astype(np.uint8)
+    rows, cols = nearest_index(375, 562)[:300], nearest_index(500, 750)[100:400]
+    for value in (seg, seg.astype(np.float32), np.dstack([seg] * 3)):
+        out = gather(value, rows, cols)
+        assert out.flags["C_CONTIGUOUS"] and np.array_equal(out, value[rows][:, cols])
