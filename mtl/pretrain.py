@@ -132,8 +132,8 @@ def pretrain_command(recipe: Mapping[str, Any], cache_dir: str | Path | None = N
             continue
         own = {k: v for k, v in backbone_arch({**OmegaConf.to_container(node), "img_size": None}).items()
                if k != "img_size"}  # fmt: skip
-        if own.get("name") != arch.get("name"):
-            continue
+        if own.get("name") != arch.get("name") or any(k not in arch for k in own):
+            continue  # another model, or one setting a key the recipe leaves at timm's default
         extra = [f"backbone.{k}={_value(v)}" for k, v in sorted(arch.items()) if own.get(k) != v]
         if best is None or len(extra) < best[0]:
             best = (len(extra), file.stem, extra)

@@ -136,6 +136,11 @@ def test_command_for_a_non_default_architecture(cache):
     assert "backbone=vit_tiny backbone.depth=2 resolution=16x16" in command
     assert plan(**parse_args(command.split()[3:])).path == p.path
     assert str(p.path) in missing_pretrained_message(p.path, p.recipe)
+    # vit_mini is the same timm model with 4×4 patches: each recipe names its own option
+    mini = plan("vit_mini", resolution=SIZE, recipe=TINY, cache_dir=cache)
+    command = pretrain_command(mini.recipe, cache)
+    assert "backbone=vit_mini resolution=16x16" in command and mini.path != p.path
+    assert plan(**parse_args(command.split()[3:])).path == mini.path
 
 
 def test_recipe_mismatch_is_refused_naming_file_and_keys(tmp_path, cache, swin_file):
