@@ -85,9 +85,11 @@ def fake_sweep(root: Path, tasks: list[str], **kwargs) -> Path:
 
 @pytest.fixture
 def baselines_copy(tmp_path, monkeypatch) -> Path:
-    """A copy of configs/baselines/ standing in for it (the real folder is never written by tests)."""
+    """A copy of configs/baselines/ standing in for it (the real folder is never written by tests),
+    without the installed baselines of the default recipe (``*_128px_3ep*``): the tests install
+    their own runs of that recipe under those names."""
     copy = tmp_path / "configs" / "baselines"
-    shutil.copytree(CONFIGS / "baselines", copy)
+    shutil.copytree(CONFIGS / "baselines", copy, ignore=shutil.ignore_patterns("*_128px_3ep*"))
     monkeypatch.setattr(baselines, "CONFIG_DIR", copy)
     return copy
 
@@ -179,9 +181,12 @@ def test_install_records_the_recipe_in_the_file_and_its_name_and_it_loads(tmp_pa
     # selectable as baselines=<name>, without the old-protocol warning
     from mtl.pipeline import baseline_metrics
 
+    # (under a name of its own: configs/baselines/ ships a file of this name, which would win)
+    own = path.with_name(f"copy_of_{path.name}")
+    own.write_text(text)
     searchpath = f"hydra.searchpath=[file://{baselines_copy.parent}]"
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", [searchpath, f"baselines={path.stem}"])
+        cfg = compose("train", [searchpath, f"baselines={own.stem}"])
     assert baseline_metrics(cfg) == node["metrics"]
     # another recipe, another name: a 1-epoch debug sweep cannot take the 3-epoch name
     short = fake_sweep(tmp_path / "short", ["semseg", "depth", "normals", "edge"], epochs=1)
