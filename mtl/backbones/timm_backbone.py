@@ -138,11 +138,16 @@ class ViTPrefixTokens(nn.Module):
         )
 
 
+def _owned_token_key(prefix: str, name: str) -> str:
+    """Where timm's token ``<prefix><name>`` lives in :class:`TokenOwningViT`."""
+    return f"{prefix}prefix_tokens.{name}"
+
+
 def _timm_token_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: timm's ``cls_token`` / ``reg_token`` / ``pos_embed`` keys (pretrained
     files, checkpoints written before :class:`ViTPrefixTokens`) → ``prefix_tokens.*``."""
     for name in TOKEN_NAMES:
-        old, new = prefix + name, f"{prefix}prefix_tokens.{name}"
+        old, new = prefix + name, _owned_token_key(prefix, name)
         if old in state_dict and new not in state_dict:
             state_dict[new] = state_dict.pop(old)
 
@@ -154,8 +159,8 @@ def upgrade_token_keys(state: Mapping[str, Any], expected: Collection[str]) -> d
     read by code that compares keys instead of loading through the module (model merging)."""
     out = {}
     for key, value in state.items():
-        head, _, name = key.rpartition(".")
-        new = f"{head}.prefix_tokens.{name}" if head else f"prefix_tokens.{name}"
+        head, dot, name = key.rpartition(".")
+        new = _owned_token_key(head + dot, name)
         renamed = name in TOKEN_NAMES and key not in expected and new in expected and new not in state
         out[new if renamed else key] = value
     return out

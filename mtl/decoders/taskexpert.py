@@ -122,8 +122,7 @@ class StaticGate(nn.Module):
         b, _, h, w = x.shape
         # computed, not a view of the parameter: under no_grad a view of a leaf still requires grad
         # without a grad_fn, which autograd hooks on module outputs (FLOP counting) refuse
-        logits = self.logits + x.new_zeros(())
-        return logits.view(1, -1, 1, 1).expand(b, -1, h, w)
+        return self.logits.clone().view(1, -1, 1, 1).expand(b, -1, h, w)
 
 
 class LayerFusion(nn.Module):
