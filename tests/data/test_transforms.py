@@ -327,3 +327,21 @@ def test_parts_maps_without_a_part_pixel_are_ignored_after_crop_and_pad():
         build_transform(train=False)({**sample, "human_parts": np.zeros((40, 40), np.uint8)})["human_parts"]
         == 255
     ).all()
+
+
+def test_parts_check_of_8_bit_maps_agrees_with_the_comparisons():
+    """The OpenCV range test of uint8 maps decides as ``((v == 0) | (v == 255)).all()``."""
+    ignore = IgnoreUnannotatedParts()
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        values = rng.choice([0, 255], size=(7, 9))
+        if trial % 2:  # one part pixel somewhere
+            values[rng.integers(7), rng.integers(9)] = rng.integers(1, 255)
+        array = values.astype(np.uint8)
+        assert bool(((values == 0) | (values == 255)).all()) is not bool(trial % 2)
+        views = (array, array[:, ::2], torch.from_numpy(array), torch.from_numpy(array).t(), array[None])
+        for view in views:
+            expected = bool(((view == 0) | (view == 255)).all())
+            wide = view.astype(np.int64) if isinstance(view, np.ndarray) else view.long()
+            assert ignore._unannotated(view) is expected
+            assert ignore._unannotated(wide) is expected
