@@ -10,13 +10,16 @@ process with one torch thread (= one DataLoader worker):
   photometric distortion, normalise, pad): today's train row,
 - cache: the decoded-sample cache (:mod:`mtl.data.cache`, built before timing) + the one-pass
   train transform (:class:`~mtl.data.fast_augment.FastTrainAugment`; the same samples bit for bit),
-- cache + device photometric: as above, the image shipped as uint8 with its drawn photometric
-  parameters (the distortion and normalisation then run batched on the accelerator, not timed here),
+- cache + device photometric: as above, packed for the device
+  (:class:`~mtl.data.transforms.PackForDevice`: the image as uint8 with its drawn photometric
+  parameters, 8-bit maps as uint8, normals as packed codes; the distortion, normalisation and
+  widening then run batched on the accelerator, not timed here),
 
 and prints images/s, the cost of each pipeline relative to decoding and the throughput relative to
-today's train row. Usage::
+today's train row: medians over interleaved rounds (every pipeline once per round), the ratios taken
+within each round. Usage::
 
-    python benchmarks/data_loader.py --n 60
+    python benchmarks/data_loader.py --n 100 --repeats 3
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from mtl.data.pascal_context import PASCALContext
 from mtl.data.transforms import build_transform
 
 AUGMENT = {"scale": (0.5, 2.0), "cat_max_ratio": 0.75, "hflip": 0.5, "photometric": True}
+TODAY = "train: full augmentation"
 
 
 def rate(ds, n: int) -> float:
@@ -50,17 +54,18 @@ def rate(ds, n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=60, help="samples timed per pipeline")
+    parser.add_argument("--n", type=int, default=60, help="samples timed per pipeline and round")
     parser.add_argument("--ids", type=int, default=12, help="distinct samples written per dataset")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table gives medians")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)  # one worker = one core
     np.random.seed(args.seed)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         nyud = write_nyud(Path(tmp) / "NYUDv2", n_train=args.ids, n_val=1)
         pascal = write_pascal(Path(tmp) / "PASCALContext", n_train=args.ids, n_val=1)
+        loaders: dict[tuple[str, str], object] = {}
         for name, cls, root, size in (
             ("NYUD-v2 448×576", NYUDv2, nyud, (448, 576)),
             ("PASCAL-Context 512×512", PASCALContext, pascal, (512, 512)),
@@ -69,28 +74,34 @@ def main() -> None:
             pipelines = {
                 "decode only (baseline)": (None, False),
                 "test: normalise + pad": (build_transform(train=False, pad_to=size), False),
-                "train: full augmentation": (build_transform(**train), False),
+                TODAY: (build_transform(**train), False),
                 "train: cache + one-pass augmentation": (build_transform(fast=True, **train), True),
                 "train: cache + one-pass + device photometric": (
                     build_transform(fast=True, photometric_on_device=True, **train),
                     True,
                 ),
             }
-            base = today = None
             for label, (tf, cached) in pipelines.items():
                 ds = cls(root=root, split="train", transform=tf)
                 if cached:  # as MTLDataModule with data.fast_augment: views of the mapped pages
                     ds.use_cache(Path(tmp) / "cache", views=True)
-                r = rate(ds, args.n)
-                base = base or r
-                today = r if label.startswith("train: full") else today
-                rows.append((name, label, r, base / r, r / today if today else None))
-    print(f"one process, 1 torch / OpenCV thread, CPU time, {args.n} samples per row, all tasks\n")
+                loaders[name, label] = ds
+        rates: dict[tuple[str, str], list[float]] = {key: [] for key in loaders}
+        for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every row alike
+            for key, ds in loaders.items():
+                rates[key].append(rate(ds, args.n))
+    print(
+        f"one process, 1 torch / OpenCV thread, CPU time, {args.n} samples per row and round, "
+        f"{args.repeats} interleaved rounds (medians), all tasks\n"
+    )
     print("| dataset | pipeline | images/CPU-s per worker | time vs decode only | vs today's train |")
     print("|---|---|---|---|---|")
-    for name, label, r, ratio, speedup in rows:
-        vs = f"{speedup:.2f}×" if speedup is not None else "–"
-        print(f"| {name} | {label} | {r:.1f} | {ratio:.2f}× | {vs} |")
+    for (name, label), r in rates.items():
+        base = np.asarray(rates[name, "decode only (baseline)"])
+        today = np.asarray(rates[name, TODAY])
+        r = np.asarray(r)
+        vs = f"{np.median(r / today):.2f}×" if label.startswith("train") else "–"
+        print(f"| {name} | {label} | {np.median(r):.1f} | {np.median(base / r):.2f}× | {vs} |")
 
 
 if __name__ == "__main__":

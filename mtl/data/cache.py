@@ -5,9 +5,10 @@ Decoding NYUD-v2's PNGs and ``.npy`` files, or PASCAL-Context's JPEGs, PNGs and 
 cache stores each sample exactly as :meth:`~mtl.data.base.FolderDataset.load` returns it, in one
 flat file (``data.bin``) per split that every process maps read-only; reading a sample is a copy
 out of the page cache. Image and label maps keep their decoded dtype (uint8, int16, float32
-depth); normals decoded from an 8-bit PNG are stored as their 8-bit code (uint16, 256 marking an
-invalid pixel) and decoded on read through a table made with the loader's own arithmetic, a round
-trip checked bit for bit when the cache is built (maps that would not survive it stay float32).
+depth); normals decoded from an 8-bit PNG are stored as their 8-bit codes (256 marking an invalid
+pixel), the three of a pixel packed into one uint32, and decoded on read through a table made with
+the loader's own arithmetic, a round trip checked bit for bit when the cache is built (maps that
+would not survive it stay float32).
 
 Layout, under ``cache_dir`` (default ``<dataset root>/.mtl_cache``)::
 
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: normals packed in one uint32 per pixel
 """Format version of the cache; part of the fingerprint."""
 ALIGN = 64
 DEFAULT_SUBDIR = ".mtl_cache"
@@ -98,68 +99,90 @@ def slot_name(dataset: FolderDataset) -> str:
 # ---- array codecs ----------------------------------------------------------------------------
 
 
+NORMALS_BITS = 10
+"""Bits per component of a packed normals code (``x | y << 10 | z << 20``, in a uint32)."""
+NORMALS_INVALID = 256
+"""The component code of an invalid pixel (vector 0)."""
+NORMALS_FLIP = 257
+"""Added to the x code of a horizontally flipped map: the second half of :data:`NORMALS_LUT` holds
+the negated values (``-v``, as the flip negates x; an invalid pixel's x becomes ``-0.0`` as there)."""
+
+
 def _normals_lut() -> np.ndarray:
     # the expression of mtl.data.base.decode_normals, so that the values agree to the last bit
-    lut = np.zeros(257, dtype=np.float32)  # code 256: an invalid pixel (vector 0)
+    lut = np.zeros(NORMALS_INVALID + 1, dtype=np.float32)  # code 256: an invalid pixel (vector 0)
     lut[:256] = np.arange(256).astype(np.float32) * np.float32(2) / np.float32(255) - np.float32(1)
-    return lut
+    return np.concatenate([lut, np.negative(lut)])
 
 
 NORMALS_LUT = _normals_lut()
+"""Component code → value: codes 0..256 as stored, 257..513 the same negated (:data:`NORMALS_FLIP`)."""
+NORMALS_PAD_CODE = NORMALS_INVALID * (1 + (1 << NORMALS_BITS) + (1 << 2 * NORMALS_BITS))
+"""The packed code of an invalid pixel (all three components 256), what padding fills."""
 
 
-def _decode_normals_code(code: np.ndarray) -> np.ndarray:
-    return NORMALS_LUT.take(code)
+def decode_normals(packed: np.ndarray) -> np.ndarray:
+    """Packed codes (..., uint32 or int32) → float32 normals (..., 3)."""
+    mask = (1 << NORMALS_BITS) - 1
+    out = np.empty((*packed.shape, 3), dtype=np.float32)
+    for k in range(3):
+        out[..., k] = NORMALS_LUT.take((packed >> (NORMALS_BITS * k)) & mask)
+    return out
 
 
 def _encode_normals_code(n: np.ndarray) -> np.ndarray | None:
-    """The uint16 code of decoded 8-bit normals (stored value, 256 = invalid), or ``None`` if it would
-    not round-trip bit for bit."""
+    """The packed uint32 code of decoded 8-bit normals (stored values, 256 = invalid), or ``None`` if
+    it would not round-trip bit for bit."""
     if n.dtype != np.float32 or n.ndim != 3 or n.shape[2] != 3:
         return None
-    code = np.rint((n.astype(np.float64) + 1.0) * 127.5).clip(0, 255).astype(np.uint16)
+    code = np.rint((n.astype(np.float64) + 1.0) * 127.5).clip(0, 255).astype(np.uint32)
     invalid = (n[..., 0] == 0) & (n[..., 1] == 0) & (n[..., 2] == 0)
-    code[invalid] = 256
-    if not np.array_equal(_decode_normals_code(code).view(np.uint32), n.view(np.uint32)):
+    code[invalid] = NORMALS_INVALID
+    packed = code[..., 0] | (code[..., 1] << NORMALS_BITS) | (code[..., 2] << 2 * NORMALS_BITS)
+    if not np.array_equal(decode_normals(packed).view(np.uint32), n.view(np.uint32)):
         return None
-    return code
+    return packed
 
 
 def _encode(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     if key == "normals":
         code = _encode_normals_code(value)
         if code is not None:
-            return "normals_code", code
+            return "normals_packed", code
     return "raw", np.ascontiguousarray(value)
 
 
 @dataclass(frozen=True)
 class CodedMap:
-    """A map served as its stored codes and decoding table (``lut.take(code)`` is the map).
+    """Normals served as their packed 8-bit codes (:func:`decode_normals` of ``code`` is the map).
 
-    :class:`~mtl.data.fast_augment.FastTrainAugment` gathers the crop window's codes and decodes
-    only those (decoding is elementwise, so the result is the same bit for bit).
+    :class:`~mtl.data.fast_augment.FastTrainAugment` gathers the crop window's codes (one 4-byte
+    element per pixel: ~5× faster to gather than three 2-byte ones) and decodes only those, in the
+    worker or, on the device path, on the accelerator (decoding is elementwise: the same bits).
 
     Attributes:
-        code: the stored integer codes, read-only (e.g. (H, W, 3) uint16 for 8-bit normals).
-        lut: the decoding table, indexed by code.
+        code: (H, W) uint32 packed codes ``x | y << 10 | z << 20``; read-only when served from the
+            cache; an x code of 257..513 is a flipped pixel's (:data:`NORMALS_FLIP`).
     """
 
     code: np.ndarray
-    lut: np.ndarray
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.code.shape
+        return (*self.code.shape, 3)
 
     def decode(self) -> np.ndarray:
-        """The decoded map (a fresh array)."""
-        return self.lut.take(self.code)
+        """The decoded (H, W, 3) float32 map (a fresh array)."""
+        return decode_normals(self.code)
+
+    def flipped(self) -> CodedMap:
+        """The codes of the map with x negated (a fresh array; the codes must be unflipped)."""
+        return CodedMap(self.code + np.uint32(NORMALS_FLIP))
 
 
 def _decode(codec: str, arr: np.ndarray, views: bool) -> np.ndarray | CodedMap:
-    if codec == "normals_code":
-        return CodedMap(arr, NORMALS_LUT) if views else _decode_normals_code(arr)
+    if codec == "normals_packed":
+        return CodedMap(arr) if views else decode_normals(arr)
     return arr if views else arr.copy()
 
 

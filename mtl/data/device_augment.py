@@ -14,10 +14,12 @@ sectors, rounded), each saturation and hue step with its own round trip. It matc
 ``cv2.cvtColor`` on every one of the 2²⁴ colours (``tests/data/test_augment_stats.py``).
 
 A batch whose ``image`` is uint8 is one these steps still have to be applied to: the worker
-pipeline ships it unnormalised (4× fewer bytes through collation and the host → device copy) and
-padded with zeros, with ``image_box`` = ``(top, left, h, w)`` of the picture in the padded frame;
-:func:`prepare_batch` distorts, normalises and zeroes the padding (the mean colour, as
-:class:`~mtl.data.transforms.Pad` pads a normalised image).
+pipeline (:class:`~mtl.data.transforms.PackForDevice`) ships it unnormalised and channels last (4×
+fewer bytes through collation and the host → device copy, no layout change in the worker) and
+padded with zeros, with ``image_box`` = ``(top, left, h, w)`` of the picture in the padded frame,
+its label and binary maps as uint8 and its normals as packed 8-bit codes; :func:`prepare_batch`
+distorts, normalises and zeroes the padding (the mean colour, as
+:class:`~mtl.data.transforms.Pad` pads a normalised image) and widens and decodes the maps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import functools
 import numpy as np
 import torch
 
-from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, LABEL_TASKS
+from mtl.data.cache import NORMALS_BITS, NORMALS_LUT
+from mtl.data.transforms import BINARY_TASKS, IMAGENET_MEAN, IMAGENET_STD, LABEL_TASKS
 
 HSV_SHIFT = 12
 
@@ -155,22 +158,45 @@ def normalise(images: torch.Tensor, box: torch.Tensor | None = None) -> torch.Te
     return torch.where(inside[:, None], x, 0.0)  # padding is 0 (the normalised mean colour), as Pad fills it
 
 
+def decode_normals(packed: torch.Tensor) -> torch.Tensor:
+    """Packed normals codes (B, H, W) int32 → float32 (B, 3, H, W), as
+    :func:`mtl.data.cache.decode_normals` (the same table: the same bits)."""
+    lut = torch.as_tensor(NORMALS_LUT, device=packed.device)
+    mask = (1 << NORMALS_BITS) - 1
+    codes = torch.stack([(packed >> (NORMALS_BITS * k)) & mask for k in range(3)], dim=1)
+    return lut[codes.long()]
+
+
 def prepare_batch(batch: dict) -> dict:
-    """Finishes a batch whose image is still uint8: photometric distortion (when drawn), normalisation,
-    and the uint8 label maps (:data:`~mtl.data.transforms.LABEL_TASKS`) made int64 as the losses and
-    metrics take them.
+    """Finishes a batch that :class:`~mtl.data.transforms.PackForDevice` packed (its ``image`` uint8,
+    channels last): photometric distortion (when drawn), normalisation, the uint8 label maps
+    (:data:`~mtl.data.transforms.LABEL_TASKS`) made int64, the uint8 binary maps float32 and the
+    packed normals decoded, so that the batch is what :class:`~mtl.data.transforms.ToTensor` and
+    :class:`~mtl.data.transforms.Pad` would have given.
 
     Batches with a float image (validation, test, or the worker-side path) pass through.
     """
     image = batch.get("image")
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
         return batch
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(
+            f"prepare_batch: a uint8 image batch must be (B, H, W, 3) as PackForDevice ships it, "
+            f"got {tuple(image.shape)}"
+        )
     out = dict(batch)
     params = out.pop("photometric", None)
     box = out.pop("image_box", None)
+    image = image.permute(0, 3, 1, 2).contiguous()
     x = photometric(image, params) if params is not None else image
     out["image"] = normalise(x, box)
-    for key in LABEL_TASKS:
-        if isinstance(out.get(key), torch.Tensor) and out[key].dtype == torch.uint8:
-            out[key] = out[key].long()
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if key in LABEL_TASKS and value.dtype == torch.uint8:
+            out[key] = value.long()
+        elif key in BINARY_TASKS and value.dtype == torch.uint8:
+            out[key] = value.float()
+        elif key == "normals" and value.dtype == torch.int32:
+            out[key] = decode_normals(value)
     return out

@@ -14,8 +14,10 @@ flip and colour parameters as the step-by-step pipeline. What changes is the cos
   uint8 (when a photometric step follows, as it truncates) and flipped (``cv2.flip``).
 
 - From the decoded-sample cache (:mod:`mtl.data.cache`, ``views=True``) the maps arrive as
-  read-only views of the mapped file, the normals as their 8-bit codes (:class:`~mtl.data.cache.CodedMap`):
-  only the window's codes are gathered and decoded. A crop window rejected by ``cat_max_ratio`` and
+  read-only views of the mapped file, the normals as their packed 8-bit codes
+  (:class:`~mtl.data.cache.CodedMap`): only the window's codes are gathered (a flip adds
+  :data:`~mtl.data.cache.NORMALS_FLIP` to the x codes) and decoded, here or, on the device path,
+  on the accelerator. A crop window rejected by ``cat_max_ratio`` and
   drawn again (always, when the scaled image is smaller than the crop) is not checked again; the
   draws themselves are unchanged.
 
@@ -199,10 +201,13 @@ class FastTrainAugment:
                 if np.may_share_memory(value, sample["image"]):  # never hand out the input (a cache view)
                     value = value.copy()
                 value = value[..., None] if value.ndim == 2 and sample["image"].ndim == 3 else value
-            elif isinstance(value, CodedMap) or (isinstance(value, np.ndarray) and value.ndim >= 2):
-                # a coded map (the cache's normals): the window's codes gathered, then decoded
-                coded = isinstance(value, CodedMap)
-                value = value.lut.take(gather(value.code, rows, cols)) if coded else gather(value, rows, cols)
+            elif isinstance(value, CodedMap):  # the cache's normals: the window's codes gathered
+                value = CodedMap(gather(value.code, rows, cols))
+                value = value.flipped() if flip else value
+                # decoded here, or on the device path by prepare_batch on the accelerator
+                value = value if self.photometric == "device" else value.decode()
+            elif isinstance(value, np.ndarray) and value.ndim >= 2:
+                value = gather(value, rows, cols)
                 if key == "depth" and s is not None:
                     value = value / np.float32(s)
                 elif key == "normals" and flip:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtl.data.cache import NORMALS_PAD_CODE, CodedMap
 from mtl.data.fast_augment import FastTrainAugment
 from mtl.data.geometric import RandomCrop, RandomScale, Resize
 from mtl.data.photometric import PhotoMetricDistortion
@@ -100,33 +101,19 @@ class ToTensor:
     Args:
         mean: per-channel mean of the image in [0, 1] units.
         std: per-channel standard deviation.
-        normalise: ``False``: keep a uint8 image as a uint8 ``3×H×W`` tensor, for
-            :func:`mtl.data.device_augment.prepare_batch` to normalise on the device, and uint8
-            label maps as uint8 (8× fewer bytes to copy and transfer; ``prepare_batch`` makes them
-            int64 on the device).
     """
 
-    def __init__(
-        self,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        normalise: bool = True,
-    ) -> None:
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.normalise = normalise
 
     def __call__(self, sample: dict) -> dict:
         out: dict = {}
         for key, value in sample.items():
-            if key == "image" and not self.normalise and value.dtype == np.uint8:
-                out[key] = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1).contiguous()
-            elif key == "image":
+            if key == "image":
                 img = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
                 img = img.to(torch.float32, memory_format=torch.contiguous_format)
                 out[key] = img.div_(255.0).sub_(self.mean).div_(self.std)
-            elif key in LABEL_TASKS and not self.normalise and value.dtype == np.uint8:
-                out[key] = torch.from_numpy(np.ascontiguousarray(value))  # int64 on the device
             elif key in LABEL_TASKS:
                 out[key] = torch.from_numpy(np.asarray(value, dtype=np.int64))
             elif key in BINARY_TASKS:
@@ -147,15 +134,22 @@ class ToTensor:
         return out
 
 
+def pad_fill(key: str) -> int:
+    """The padding value of a map: 255 (ignore) for label and binary maps, -1 for the PASCAL edge
+    label map, 0 otherwise (the normalised mean colour, missing depth, invalid normals)."""
+    if key in LABEL_TASKS or key in BINARY_TASKS:
+        return 255
+    return -1 if key == "edge_labelmap" else 0
+
+
 class Pad:
     """Pads the tensors of a sample to a fixed ``(h, w)``, the sample centred.
 
     As the reference's ``PadImage``: ``⌊Δh/2⌋`` rows above and the rest below, ``⌊Δw/2⌋``
-    columns on the left and the rest on the right. Image: 0 (the mean colour after
-    normalisation); label and binary maps: 255 (ignore); depth: 0 (missing); normals: 0
-    (invalid). ``meta["size"]`` keeps the unpadded size and ``meta["pad_offset"]`` the
-    ``(top, left)`` of the sample in the padded frame, so evaluation can crop the padding away
-    (the metrics ignore padded pixels by their targets anyway).
+    columns on the left and the rest on the right, filled with :func:`pad_fill`. ``meta["size"]``
+    keeps the unpadded size and ``meta["pad_offset"]`` the ``(top, left)`` of the sample in the
+    padded frame, so evaluation can crop the padding away (the metrics ignore padded pixels by
+    their targets anyway).
 
     Args:
         size: ``(h, w)`` after padding.
@@ -166,8 +160,8 @@ class Pad:
             raise ValueError(f"Pad: size must be (h, w) of positive ints, got {size}")
         self.size = (int(size[0]), int(size[1]))
 
-    def __call__(self, sample: dict) -> dict:
-        h, w = sample["image"].shape[-2:]
+    def margins(self, sample: dict, h: int, w: int) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)`` of a sample of size ``h × w``."""
         ph, pw = self.size[0] - h, self.size[1] - w
         if ph < 0 or pw < 0:
             sid = sample.get("meta", {}).get("id", "?")
@@ -176,21 +170,88 @@ class Pad:
                 "set data.pad_to (and the crop size) to at least the image size, or use the dataset copy "
                 "the README names (NYUD-v2: 448×576, not MTI-Net's 480×640)"
             )
-        top, left = ph // 2, pw // 2
+        return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2
+
+    @staticmethod
+    def pad_tensors(sample: dict, margins: tuple[int, int, int, int]) -> dict:
+        """Every map (a tensor of ≥ 2 dims) of ``sample`` padded by ``margins``; ``meta`` gets
+        ``pad_offset``."""
+        top, bottom, left, right = margins
         out = {}
-        if sample["image"].dtype == torch.uint8:  # normalised later on the device: it zeroes the padding
-            out["image_box"] = torch.tensor([top, left, h, w])
         for key, value in sample.items():
-            if isinstance(value, torch.Tensor) and value.ndim >= 2 and (ph or pw):
-                fill = (
-                    255
-                    if key in LABEL_TASKS or key in BINARY_TASKS
-                    else (-1 if key == "edge_labelmap" else 0)
-                )
-                value = F.pad(value, (left, pw - left, top, ph - top), value=fill)
+            if isinstance(value, torch.Tensor) and value.ndim >= 2 and any(margins):
+                value = F.pad(value, (left, right, top, bottom), value=pad_fill(key))
             elif key == "meta" and isinstance(value, dict):
                 value = {**value, "pad_offset": (top, left)}
             out[key] = value
+        return out
+
+    def __call__(self, sample: dict) -> dict:
+        h, w = sample["image"].shape[-2:]
+        return self.pad_tensors(sample, self.margins(sample, h, w))
+
+
+class PackForDevice:
+    """:class:`ToTensor` and :class:`Pad` of the device path (``data.photometric_on_device``): each
+    map padded in one copy and shipped in its compact form, for
+    :func:`mtl.data.device_augment.prepare_batch` to finish on the accelerator.
+
+    Takes the output of :class:`~mtl.data.fast_augment.FastTrainAugment` with
+    ``photometric="device"`` and gives (``(H, W)`` the padded size):
+
+    ==============================  ==========================================================
+    ``image``                       uint8 ``(H, W, 3)``, channels last, padded with 0
+    ``image_box``                   ``(top, left, h, w)`` of the picture in the padded frame
+    label maps (uint8)              uint8 ``(H, W)``, padded with 255
+    binary maps (uint8)             uint8 ``(1, H, W)``, padded with 255
+    ``normals`` (packed codes)      int32 ``(H, W)``, padded with the invalid code
+    ``depth`` and anything else     as :class:`ToTensor` then :class:`Pad` give them
+    ==============================  ==========================================================
+
+    An 8-bit map crosses the collation and the host → device copy in 1 byte per pixel instead of 4
+    or 8, normals in 4 instead of 12; the worker does no layout change and no float conversion.
+    ``prepare_batch`` gives the batch :class:`ToTensor`'s and :class:`Pad`'s dtypes, layouts and
+    values, bit for bit.
+
+    Args:
+        size: ``(h, w)`` after padding, or ``None`` (no padding).
+    """
+
+    def __init__(self, size: Sequence[int] | None) -> None:
+        self.pad = Pad(size) if size is not None else None
+        self.to_tensor = ToTensor()
+
+    def __call__(self, sample: dict) -> dict:
+        image = sample["image"]
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3):
+            raise TypeError(
+                "PackForDevice: expects FastTrainAugment(photometric='device')'s uint8 (H, W, 3) image, "
+                f"got {type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
+            )
+        h, w = image.shape[:2]
+        margins = self.pad.margins(sample, h, w) if self.pad is not None else (0, 0, 0, 0)
+        top, bottom, left, right = margins
+
+        def border(array: np.ndarray, fill: float) -> torch.Tensor:
+            if any(margins):
+                array = cv2.copyMakeBorder(array, top, bottom, left, right, cv2.BORDER_CONSTANT, value=fill)
+            return torch.from_numpy(np.ascontiguousarray(array))
+
+        out: dict = {"image_box": torch.tensor([top, left, h, w])}
+        rest: dict = {}
+        for key, value in sample.items():
+            eight_bit = isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 2
+            if key == "image":
+                out[key] = border(value, 0)
+            elif isinstance(value, CodedMap):
+                out[key] = border(value.code.view(np.int32), NORMALS_PAD_CODE)
+            elif eight_bit and key in LABEL_TASKS:
+                out[key] = border(value, 255)
+            elif eight_bit and key in BINARY_TASKS:
+                out[key] = border(value, 255)[None]
+            else:
+                rest[key] = value
+        out.update(Pad.pad_tensors(self.to_tensor(rest), margins))
         return out
 
 
@@ -282,7 +343,9 @@ def build_transform(
                 scale=scale, crop=crop, cat_max_ratio=cat_max_ratio, hflip=hflip, photometric=mode
             )
         )
-        steps.append(ToTensor(normalise=mode != "device"))
+        if mode == "device":
+            return Compose([*steps, PackForDevice(pad_to), IgnoreUnannotatedParts()])
+        steps.append(ToTensor())
     elif train:
         if scale is not None:
             steps.append(RandomScale(scale, normals=scale_normals))

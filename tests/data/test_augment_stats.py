@@ -12,12 +12,22 @@ import numpy as np
 import pytest
 import torch
 
+from mtl.data.cache import (
+    NORMALS_BITS,
+    NORMALS_INVALID,
+    NORMALS_PAD_CODE,
+    CodedMap,
+    decode_normals,
+    open_cache,
+)
 from mtl.data.datamodule import collate
+from mtl.data.device_augment import decode_normals as decode_normals_t
 from mtl.data.device_augment import hsv_to_rgb, normalise, photometric, prepare_batch, rgb_to_hsv
-from mtl.data.fake import write_nyud
+from mtl.data.fake import write_nyud, write_pascal
 from mtl.data.fast_augment import FastTrainAugment, draw_to_tensor, nearest_index, tensor_to_draw
 from mtl.data.geometric import RandomCrop, RandomScale
 from mtl.data.nyud import NYUDv2
+from mtl.data.pascal_context import PASCALContext
 from mtl.data.photometric import PhotoMetricDistortion
 from mtl.data.transforms import Compose, RandomHorizontalFlip, build_transform
 
@@ -126,29 +136,49 @@ def test_device_photometric_equals_the_workers_on_the_same_parameters():
     assert tail.max() <= 4 and tail.mean() < 0.5  # OpenCV rounds there; the hue round trip amplifies it
 
 
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Per dataset: the samples as decoded, and as the cache serves them to the one-pass augmentation
+    (read-only views, normals as packed codes)."""
+    tmp = tmp_path_factory.mktemp("cached")
+    out = {}
+    for name, cls, write in (("nyud", NYUDv2, write_nyud), ("pascal", PASCALContext, write_pascal)):
+        ds = cls(root=write(tmp / name, n_train=4, n_val=1, size=(48, 64)), split="train")
+        cache = open_cache(ds, tmp / "cache")
+        out[name] = ([cache.read(sid) for sid in ds.ids], [cache.read(sid, views=True) for sid in ds.ids])
+    return out
+
+
 @pytest.mark.parametrize("distort", [False, True])
-def test_device_batch_equals_worker_batch(samples, distort):
-    """Worker path (photometric + normalise + pad in the worker) vs uint8 batch finished on the device.
+@pytest.mark.parametrize("source", ["decoded", "nyud cache", "pascal cache"])
+def test_device_batch_equals_worker_batch(samples, cached, distort, source):
+    """Worker path (photometric + normalise + pad in the worker) vs the batch packed for the device
+    and finished there, on decoded samples and on the cache's views (packed normals, flipped too).
 
     Exact without the photometric step; with it, exact but for OpenCV's row tails (crops narrower
     than 64 px here), where the worker's values differ by a few levels."""
     kwargs = {**AUGMENT, "crop": (40, 64), "pad_to": (48, 64), "photometric": distort}
     worker = build_transform(train=True, fast=True, **kwargs)
     device = build_transform(train=True, fast=True, photometric_on_device=True, **kwargs)
+    decoded, served = (samples, samples) if source == "decoded" else cached[source.split()[0]]
     a, b = [], []
     for i in range(16):
         np.random.seed(i)
-        a.append(worker(dict(samples[i % 4])))
+        a.append(worker(dict(decoded[i % 4])))
         np.random.seed(i)
-        b.append(device(dict(samples[i % 4])))
+        b.append(device(dict(served[i % 4])))
     batch_a, batch_b = collate(a), collate(b)
     # without a photometric step the scaled image stays float (as today): normalised in the worker
     assert (batch_b["image"].dtype == torch.uint8) == distort and ("photometric" in batch_b) == distort
     assert ("image_box" in batch_b) == distort
-    # the label maps travel as uint8 (8× fewer bytes) and become int64 on the device
-    assert batch_b["semseg"].dtype == (torch.uint8 if distort else torch.int64)
+    if distort:  # shipped compact: channels-last uint8 image, uint8 maps, packed normals
+        assert batch_b["image"].shape == (16, 48, 64, 3) and batch_b["semseg"].dtype == torch.uint8
+        for key in ("saliency", "edge", "human_parts"):
+            assert key not in batch_b or batch_b[key].dtype == torch.uint8, key
+        assert batch_b["normals"].dtype == (torch.float32 if source == "decoded" else torch.int32)
+    else:
+        assert batch_b["semseg"].dtype == torch.int64
     finished = prepare_batch(batch_b)
-    assert all(finished[k].dtype == batch_a[k].dtype for k in batch_a if isinstance(batch_a[k], torch.Tensor))
     assert "photometric" not in finished and "image_box" not in finished
     assert finished.keys() == batch_a.keys()
     for key in batch_a:
@@ -156,8 +186,25 @@ def test_device_batch_equals_worker_batch(samples, distort):
             diff = (batch_a[key] - finished[key]).abs() * 255 * 0.225  # in 8-bit levels
             assert diff.max() <= 4.01 and (diff > 0.01).float().mean() < 0.05
         elif key != "meta":
-            assert batch_a[key].equal(finished[key]), key
+            x, y = batch_a[key], finished[key]
+            assert x.dtype == y.dtype and x.shape == y.shape and x.is_contiguous() == y.is_contiguous(), key
+            assert x.numpy().tobytes() == y.numpy().tobytes(), key  # bit for bit (−0.0 of normals too)
     assert prepare_batch(batch_a) is batch_a  # a float batch (validation, worker path) passes through
+
+
+def test_packed_normals_decode_alike_on_both_sides():
+    """Every code: the worker's table and the device's agree; a flip negates x (−0.0 for invalid)."""
+    codes = np.arange(NORMALS_INVALID + 1, dtype=np.uint32)
+    packed = codes | (codes[::-1] << NORMALS_BITS) | (codes << 2 * NORMALS_BITS)
+    worker = decode_normals(packed)
+    device = decode_normals_t(torch.from_numpy(packed.view(np.int32))[None])[0].permute(1, 0)
+    assert worker.tobytes() == device.numpy().tobytes()
+    flipped = CodedMap(packed).flipped().decode()
+    assert flipped[:, 1:].tobytes() == worker[:, 1:].tobytes()
+    assert np.negative(worker[:, 0]).tobytes() == flipped[:, 0].tobytes()
+    assert np.signbit(flipped[-1, 0]) and flipped[-1, 0] == 0  # the invalid pixel, as np.negative gives
+    pad = decode_normals(np.array([NORMALS_PAD_CODE], dtype=np.uint32))
+    assert pad.tobytes() == np.zeros((1, 3), np.float32).tobytes()
 
 
 def test_normalise_zeroes_the_padding_like_pad():

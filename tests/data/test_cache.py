@@ -27,7 +27,8 @@ def assert_same_sample(a: dict, b: dict) -> None:
         if key == "meta":
             assert a[key] == b[key]
             continue
-        x, y = (np.asarray(v) for v in (a[key], b[key]))  # arrays, or tensors (the photometric draw)
+        # arrays, tensors (the photometric draw) or coded normals (the device path's, decoded here)
+        x, y = (v.decode() if isinstance(v, CodedMap) else np.asarray(v) for v in (a[key], b[key]))
         assert x.dtype == y.dtype and x.shape == y.shape, key
         assert x.tobytes() == y.tobytes(), key
 
@@ -48,9 +49,9 @@ def test_round_trip_equals_direct_decoding(roots, tmp_path, name, cls, split):
     cache = open_cache(ds, tmp_path)
     for sid in ds.ids:
         assert_same_sample(ds.load(sid), cache.read(sid))
-    # normals are stored as their 8-bit code (half the bytes of float32), depth / labels as decoded
+    # normals stored as packed 8-bit codes (a third of float32), depth / labels as decoded
     codecs = {k: v[0] for k, v in cache.index[ds.ids[0]]["arrays"].items()}
-    assert codecs["normals"] == "normals_code" and codecs["image"] == "raw"
+    assert codecs["normals"] == "normals_packed" and codecs["image"] == "raw"
     ds.use_cache(tmp_path)
     fresh = cls(root=roots[name], split=split)
     assert_same_sample(fresh[1], ds[1])
