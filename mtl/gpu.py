@@ -182,8 +182,12 @@ def local_processes(devices: Any, accelerator: Any) -> int:
         devices = int(devices)
     if isinstance(devices, int) and devices > 0:
         return devices
-    gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
-    return max(torch.cuda.device_count(), 1) if gpu else 1
+    return max(torch.cuda.device_count(), 1) if on_gpu(accelerator) else 1
+
+
+def on_gpu(accelerator: Any) -> bool:
+    """Whether ``trainer.accelerator`` trains on a CUDA GPU (``auto``: when one is visible)."""
+    return str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
 
 
 def auto_num_workers(processes: int, cpus: int | None = None, cap: int = MAX_AUTO_WORKERS) -> int:
@@ -202,4 +206,19 @@ def resolve_num_workers(value: Any, *, devices: Any = 1, accelerator: Any = "aut
         return auto_num_workers(local_processes(devices, accelerator))
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"data.num_workers must be a non-negative int or 'auto', got {value!r}")
+    return value
+
+
+def resolve_photometric_on_device(value: Any, *, fast_augment: bool, accelerator: Any = "auto") -> bool:
+    """``data.photometric_on_device``: a bool as given, or ``auto`` → on when the one-pass augmentation
+    is (``data.fast_augment``) and training runs on a GPU (:func:`on_gpu`), off on the CPU (where the
+    device half would run on the training process's own cores).
+
+    Raises:
+        ValueError: neither a bool nor ``auto``.
+    """
+    if value == "auto":
+        return bool(fast_augment) and on_gpu(accelerator)
+    if not isinstance(value, bool):
+        raise ValueError(f"data.photometric_on_device must be true, false or 'auto', got {value!r}")
     return value

@@ -34,6 +34,7 @@ from mtl.gpu import (
     apply_backend_settings,
     compile_model,
     resolve_num_workers,
+    resolve_photometric_on_device,
 )
 from mtl.guards import explain_oom
 from mtl.loggers import code_version, quiet_libraries, resume_loggers
@@ -75,31 +76,42 @@ def setup_gpu(cfg: DictConfig) -> GPUSettings:
     """Applies the process-wide GPU knobs and sizes ``data.num_workers: auto`` to this node.
 
     Sets the matmul precision and cuDNN flags of ``cfg.gpu`` and replaces ``data.num_workers: auto``
-    in ``cfg`` by ``min(8, CPUs per training process − 1)`` (the saved config shows the number).
+    in ``cfg`` by ``min(8, CPUs per training process − 1)`` and ``data.photometric_on_device: auto``
+    by whether training runs on a GPU (the saved config shows the values).
     """
     settings = gpu_settings(cfg)
     apply_backend_settings(settings)
-    if (cfg.get("data") or {}).get("num_workers") is not None:
+    resolved = _auto_data_settings(cfg)
+    if resolved:
         with open_dict(cfg):
-            cfg.data.num_workers = _num_workers(cfg)
+            for key, value in resolved.items():
+                cfg.data[key] = value
     return settings
 
 
-def _num_workers(cfg: DictConfig) -> int:
+def _auto_data_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``data.num_workers`` and ``data.photometric_on_device`` resolved for this node where set
+    (``auto`` or a value, checked)."""
+    data = cfg.get("data") or {}
     trainer_cfg = cfg.get("trainer") or {}
-    return resolve_num_workers(
-        cfg.data.num_workers,
-        devices=trainer_cfg.get("devices", 1),
-        accelerator=trainer_cfg.get("accelerator"),
-    )
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    out: dict[str, Any] = {}
+    if data.get("num_workers") is not None:
+        out["num_workers"] = resolve_num_workers(
+            data.num_workers, devices=trainer_cfg.get("devices", 1), accelerator=accelerator
+        )
+    if data.get("photometric_on_device") is not None:
+        out["photometric_on_device"] = resolve_photometric_on_device(
+            data.photometric_on_device, fast_augment=bool(data.get("fast_augment")), accelerator=accelerator
+        )
+    return out
 
 
 def build_datamodule(cfg: DictConfig, **overrides: Any) -> MTLDataModule:
-    """The data module of ``cfg.data`` (checks that the dataset provides every task; ``num_workers:
-    auto`` sized to the node, see :func:`setup_gpu`); ``overrides``: constructor arguments that win
-    over the config (e.g. ``eval_split``)."""
-    if cfg.data.get("num_workers") == "auto":
-        overrides = {"num_workers": _num_workers(cfg), **overrides}
+    """The data module of ``cfg.data`` (checks that the dataset provides every task; ``num_workers``
+    and ``photometric_on_device``: ``auto`` resolved for this node, see :func:`setup_gpu`);
+    ``overrides``: constructor arguments that win over the config (e.g. ``eval_split``)."""
+    overrides = {**_auto_data_settings(cfg), **overrides}
     return instantiate(cfg.data, _convert_="all", **overrides)
 
 

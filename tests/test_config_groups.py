@@ -78,7 +78,7 @@ CHANGED_LATER: dict[str, dict[str, str]] = {
         "data.cache": "issue 24 (new): real datasets read decoded samples from a memory-mapped cache",
         "data.cache_dir": "issue 24 (new): where that cache lives (default under the dataset root)",
         "data.fast_augment": "issue 24 (new): the train augmentation in one pass (same draws, same samples)",
-        "data.photometric_on_device": "issue 24 (new): photometric distortion on the device, off by default",
+        "data.photometric_on_device": "issue 24 (new): photometric distortion on the device (auto: on a GPU)",
         "module.nonfinite.check_grads": "issue 21: a non-finite gradient behind finite losses skips the step",
         "data.allow_bad_data": "issue 21: the data preflight stops on wrong encodings unless this is set",
         "data.split_kwargs.test": "issue 22: the synthetic test split (eval.split=test) has val's length",

@@ -20,6 +20,7 @@ from mtl.data.base import DenseDataset, FolderDataset, check_eval_split
 from mtl.data.device_augment import prepare_batch
 from mtl.data.resumable import ResumableLoader, ResumableSampler, SeededAugmentation, private_generator
 from mtl.data.transforms import build_transform
+from mtl.gpu import resolve_photometric_on_device
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 20
@@ -127,9 +128,12 @@ class MTLDataModule(L.LightningDataModule):
         cache_dir: where the caches live (default ``<dataset root>/.mtl_cache``).
         fast_augment: the training augmentation in one pass
             (:class:`~mtl.data.fast_augment.FastTrainAugment`): the same draws and samples, less work.
-        photometric_on_device: with ``fast_augment``, ship training images as uint8 with their drawn
-            photometric parameters; the module distorts and normalises them on its device
-            (:func:`mtl.data.device_augment.prepare_batch`).
+        photometric_on_device: with ``fast_augment``, ship training samples packed for the device
+            (:class:`~mtl.data.transforms.PackForDevice`: uint8 images with their drawn photometric
+            parameters, 8-bit maps, packed normals); the module distorts, normalises and widens
+            them on its device (:func:`mtl.data.device_augment.prepare_batch`). ``"auto"``: on when
+            ``fast_augment`` is and a GPU is visible (the training pipeline resolves it from
+            ``trainer.accelerator``, :func:`mtl.gpu.resolve_photometric_on_device`).
 
     Attributes:
         dataset_class: the dataset's class (its declarations: key, tasks, classes, edge tolerance).
@@ -160,7 +164,7 @@ class MTLDataModule(L.LightningDataModule):
         cache: bool = False,
         cache_dir: str | None = None,
         fast_augment: bool = False,
-        photometric_on_device: bool = False,
+        photometric_on_device: bool | str = False,
     ) -> None:
         super().__init__()
         self.dataset_fn = dataset
@@ -198,7 +202,10 @@ class MTLDataModule(L.LightningDataModule):
         self.split_kwargs = {k: dict(v) for k, v in (split_kwargs or {}).items()}
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         self.cache, self.cache_dir = bool(cache), cache_dir
-        self.fast_augment, self.photometric_on_device = bool(fast_augment), bool(photometric_on_device)
+        self.fast_augment = bool(fast_augment)
+        self.photometric_on_device = resolve_photometric_on_device(
+            photometric_on_device, fast_augment=self.fast_augment
+        )
         if self.photometric_on_device and not self.fast_augment:
             raise ValueError("data.photometric_on_device=true needs data.fast_augment=true")
         self._train_loader: ResumableLoader | None = None

@@ -217,9 +217,12 @@ class TaskJacobian:
             self.buf is None
             or self.shapes != shapes
             or self.buf.device != t0.device
+            or self.buf.dtype != torch.promote_types(t0.dtype, torch.float32)
             or self.buf.shape[1] != width
         ):
-            self.buf = torch.empty(self.k, width, device=t0.device, dtype=torch.float32)
+            # float32 rows for half-precision gradients, the gradients' own dtype above (float64)
+            dtype = torch.promote_types(t0.dtype, torch.float32)
+            self.buf = torch.empty(self.k, width, device=t0.device, dtype=dtype)
             self.buf[:, n:].zero_()
             self.shapes, self.n = shapes, n
             sizes = [t.numel() for t in like]

@@ -340,8 +340,10 @@ class PerTaskGradients(Strategy):
     def shared_direction(self, weights: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor) -> None:
         if weights is None:
             out.copy_(rows)
-        else:
+        elif out.dtype == rows.dtype:
             torch.mv(rows.T, weights.to(rows.dtype), out=out)
+        else:  # float32 rows of half-precision parameters
+            out.copy_(torch.mv(rows.T, weights.to(rows.dtype)))
 
     def write_update(
         self,

@@ -321,6 +321,27 @@ def test_real_datasets_default_to_auto_workers_resolved_before_the_config_check(
     assert build_datamodule(cfg).num_workers == 5  # entry points without setup_gpu (merge.py)
 
 
+def test_photometric_on_device_auto_follows_the_accelerator(make_cfg, monkeypatch):
+    resolve = gpu.resolve_photometric_on_device
+    assert resolve("auto", fast_augment=True, accelerator="gpu") is True
+    assert resolve("auto", fast_augment=True, accelerator="cuda") is True
+    assert resolve("auto", fast_augment=False, accelerator="gpu") is False  # needs the one-pass path
+    assert resolve("auto", fast_augment=True, accelerator="cpu") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve("auto", fast_augment=True, accelerator="auto") is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve("auto", fast_augment=True, accelerator="auto") is False
+    assert resolve(True, fast_augment=True, accelerator="cpu") is True  # an explicit choice stands
+    with pytest.raises(ValueError, match="true, false or 'auto', got 'yes'"):
+        resolve("yes", fast_augment=True)
+    cfg = make_cfg(["experiment=nyud_taskexpert", "trainer=cpu"])
+    assert cfg.data.photometric_on_device == "auto"
+    setup_gpu(cfg)
+    assert cfg.data.photometric_on_device is False  # written into the config the run saves
+    cfg = make_cfg(["experiment=nyud_taskexpert", "trainer=cpu"])
+    assert build_datamodule(cfg).photometric_on_device is False
+
+
 # ------------------------------------------------------------------ on a GPU
 @pytest.mark.gpu
 @CUDA
