@@ -321,9 +321,10 @@ def build_transform(
         fast: train only: scale, crop, flip and the photometric draw in one pass
             (:class:`~mtl.data.fast_augment.FastTrainAugment`; same draws, same samples, less work).
             Needs ``scale_normals="nearest"``.
-        photometric_on_device: train only, with ``fast``: ship the image as uint8 with its drawn
-            photometric parameters; the module distorts and normalises the batch on its device
-            (:func:`mtl.data.device_augment.prepare_batch`).
+        photometric_on_device: train only, with ``fast``: pack the sample for the device
+            (:class:`PackForDevice`: the image as uint8 with its drawn photometric parameters, 8-bit
+            maps, packed normals); the module distorts, normalises and widens the batch on its
+            device (:func:`mtl.data.device_augment.prepare_batch`).
 
     Returns:
         A :class:`Compose`.
