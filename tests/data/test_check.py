@@ -80,8 +80,33 @@ def test_real_data_configs_load_padded_batches(make_cfg, data):
 
 
 @pytest.mark.parametrize("data", ["nyud", "pascal_context"])
-def test_train_on_real_format_data(make_cfg, data):
-    cfg = make_cfg([f"data={data}", "debug=fdr", "data.skip_bad_samples=true"])
+def test_the_gpu_path_batch_is_finished_into_the_worker_paths(make_cfg, data):
+    """``data.photometric_on_device=true`` (what ``auto`` picks on a GPU): the loader's packed batch,
+    finished by the data module's ``on_after_batch_transfer``, has the worker path's keys, dtypes and
+    shapes, and its maps equal the worker path's batch of the same seed."""
+    batches = {}
+    for on_device in (False, True):
+        cfg = make_cfg([f"data={data}", f"data.photometric_on_device={str(on_device).lower()}"])
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        assert dm.photometric_on_device is on_device
+        packed = next(iter(dm.train_dataloader()))
+        if on_device:
+            assert packed["image"].dtype == torch.uint8 and packed["image"].shape[-1] == 3  # channels last
+        batches[on_device] = dm.on_after_batch_transfer(packed, 0)
+    worker, device = batches[False], batches[True]
+    assert worker.keys() == device.keys()
+    for key in cfg.data.tasks:
+        assert worker[key].dtype == device[key].dtype and worker[key].shape == device[key].shape, key
+        assert worker[key].equal(device[key]), key
+    assert device["image"].dtype == torch.float32 and device["image"].shape == worker["image"].shape
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("data", ["nyud", "pascal_context"])
+def test_train_on_real_format_data(make_cfg, data, on_device):
+    overrides = [f"data={data}", "debug=fdr", "data.skip_bad_samples=true"]
+    cfg = make_cfg([*overrides, f"data.photometric_on_device={str(on_device).lower()}"])
     metrics, objects = train(cfg)
     assert objects["trainer"].state.finished
     for task in cfg.data.tasks:
