@@ -199,14 +199,13 @@ class PackForDevice:
     Takes the output of :class:`~mtl.data.fast_augment.FastTrainAugment` with
     ``photometric="device"`` and gives (``(H, W)`` the padded size):
 
-    ==============================  ==========================================================
-    ``image``                       uint8 ``(H, W, 3)``, channels last, padded with 0
-    ``image_box``                   ``(top, left, h, w)`` of the picture in the padded frame
-    label maps (uint8)              uint8 ``(H, W)``, padded with 255
-    binary maps (uint8)             uint8 ``(1, H, W)``, padded with 255
-    ``normals`` (packed codes)      int32 ``(H, W)``, padded with the invalid code
-    ``depth`` and anything else     as :class:`ToTensor` then :class:`Pad` give them
-    ==============================  ==========================================================
+    - ``image``: uint8 ``(H, W, 3)``, channels last, padded with 0; ``image_box``: the
+      ``(top, left, h, w)`` of the picture in the padded frame;
+    - label maps (uint8): uint8 ``(H, W)``, padded with 255;
+    - binary maps (uint8): uint8 ``(1, H, W)``, padded with 255;
+    - ``normals`` as packed codes (:class:`~mtl.data.cache.CodedMap`): int32 ``(H, W)``, padded
+      with the invalid code;
+    - ``depth`` and anything else: as :class:`ToTensor` then :class:`Pad` give them.
 
     An 8-bit map crosses the collation and the host → device copy in 1 byte per pixel instead of 4
     or 8, normals in 4 instead of 12; the worker does no layout change and no float conversion.
