@@ -45,11 +45,28 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
     return sdiv.astype(np.int64), hdiv.astype(np.int64)
 
 
+_SECTORS = ((1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0))  # (b, g, r) tab indices
+
+_CONSTANTS = {
+    "sdiv": lambda: torch.as_tensor(_tables()[0], dtype=torch.int32),
+    "hdiv": lambda: torch.as_tensor(_tables()[1], dtype=torch.int32),
+    "sectors": lambda: torch.tensor(_SECTORS),  # (6, 3): sector → tab index of b, g, r
+    "mean": lambda: torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1),
+    "std": lambda: torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1),
+    "normals": lambda: torch.as_tensor(NORMALS_LUT),
+}
+
+
+@functools.cache
+def _constant(name: str, device: torch.device) -> torch.Tensor:
+    """One of this module's tables on ``device``, uploaded once per device: a host → device copy in
+    every batch would be a blocking one (it waits for the device's queued work, stalling the step)."""
+    return _CONSTANTS[name]().to(device)
+
+
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     """OpenCV's 8-bit ``COLOR_RGB2HSV`` of a (B, 3, H, W) integer-valued tensor → int32 (H 0..180, S, V)."""
-    sdiv_np, hdiv_np = _tables()
-    sdiv = torch.as_tensor(sdiv_np, device=rgb.device, dtype=torch.int32)
-    hdiv = torch.as_tensor(hdiv_np, device=rgb.device, dtype=torch.int32)
+    sdiv, hdiv = _constant("sdiv", rgb.device), _constant("hdiv", rgb.device)
     x = rgb.to(torch.int32)
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     v = torch.maximum(torch.maximum(r, g), b)
@@ -60,9 +77,6 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     h = (h * hdiv[diff] + half) >> HSV_SHIFT  # arithmetic shift: floor, as OpenCV's on ints
     h = torch.where(h < 0, h + 180, h)
     return torch.stack([h, s, v], dim=1)
-
-
-_SECTORS = ((1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0))  # (b, g, r) tab indices
 
 
 def _one_minus_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,14 +91,15 @@ def _one_minus_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """OpenCV's 8-bit ``COLOR_HSV2RGB`` of a (B, 3, H, W) integer-valued tensor → float32 integers 0..255."""
     f = hsv.to(torch.float32)
-    h = f[:, 0] * torch.tensor(6.0 / 180.0, dtype=torch.float32, device=f.device)
-    s = f[:, 1] * torch.tensor(1.0 / 255.0, dtype=torch.float32, device=f.device)
-    v = f[:, 2] * torch.tensor(1.0 / 255.0, dtype=torch.float32, device=f.device)
+    # float32 constants as OpenCV's; 0-dim CPU tensors enter a device's kernels as scalars (no copy)
+    h = f[:, 0] * torch.tensor(6.0 / 180.0, dtype=torch.float32)
+    s = f[:, 1] * torch.tensor(1.0 / 255.0, dtype=torch.float32)
+    v = f[:, 2] * torch.tensor(1.0 / 255.0, dtype=torch.float32)
     sector = torch.floor(h)
     h = h - sector
     sector = torch.remainder(sector, 6).to(torch.int64)
     tab = torch.stack([v, v * (1.0 - s), v * _one_minus_product(s, h), v * _one_minus_product(s, 1.0 - h)])
-    lut = torch.tensor(_SECTORS, device=f.device)  # (6, 3): sector → tab index of b, g, r
+    lut = _constant("sectors", f.device)
     out = []
     for channel in (2, 1, 0):  # r, g, b
         idx = lut[:, channel][sector]
@@ -141,8 +156,7 @@ def normalise(images: torch.Tensor, box: torch.Tensor | None = None) -> torch.Te
         images: (B, 3, H, W) with values in 0..255.
         box: (B, 4) ``(top, left, h, w)`` of each picture in the padded frame, or ``None``.
     """
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    mean, std = _constant("mean", images.device), _constant("std", images.device)
     x = images.to(torch.float32).div_(255.0).sub_(mean).div_(std)
     if box is None:
         return x
@@ -161,7 +175,7 @@ def normalise(images: torch.Tensor, box: torch.Tensor | None = None) -> torch.Te
 def decode_normals(packed: torch.Tensor) -> torch.Tensor:
     """Packed normals codes (B, H, W) int32 → float32 (B, 3, H, W), as
     :func:`mtl.data.cache.decode_normals` (the same table: the same bits)."""
-    lut = torch.as_tensor(NORMALS_LUT, device=packed.device)
+    lut = _constant("normals", packed.device)
     mask = (1 << NORMALS_BITS) - 1
     codes = torch.stack([(packed >> (NORMALS_BITS * k)) & mask for k in range(3)], dim=1)
     return lut[codes.long()]
