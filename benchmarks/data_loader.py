@@ -17,9 +17,12 @@ process with one torch thread (= one DataLoader worker):
 
 and prints images/s, the cost of each pipeline relative to decoding and the throughput relative to
 today's train row: medians over interleaved rounds (every pipeline once per round), the ratios taken
-within each round. Usage::
+within each round. ``--loader B`` adds a second table: the three train pipelines through a real
+``DataLoader`` (one worker process, batches of ``B``, the project's collation), images per second of
+wall time in the consuming process and the bytes each sample ships to it (what the worker → main
+process hand-over and the host → device copy carry). Usage::
 
-    python benchmarks/data_loader.py --n 100 --repeats 3
+    python benchmarks/data_loader.py --n 100 --repeats 3 [--loader 8]
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from mtl.data.datamodule import collate
 from mtl.data.fake import write_nyud, write_pascal
 from mtl.data.nyud import NYUDv2
 from mtl.data.pascal_context import PASCALContext
@@ -52,12 +57,27 @@ def rate(ds, n: int) -> float:
     return n / (time.process_time() - start)
 
 
+def loader_rate(ds, n: int, batch: int) -> tuple[float, float]:
+    """(images per wall-second, MB per sample) through a one-worker ``DataLoader`` over ``n`` samples
+    after a first, untimed batch (the worker's start)."""
+    order = [i % len(ds) for i in range(n + batch)]
+    loader = DataLoader(ds, batch_size=batch, sampler=order, num_workers=1, collate_fn=collate)
+    it = iter(loader)
+    first = next(it)
+    size = sum(v.nbytes for v in first.values() if isinstance(v, torch.Tensor)) / batch / 2**20
+    start, seen = time.perf_counter(), 0
+    for b in it:
+        seen += len(b["meta"])
+    return seen / (time.perf_counter() - start), size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=60, help="samples timed per pipeline and round")
     parser.add_argument("--ids", type=int, default=12, help="distinct samples written per dataset")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table gives medians")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loader", type=int, default=0, help="batch size of the DataLoader table (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)  # one worker = one core
@@ -87,9 +107,15 @@ def main() -> None:
                     ds.use_cache(Path(tmp) / "cache", views=True)
                 loaders[name, label] = ds
         rates: dict[tuple[str, str], list[float]] = {key: [] for key in loaders}
+        through: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every row alike
             for key, ds in loaders.items():
                 rates[key].append(rate(ds, args.n))
+        # apart: a worker process starting or stopping beside a CPU-time measurement would slow it
+        for _ in range(args.repeats if args.loader else 0):
+            for key, ds in loaders.items():
+                if key[1].startswith("train"):
+                    through.setdefault(key, []).append(loader_rate(ds, args.n, args.loader))
     print(
         f"one process, 1 torch / OpenCV thread, CPU time, {args.n} samples per row and round, "
         f"{args.repeats} interleaved rounds (medians), all tasks\n"
@@ -102,6 +128,17 @@ def main() -> None:
         r = np.asarray(r)
         vs = f"{np.median(r / today):.2f}×" if label.startswith("train") else "–"
         print(f"| {name} | {label} | {np.median(r):.1f} | {np.median(base / r):.2f}× | {vs} |")
+    if through:
+        print(
+            f"\nthrough a DataLoader: 1 worker process, batches of {args.loader}, wall time in the consuming "
+            f"process, {args.n} samples per row and round (medians)\n"
+        )
+        print("| dataset | pipeline | images/s | vs today's train | MB shipped per sample |")
+        print("|---|---|---|---|---|")
+        for (name, label), values in through.items():
+            r, size = np.asarray([v[0] for v in values]), values[0][1]
+            today = np.asarray([v[0] for v in through[name, TODAY]])
+            print(f"| {name} | {label} | {np.median(r):.1f} | {np.median(r / today):.2f}× | {size:.2f} |")
 
 
 if __name__ == "__main__":
