@@ -19,7 +19,9 @@ bytes, not the noisy resident set size.
 Rows: every strategy config, plus ``upgrad_gramian_passes`` (``upgrad_gramian`` with
 ``strategy.autogram=false``: the polarised ``k(k+1)/2 + 1`` passes instead of the autogram engine);
 one table per backbone. A Gramian-only row whose engine fell back to the passes is marked
-``(fallback)`` and the reason printed.
+``(fallback)`` and the reason printed; below each table, the ops over which the engine's ``vmap``
+looped once per task (no batching rule on this device: on a GPU, whether the fused attention's
+backward is among them decides if ``TIMM_FUSED_ATTN=0`` makes this mode faster).
 
     python benchmarks/strategies.py [--tasks 2,4,5] [--steps 5] [--resolution 64] [--batch 4]
                                      [--only ew,cagrad] [--backbones swin,vit]
@@ -47,6 +49,7 @@ from mtl.contracts import ModelOutput  # noqa: E402
 from mtl.decoders.multihead import MultiHeadDecoder  # noqa: E402
 from mtl.model import MultiTaskNet  # noqa: E402
 from mtl.strategies import GradientAggregation  # noqa: E402
+from mtl.strategies.autogram import LOOPED_OPS  # noqa: E402
 from mtl.tasks import build_tasks  # noqa: E402
 
 TASK_SETS = {
@@ -212,8 +215,9 @@ def main() -> None:
     unknown = [b for b in backbones if b not in BACKBONES]
     if unknown:
         parser.error(f"--backbones {unknown}: expected some of {sorted(BACKBONES)}")
-    results = {}
+    results, looped = {}, {}
     for backbone in backbones:
+        LOOPED_OPS.clear()
         for k in ks:
             bench("ew", configs["ew"], k, args, device, backbone)  # warm-up (allocator, caches): discarded
             for name, cfg in configs.items():
@@ -225,6 +229,7 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
+        looped[backbone] = sorted(LOOPED_OPS)
     if device.type == "cuda":
         kind = "wall time; memory: CUDA max_memory_allocated"
     else:
@@ -250,6 +255,8 @@ def main() -> None:
             for k in ks
         )
         print(f"\nEW (= 1.00×): {base}")
+        if looped[backbone]:  # the autogram engine's vmap ran these once per task (no batching rule)
+            print(f"autogram: vmap looped over the k tasks in {', '.join(looped[backbone])}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ and the polarised passes are kept otherwise, with a one-line message saying why
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -45,6 +46,10 @@ CHECK_RTOL = 1e-4
 #: torch's warning when ``vmap`` loops over an op without a batching rule (e.g. the fused attention's
 #: backward: correct, and still one pass of the rest of the network)
 VMAP_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule"
+#: the ops over which ``vmap`` looped (one call per task) in this process's engine passes, from those
+#: warnings (``benchmarks/strategies.py`` prints them: on a GPU they decide whether the fused attention
+#: or the plain one is faster in this mode)
+LOOPED_OPS: set[str] = set()
 
 
 def _trainable(module: nn.Module, *, recurse: bool) -> list[tuple[str, nn.Parameter]]:
@@ -117,9 +122,15 @@ def engine_gramian(engine: Engine, objectives: Sequence[torch.Tensor], scale: fl
     """The ``k × k`` Gramian (float64, unscaled) of the shared parameters' gradients of
     ``objectives``, differentiated at the loss scale ``scale`` (fp16); keeps the graph."""
     stacked = torch.stack([o.float() for o in objectives]) * scale
-    with warnings.catch_warnings():  # vmap over the k tasks loops where an op has no batching rule
-        warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
+    with warnings.catch_warnings(record=True) as caught:  # vmap loops where an op has no batching rule
+        warnings.filterwarnings("always", message=VMAP_FALLBACK, category=UserWarning)
         gramian = engine.compute_gramian(stacked)
+    for w in caught:
+        text = str(w.message)
+        if VMAP_FALLBACK not in text:  # every other warning goes on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif found := re.search(r"batching rule for (\S+?)\.?\s", text):
+            LOOPED_OPS.add(found.group(1))
     return gramian.to(torch.float64) / scale**2
 
 
