@@ -244,10 +244,9 @@ class PackForDevice:
                 out[key] = border(value, 0)
             elif isinstance(value, CodedMap):
                 out[key] = border(value.code.view(np.int32), NORMALS_PAD_CODE)
-            elif eight_bit and key in LABEL_TASKS:
-                out[key] = border(value, 255)
-            elif eight_bit and key in BINARY_TASKS:
-                out[key] = border(value, 255)[None]
+            elif eight_bit and (key in LABEL_TASKS or key in BINARY_TASKS):
+                padded = border(value, pad_fill(key))
+                out[key] = padded[None] if key in BINARY_TASKS else padded
             else:
                 rest[key] = value
         out.update(Pad.pad_tensors(self.to_tensor(rest), margins))

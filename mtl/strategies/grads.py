@@ -213,15 +213,15 @@ class TaskJacobian:
         n = sum(t.numel() for t in like)
         width = -(-n // pad_to) * pad_to
         t0 = like[0]
+        # float32 rows for half-precision gradients, the gradients' own dtype above (float64)
+        dtype = torch.promote_types(t0.dtype, torch.float32)
         if (
             self.buf is None
             or self.shapes != shapes
             or self.buf.device != t0.device
-            or self.buf.dtype != torch.promote_types(t0.dtype, torch.float32)
+            or self.buf.dtype != dtype
             or self.buf.shape[1] != width
         ):
-            # float32 rows for half-precision gradients, the gradients' own dtype above (float64)
-            dtype = torch.promote_types(t0.dtype, torch.float32)
             self.buf = torch.empty(self.k, width, device=t0.device, dtype=dtype)
             self.buf[:, n:].zero_()
             self.shapes, self.n = shapes, n
